@@ -1,0 +1,78 @@
+//! The `kind`-tagged configuration of every rotator and store, and their construction.
+//!
+//! Adding a provider means adding a module with a `Config` struct and a variant here; the daemon
+//! deserializes these enums straight out of the inventory, so a misspelt field or an unknown
+//! `kind` is refused at load time.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::file::{FileConfig, FileStore};
+use crate::random::{RandomConfig, RandomRotator};
+use crate::{Rotator, Store};
+
+/// A credential's `rotator` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RotatorConfig {
+    /// A generated password or token.
+    Random(RandomConfig),
+}
+
+/// A credential's `store` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// A local file.
+    File(FileConfig),
+}
+
+impl RotatorConfig {
+    /// The configured kind, as written in the inventory.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Random(_) => "random",
+        }
+    }
+
+    /// Checks what can be checked without talking to the provider. The error starts with the
+    /// offending field's name.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Self::Random(c) => c.validate(),
+        }
+    }
+
+    /// Builds the rotator. Call [`RotatorConfig::validate`] first.
+    pub fn build(&self) -> Result<Arc<dyn Rotator>, String> {
+        self.validate()?;
+        Ok(match self {
+            Self::Random(c) => Arc::new(RandomRotator::new(c.clone())),
+        })
+    }
+}
+
+impl StoreConfig {
+    /// The configured kind, as written in the inventory.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::File(_) => "file",
+        }
+    }
+
+    /// Checks what can be checked without touching the store. The error starts with the offending
+    /// field's name.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Self::File(c) => c.validate().map(drop),
+        }
+    }
+
+    /// Builds the store.
+    pub fn build(&self) -> Result<Arc<dyn Store>, String> {
+        Ok(match self {
+            Self::File(c) => Arc::new(FileStore::new(c.clone())?),
+        })
+    }
+}
