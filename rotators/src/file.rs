@@ -320,7 +320,7 @@ mod tests {
     }
 
     fn ctx(rotation_id: &str) -> StepContext<'_> {
-        StepContext { credential_id: "db", rotation_id, secret_field: "password" }
+        StepContext { credential_id: "db", rotation_id, secret_field: "password", started_at: std::time::SystemTime::now() }
     }
 
     fn cred(secret: &str) -> Credential {

@@ -66,6 +66,9 @@ pub struct StepContext<'a> {
     /// Name of the secret's field when a store writes the credential as a JSON object
     /// (`password`, `SecretAccessKey`); chosen by the rotator.
     pub secret_field: &'a str,
+    /// When the rotation started. A rotator that cleans up after a crash may only remove what was
+    /// created at or after this instant (an IAM key made out of band before it is not an orphan).
+    pub started_at: std::time::SystemTime,
 }
 
 /// How the engine should react to a failed step.
