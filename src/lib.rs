@@ -1,2 +1,4 @@
 pub mod config;
 pub mod schedule;
+pub mod state;
+pub mod engine;
