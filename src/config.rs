@@ -439,12 +439,23 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// A duration in the form the config uses (`90d`, `1h 30m`).
+/// A duration in the form the config uses (`40d`, `1h30m`, `10s`).
 pub fn human(d: Duration) -> String {
     if d == Duration::MAX {
         return "never".into();
     }
-    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+    let mut secs = d.as_secs();
+    if secs == 0 {
+        return "0s".into();
+    }
+    let mut out = String::new();
+    for (unit, size) in [("d", 86400), ("h", 3600), ("m", 60), ("s", 1)] {
+        if secs >= size {
+            out.push_str(&format!("{}{unit}", secs / size));
+            secs %= size;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -515,7 +526,7 @@ store = { kind = "file", path = "/tmp/x/weekly" }
     #[test]
     fn max_age_must_exceed_the_rotation_period() {
         let e = errors(&GOOD.replace("max_age = \"8d\"", "max_age = \"7d\""));
-        assert!(e[0].contains("credential[weekly].max_age: 7days is not longer than the rotation period (7days)"), "{e:?}");
+        assert!(e[0].contains("credential[weekly].max_age: 7d is not longer than the rotation period (7d)"), "{e:?}");
     }
 
     #[test]

@@ -271,6 +271,16 @@ impl SqliteState {
         Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
+    /// Opens an existing database without changing it (for `keyrotd check`); `None` if absent.
+    pub fn open_read_only(path: &Path) -> Result<Option<Self>, StateError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(Some(Self { conn: Arc::new(Mutex::new(conn)) }))
+    }
+
     /// Runs `f` on the connection off the async worker threads.
     async fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StateError> + Send + 'static) -> Result<T, StateError> {
         let conn = self.conn.clone();
