@@ -20,7 +20,11 @@ use crate::state::{CredentialRecord, SqliteState, StateStore};
 pub const EXIT_FAILED: u8 = 1;
 
 fn time(t: Option<i64>) -> String {
-    t.and_then(|t| Utc.timestamp_opt(t, 0).single()).map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+    t.and_then(|t| Utc.timestamp_opt(t, 0).single())
+        .map_or_else(
+            || "-".into(),
+            |t| t.format("%Y-%m-%d %H:%M:%SZ").to_string(),
+        )
 }
 
 /// `keyrotd check`: prints each credential with its next three rotation times. Reads the state
@@ -28,15 +32,33 @@ fn time(t: Option<i64>) -> String {
 pub async fn check(inventory: &Inventory) -> anyhow::Result<()> {
     let records: HashMap<String, CredentialRecord> = match &inventory.daemon.state {
         StateUrl::Sqlite(path) => match SqliteState::open_read_only(path)? {
-            Some(state) => state.credentials().await.unwrap_or_default().into_iter().map(|r| (r.id.clone(), r)).collect(),
+            Some(state) => state
+                .credentials()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| (r.id.clone(), r))
+                .collect(),
             None => HashMap::new(),
         },
     };
     let now = Utc::now();
-    println!("{}: {} credential(s) OK", inventory.path.display(), inventory.credentials.len());
+    println!(
+        "{}: {} credential(s) OK",
+        inventory.path.display(),
+        inventory.credentials.len()
+    );
     for spec in &inventory.credentials {
-        let last = records.get(&spec.id).and_then(|r| r.issued_at).and_then(|t| Utc.timestamp_opt(t, 0).single());
-        let next: Vec<String> = spec.schedule.upcoming(last, now, 3).iter().map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string()).collect();
+        let last = records
+            .get(&spec.id)
+            .and_then(|r| r.issued_at)
+            .and_then(|t| Utc.timestamp_opt(t, 0).single());
+        let next: Vec<String> = spec
+            .schedule
+            .upcoming(last, now, 3)
+            .iter()
+            .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+            .collect();
         let store = spec.store.build().map(|s| s.location()).unwrap_or_default();
         println!(
             "  {}  rotator={} store={}:{}  max_age={} grace={}  next: {}",
@@ -71,18 +93,31 @@ struct StatusRow {
 /// `keyrotd status [--json]`.
 pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<()> {
     let state = open_state(inventory)?;
-    let records: HashMap<String, CredentialRecord> = state.credentials().await?.into_iter().map(|r| (r.id.clone(), r)).collect();
+    let records: HashMap<String, CredentialRecord> = state
+        .credentials()
+        .await?
+        .into_iter()
+        .map(|r| (r.id.clone(), r))
+        .collect();
     let open = state.open_rotations().await?;
     let now = Utc::now();
     let rows: Vec<StatusRow> = inventory
         .credentials
         .iter()
         .map(|spec| {
-            let record = records.get(&spec.id).cloned().unwrap_or_else(|| CredentialRecord::new(&spec.id));
+            let record = records
+                .get(&spec.id)
+                .cloned()
+                .unwrap_or_else(|| CredentialRecord::new(&spec.id));
             let open = open.iter().find(|r| r.credential_id == spec.id);
             let live = live_view(spec, &record, open, now.timestamp());
-            let last = record.issued_at.and_then(|t| Utc.timestamp_opt(t, 0).single());
-            let next = live.wake.and_then(|t| Utc.timestamp_opt(t, 0).single()).or_else(|| spec.schedule.next_rotation(last, now));
+            let last = record
+                .issued_at
+                .and_then(|t| Utc.timestamp_opt(t, 0).single());
+            let next = live
+                .wake
+                .and_then(|t| Utc.timestamp_opt(t, 0).single())
+                .or_else(|| spec.schedule.next_rotation(last, now));
             let age = record.issued_at.map(|t| now.timestamp() - t);
             StatusRow {
                 id: spec.id.clone(),
@@ -103,10 +138,20 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("{:<24} {:<20} {:<20} {:>10} {:>10} {:<21} {:<21} STATE", "ID", "ROTATOR", "STORE", "AGE", "MAX AGE", "LAST ROTATION", "NEXT ROTATION");
+    println!(
+        "{:<24} {:<20} {:<20} {:>10} {:>10} {:<21} {:<21} STATE",
+        "ID", "ROTATOR", "STORE", "AGE", "MAX AGE", "LAST ROTATION", "NEXT ROTATION"
+    );
     for r in &rows {
-        let age = r.age_seconds.map_or_else(|| "-".into(), |a| human(std::time::Duration::from_secs(a.max(0) as u64)));
-        let state = if r.stale { format!("{} (stale)", r.state) } else { r.state.to_owned() };
+        let age = r.age_seconds.map_or_else(
+            || "-".into(),
+            |a| human(std::time::Duration::from_secs(a.max(0) as u64)),
+        );
+        let state = if r.stale {
+            format!("{} (stale)", r.state)
+        } else {
+            r.state.to_owned()
+        };
         println!(
             "{:<24} {:<20} {:<20} {:>10} {:>10} {:<21} {:<21} {}",
             r.id,
@@ -129,7 +174,9 @@ pub async fn rotate(inventory: &Inventory, id: &str, dry_run: bool) -> anyhow::R
         return dry_run_plan(spec).await;
     }
     let state = open_state(inventory)?;
-    state.ensure_credentials(&[spec.id.clone()]).await?;
+    state
+        .ensure_credentials(std::slice::from_ref(&spec.id))
+        .await?;
     let metrics = Metrics::new()?;
     let engine = Engine::new(state, metrics.engine, None, CancellationToken::new());
     let (outcome, _) = engine.run(spec, Trigger::Manual).await?;
@@ -158,16 +205,37 @@ pub async fn rotate(inventory: &Inventory, id: &str, dry_run: bool) -> anyhow::R
 async fn dry_run_plan(spec: &CredentialSpec) -> anyhow::Result<u8> {
     let rotator = spec.rotator.build().map_err(anyhow::Error::msg)?;
     let store = spec.store.build().map_err(anyhow::Error::msg)?;
-    let ctx = StepContext { credential_id: &spec.id, rotation_id: "dry-run", secret_field: rotator.secret_field(), started_at: std::time::SystemTime::now() };
+    let ctx = StepContext {
+        credential_id: &spec.id,
+        rotation_id: "dry-run",
+        secret_field: rotator.secret_field(),
+        started_at: std::time::SystemTime::now(),
+    };
     match store.current(ctx).await {
         Ok(current) => {
-            println!("{}: would rotate with {} into {} {}", spec.id, rotator.kind(), store.kind(), store.location());
-            println!("  current value: {}", if current.is_some() { "present" } else { "none yet (first issuance)" });
+            println!(
+                "{}: would rotate with {} into {} {}",
+                spec.id,
+                rotator.kind(),
+                store.kind(),
+                store.location()
+            );
+            println!(
+                "  current value: {}",
+                if current.is_some() {
+                    "present"
+                } else {
+                    "none yet (first issuance)"
+                }
+            );
             println!("  steps: issue, stage, activate, verify, promote; revoke the old one {} after promotion", human(spec.grace));
             Ok(0)
         }
         Err(e) => {
-            eprintln!("error: credential `{}`: reading the current value from the store failed: {e}", spec.id);
+            eprintln!(
+                "error: credential `{}`: reading the current value from the store failed: {e}",
+                spec.id
+            );
             Ok(EXIT_FAILED)
         }
     }
@@ -188,16 +256,31 @@ pub async fn history(inventory: &Inventory, id: Option<&str>, limit: usize) -> a
             r.trigger,
             time(Some(r.started_at)),
             time(r.finished_at),
-            r.error.as_deref().map(|e| format!("\n    error: {e}")).unwrap_or_default()
+            r.error
+                .as_deref()
+                .map(|e| format!("\n    error: {e}"))
+                .unwrap_or_default()
         );
         for s in steps {
-            let at = Utc.timestamp_millis_opt(s.at_ms).single().map_or_else(String::new, |t| t.format("%H:%M:%S%.3f").to_string());
-            println!("    {at} {:<9} {:<5} {}", s.step, s.event, s.detail.unwrap_or_default());
+            let at = Utc
+                .timestamp_millis_opt(s.at_ms)
+                .single()
+                .map_or_else(String::new, |t| t.format("%H:%M:%S%.3f").to_string());
+            println!(
+                "    {at} {:<9} {:<5} {}",
+                s.step,
+                s.event,
+                s.detail.unwrap_or_default()
+            );
         }
     }
     Ok(())
 }
 
 fn find<'a>(inventory: &'a Inventory, id: &str) -> anyhow::Result<&'a CredentialSpec> {
-    inventory.credentials.iter().find(|c| c.id == id).ok_or_else(|| anyhow::anyhow!("no credential `{id}` in {}", inventory.path.display()))
+    inventory
+        .credentials
+        .iter()
+        .find(|c| c.id == id)
+        .ok_or_else(|| anyhow::anyhow!("no credential `{id}` in {}", inventory.path.display()))
 }

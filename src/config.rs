@@ -80,7 +80,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { max_attempts: 5, backoff: Duration::from_secs(30), max_backoff: Duration::from_secs(3600) }
+        Self {
+            max_attempts: 5,
+            backoff: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(3600),
+        }
     }
 }
 
@@ -102,9 +106,23 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.line == 0 {
-            write!(f, "{}: {}: {}", self.file.display(), self.field, self.message)
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.field,
+                self.message
+            )
         } else {
-            write!(f, "{}:{}:{}: {}: {}", self.file.display(), self.line, self.column, self.field, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {}: {}",
+                self.file.display(),
+                self.line,
+                self.column,
+                self.field,
+                self.message
+            )
         }
     }
 }
@@ -199,14 +217,24 @@ pub fn load(path: &Path) -> Result<Inventory, ConfigErrors> {
 
 /// Parses and validates inventory text; `path` is used for messages and relative state paths.
 pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
-    let mut v = Validator { file: path, text, errors: Vec::new() };
+    let mut v = Validator {
+        file: path,
+        text,
+        errors: Vec::new(),
+    };
     let parsed = toml::Deserializer::parse(text)
         .map_err(|e| ("(document)".to_owned(), e))
-        .and_then(|de| serde_path_to_error::deserialize(de).map_err(|e| (e.path().to_string(), e.into_inner())));
+        .and_then(|de| {
+            serde_path_to_error::deserialize(de).map_err(|e| (e.path().to_string(), e.into_inner()))
+        });
     let raw: RawInventory = match parsed {
         Ok(raw) => raw,
         Err((field, e)) => {
-            let field = if field == "." { "(document)".to_owned() } else { field };
+            let field = if field == "." {
+                "(document)".to_owned()
+            } else {
+                field
+            };
             v.error_at(e.span(), &field, e.message().trim());
             return Err(ConfigErrors(v.errors));
         }
@@ -226,7 +254,12 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn error_at(&mut self, span: Option<std::ops::Range<usize>>, field: &str, message: impl Into<String>) {
+    fn error_at(
+        &mut self,
+        span: Option<std::ops::Range<usize>>,
+        field: &str,
+        message: impl Into<String>,
+    ) {
         let (line, column) = match span {
             Some(span) => line_column(self.text, span.start),
             None => (0, 0),
@@ -264,18 +297,38 @@ impl Validator<'_> {
             let id = cred.id.get_ref().clone();
             let field = format!("credential[{index}]");
             if !valid_id(&id) {
-                self.error_at(Some(cred.id.span()), &format!("{field}.id"), format!("`{id}` must be 1-128 characters of A-Z a-z 0-9 . _ -"));
+                self.error_at(
+                    Some(cred.id.span()),
+                    &format!("{field}.id"),
+                    format!("`{id}` must be 1-128 characters of A-Z a-z 0-9 . _ -"),
+                );
                 continue;
             }
-            if let Some(first_line) = seen.insert(id.clone(), line_column(self.text, cred.id.span().start).0) {
-                self.error_at(Some(cred.id.span()), &format!("{field}.id"), format!("duplicate id `{id}` (first defined on line {first_line})"));
+            if let Some(first_line) =
+                seen.insert(id.clone(), line_column(self.text, cred.id.span().start).0)
+            {
+                self.error_at(
+                    Some(cred.id.span()),
+                    &format!("{field}.id"),
+                    format!("duplicate id `{id}` (first defined on line {first_line})"),
+                );
                 continue;
             }
-            if let Some(spec) = self.credential(&raw.defaults, cred, &format!("credential[{id}]"), &mut gaps, now) {
+            if let Some(spec) = self.credential(
+                &raw.defaults,
+                cred,
+                &format!("credential[{id}]"),
+                &mut gaps,
+                now,
+            ) {
                 credentials.push(spec);
             }
         }
-        Inventory { path: self.file.to_owned(), daemon, credentials }
+        Inventory {
+            path: self.file.to_owned(),
+            daemon,
+            credentials,
+        }
     }
 
     fn daemon(&mut self, raw: RawDaemon) -> DaemonSettings {
@@ -285,10 +338,21 @@ impl Validator<'_> {
                 Some(p) if !p.is_empty() => {
                     let p = Path::new(p);
                     let base = self.file.parent().unwrap_or(Path::new("."));
-                    StateUrl::Sqlite(if p.is_absolute() { p.to_owned() } else { base.join(p) })
+                    StateUrl::Sqlite(if p.is_absolute() {
+                        p.to_owned()
+                    } else {
+                        base.join(p)
+                    })
                 }
                 _ => {
-                    self.error_at(Some(s.span()), "daemon.state", format!("`{}` is not a supported state URL (expected sqlite:PATH)", s.get_ref()));
+                    self.error_at(
+                        Some(s.span()),
+                        "daemon.state",
+                        format!(
+                            "`{}` is not a supported state URL (expected sqlite:PATH)",
+                            s.get_ref()
+                        ),
+                    );
                     StateUrl::Sqlite(PathBuf::new())
                 }
             },
@@ -296,7 +360,11 @@ impl Validator<'_> {
         let listen = match &raw.listen {
             None => SocketAddr::from(([127, 0, 0, 1], 9477)),
             Some(s) => s.get_ref().parse().unwrap_or_else(|_| {
-                self.error_at(Some(s.span()), "daemon.listen", format!("`{}` is not an address like 127.0.0.1:9477", s.get_ref()));
+                self.error_at(
+                    Some(s.span()),
+                    "daemon.listen",
+                    format!("`{}` is not an address like 127.0.0.1:9477", s.get_ref()),
+                );
                 SocketAddr::from(([127, 0, 0, 1], 9477))
             }),
         };
@@ -304,11 +372,19 @@ impl Validator<'_> {
             None => 4,
             Some(n) if (1..=1024).contains(n.get_ref()) => *n.get_ref() as usize,
             Some(n) => {
-                self.error_at(Some(n.span()), "daemon.max_concurrent_rotations", "must be between 1 and 1024");
+                self.error_at(
+                    Some(n.span()),
+                    "daemon.max_concurrent_rotations",
+                    "must be between 1 and 1024",
+                );
                 1
             }
         };
-        DaemonSettings { state, listen, max_concurrent_rotations }
+        DaemonSettings {
+            state,
+            listen,
+            max_concurrent_rotations,
+        }
     }
 
     fn credential(
@@ -334,29 +410,51 @@ impl Validator<'_> {
         let timezone = match tz_raw {
             None => Tz::UTC,
             Some(tz) => tz.get_ref().parse::<Tz>().unwrap_or_else(|_| {
-                self.error_at(Some(tz.span()), &format!("{field}.timezone"), format!("unknown timezone `{}` (expected an IANA name like Europe/Paris)", tz.get_ref()));
+                self.error_at(
+                    Some(tz.span()),
+                    &format!("{field}.timezone"),
+                    format!(
+                        "unknown timezone `{}` (expected an IANA name like Europe/Paris)",
+                        tz.get_ref()
+                    ),
+                );
                 Tz::UTC
             }),
         };
-        let cron = raw.schedule.as_ref().and_then(|s| match CronSchedule::parse(s.get_ref(), timezone) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                self.error_at(Some(s.span()), &format!("{field}.schedule"), e);
-                None
-            }
-        });
+        let cron =
+            raw.schedule
+                .as_ref()
+                .and_then(|s| match CronSchedule::parse(s.get_ref(), timezone) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        self.error_at(Some(s.span()), &format!("{field}.schedule"), e);
+                        None
+                    }
+                });
         let every_raw = raw.rotate_every.as_ref().or(defaults.rotate_every.as_ref());
         let every = every_raw.and_then(|s| self.duration(s, &format!("{field}.rotate_every")));
-        let window = raw.window.as_ref().or(defaults.window.as_ref()).and_then(|s| self.duration(s, &format!("{field}.window")));
+        let window = raw
+            .window
+            .as_ref()
+            .or(defaults.window.as_ref())
+            .and_then(|s| self.duration(s, &format!("{field}.window")));
         if raw.schedule.is_none() && every_raw.is_none() {
-            self.error_at(Some(rotator_span.clone()), field, "needs `schedule` (cron) or `rotate_every` (here or in [defaults])");
+            self.error_at(
+                Some(rotator_span.clone()),
+                field,
+                "needs `schedule` (cron) or `rotate_every` (here or in [defaults])",
+            );
         }
 
         let max_age_raw = raw.max_age.as_ref().or(defaults.max_age.as_ref());
         let max_age = match max_age_raw {
             Some(s) => self.duration(s, &format!("{field}.max_age")),
             None => {
-                self.error_at(Some(rotator_span.clone()), &format!("{field}.max_age"), "is required (here or in [defaults])");
+                self.error_at(
+                    Some(rotator_span.clone()),
+                    &format!("{field}.max_age"),
+                    "is required (here or in [defaults])",
+                );
                 None
             }
         };
@@ -377,11 +475,17 @@ impl Validator<'_> {
             return None;
         }
         let (max_age, grace) = (max_age?, grace?);
-        let schedule = Schedule { cron, every, window };
+        let schedule = Schedule {
+            cron,
+            every,
+            window,
+        };
         // Credentials share a handful of schedules: compute each cron's period once.
         let period = match &schedule.cron {
             Some(c) => {
-                let gap = *gaps.entry((c.expression.clone(), c.timezone)).or_insert_with(|| c.longest_gap(now));
+                let gap = *gaps
+                    .entry((c.expression.clone(), c.timezone))
+                    .or_insert_with(|| c.longest_gap(now));
                 gap.min(every.unwrap_or(Duration::MAX))
             }
             None => schedule.period(now),
@@ -399,26 +503,55 @@ impl Validator<'_> {
             self.error_at(
                 grace_raw.map(|s| s.span()).or(max_age_span),
                 &format!("{field}.grace"),
-                format!("{} must be shorter than the rotation period ({})", human(grace), human(period)),
+                format!(
+                    "{} must be shorter than the rotation period ({})",
+                    human(grace),
+                    human(period)
+                ),
             );
             return None;
         }
-        Some(CredentialSpec { id, rotator, store, schedule, max_age, grace, retry })
+        Some(CredentialSpec {
+            id,
+            rotator,
+            store,
+            schedule,
+            max_age,
+            grace,
+            retry,
+        })
     }
 
-    fn retry(&mut self, defaults: Option<&RawRetry>, own: Option<&RawRetry>, field: &str) -> RetryPolicy {
+    fn retry(
+        &mut self,
+        defaults: Option<&RawRetry>,
+        own: Option<&RawRetry>,
+        field: &str,
+    ) -> RetryPolicy {
         let mut policy = RetryPolicy::default();
         for raw in [defaults, own].into_iter().flatten() {
             if let Some(n) = &raw.max_attempts {
                 match u32::try_from(*n.get_ref()) {
                     Ok(n @ 1..=100) => policy.max_attempts = n,
-                    _ => self.error_at(Some(n.span()), &format!("{field}.retry.max_attempts"), "must be between 1 and 100"),
+                    _ => self.error_at(
+                        Some(n.span()),
+                        &format!("{field}.retry.max_attempts"),
+                        "must be between 1 and 100",
+                    ),
                 }
             }
-            if let Some(d) = raw.backoff.as_ref().and_then(|s| self.duration(s, &format!("{field}.retry.backoff"))) {
+            if let Some(d) = raw
+                .backoff
+                .as_ref()
+                .and_then(|s| self.duration(s, &format!("{field}.retry.backoff")))
+            {
                 policy.backoff = d;
             }
-            if let Some(d) = raw.max_backoff.as_ref().and_then(|s| self.duration(s, &format!("{field}.retry.max_backoff"))) {
+            if let Some(d) = raw
+                .max_backoff
+                .as_ref()
+                .and_then(|s| self.duration(s, &format!("{field}.retry.max_backoff")))
+            {
                 policy.max_backoff = d;
             }
         }
@@ -427,7 +560,10 @@ impl Validator<'_> {
 }
 
 fn valid_id(id: &str) -> bool {
-    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -497,7 +633,15 @@ store = { kind = "file", path = "/tmp/x/weekly" }
         assert_eq!(inv.daemon.state, StateUrl::Sqlite("/etc/k/state.db".into()));
         assert_eq!(inv.credentials.len(), 2);
         assert_eq!(inv.credentials[0].max_age, Duration::from_secs(40 * 86400));
-        assert_eq!(inv.credentials[1].schedule.cron.as_ref().unwrap().expression, "0 0 3 * * 1");
+        assert_eq!(
+            inv.credentials[1]
+                .schedule
+                .cron
+                .as_ref()
+                .unwrap()
+                .expression,
+            "0 0 3 * * 1"
+        );
         assert_eq!(inv.credentials[1].grace, Duration::from_secs(3600));
     }
 
@@ -506,9 +650,17 @@ store = { kind = "file", path = "/tmp/x/weekly" }
         let e = errors(&GOOD.replace("length = 40", "lenght = 40"));
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].starts_with("inv.toml:11:"), "{}", e[0]);
-        assert!(e[0].contains("credential[0].rotator") && e[0].contains("lenght"), "{}", e[0]);
+        assert!(
+            e[0].contains("credential[0].rotator") && e[0].contains("lenght"),
+            "{}",
+            e[0]
+        );
         let e = errors(&GOOD.replace("[daemon]", "[daemon]\nlisten_on = 1"));
-        assert!(e[0].starts_with("inv.toml:3:1: daemon.listen_on: unknown field `listen_on`"), "{}", e[0]);
+        assert!(
+            e[0].starts_with("inv.toml:3:1: daemon.listen_on: unknown field `listen_on`"),
+            "{}",
+            e[0]
+        );
     }
 
     #[test]
@@ -519,19 +671,38 @@ store = { kind = "file", path = "/tmp/x/weekly" }
             .replace("id = \"weekly\"", "id = \"api-token\"");
         let e = errors(&bad);
         assert_eq!(e.len(), 2, "{e:?}");
-        assert!(e[0].starts_with("inv.toml:13:16: credential[api-token].rotate_every:"), "{}", e[0]);
-        assert!(e[1].contains("credential[1].id: duplicate id `api-token` (first defined on line 10)"), "{}", e[1]);
+        assert!(
+            e[0].starts_with("inv.toml:13:16: credential[api-token].rotate_every:"),
+            "{}",
+            e[0]
+        );
+        assert!(
+            e[1].contains("credential[1].id: duplicate id `api-token` (first defined on line 10)"),
+            "{}",
+            e[1]
+        );
     }
 
     #[test]
     fn max_age_must_exceed_the_rotation_period() {
         let e = errors(&GOOD.replace("max_age = \"8d\"", "max_age = \"7d\""));
-        assert!(e[0].contains("credential[weekly].max_age: 7d is not longer than the rotation period (7d)"), "{e:?}");
+        assert!(
+            e[0].contains(
+                "credential[weekly].max_age: 7d is not longer than the rotation period (7d)"
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn malformed_toml_and_wrong_types_are_errors_not_panics() {
-        for text in ["[[credential]\n", "daemon = 3", "[daemon]\nmax_concurrent_rotations = \"x\"", "\u{0}", "[[credential]]\nid = 1"] {
+        for text in [
+            "[[credential]\n",
+            "daemon = 3",
+            "[daemon]\nmax_concurrent_rotations = \"x\"",
+            "\u{0}",
+            "[[credential]]\nid = 1",
+        ] {
             assert!(!errors(text).is_empty(), "{text:?} should fail");
         }
         assert!(errors("[[credential]]\nid = \"a\"\nrotator = { kind = \"nope\" }\nstore = { kind = \"file\", path = \"/x\" }")[0].contains("nope"));

@@ -19,7 +19,11 @@ use crate::state::{SqliteState, StateStore};
 /// Opens the configured state backend.
 pub fn open_state(inventory: &Inventory) -> anyhow::Result<Arc<dyn StateStore>> {
     match &inventory.daemon.state {
-        StateUrl::Sqlite(path) => Ok(Arc::new(SqliteState::open(path).with_context(|| format!("opening state {}", path.display()))?)),
+        StateUrl::Sqlite(path) => {
+            Ok(Arc::new(SqliteState::open(path).with_context(|| {
+                format!("opening state {}", path.display())
+            })?))
+        }
     }
 }
 
@@ -28,7 +32,11 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     let started = Instant::now();
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new().context("registering metrics")?;
-    let endpoint = Endpoint { metrics: metrics.clone(), table: Arc::new(OnceLock::new()), ready: Arc::new(AtomicBool::new(false)) };
+    let endpoint = Endpoint {
+        metrics: metrics.clone(),
+        table: Arc::new(OnceLock::new()),
+        ready: Arc::new(AtomicBool::new(false)),
+    };
     let http = serve(inventory.daemon.listen, endpoint.clone(), shutdown.clone()).await?;
 
     let state = open_state(&inventory)?;
@@ -37,8 +45,18 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     let records = state.credentials().await?;
     let open = state.open_rotations().await?;
     let table = Arc::new(Table::new(inventory.credentials, records, &open));
-    let engine = Arc::new(Engine::new(state, metrics.engine.clone(), None, shutdown.clone()));
-    let scheduler = Scheduler::new(table.clone(), engine, inventory.daemon.max_concurrent_rotations, shutdown.clone());
+    let engine = Arc::new(Engine::new(
+        state,
+        metrics.engine.clone(),
+        None,
+        shutdown.clone(),
+    ));
+    let scheduler = Scheduler::new(
+        table.clone(),
+        engine,
+        inventory.daemon.max_concurrent_rotations,
+        shutdown.clone(),
+    );
     let (cron, rx, tx) = scheduler.start_cron().await?;
     let _ = endpoint.table.set(table.clone());
     endpoint.ready.store(true, Ordering::Release);
@@ -60,7 +78,10 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
 /// Cancels `shutdown` on the first SIGTERM or SIGINT.
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop keyrotd with SIGKILL");
         return;
     };

@@ -44,7 +44,15 @@ pub enum Step {
 
 impl Step {
     /// Every step, for metric pre-registration.
-    pub const ALL: [Step; 7] = [Self::Issue, Self::Stage, Self::Activate, Self::Verify, Self::Promote, Self::Revoke, Self::Rollback];
+    pub const ALL: [Step; 7] = [
+        Self::Issue,
+        Self::Stage,
+        Self::Activate,
+        Self::Verify,
+        Self::Promote,
+        Self::Revoke,
+        Self::Rollback,
+    ];
 
     /// The journaled name.
     pub fn as_str(self) -> &'static str {
@@ -130,12 +138,18 @@ impl EngineMetrics {
     /// Creates and registers the metrics.
     pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Self> {
         let rotations = IntCounterVec::new(
-            prometheus::Opts::new("keyrotd_rotations_total", "Rotations finished, by result (success, failed, rolled_back)."),
+            prometheus::Opts::new(
+                "keyrotd_rotations_total",
+                "Rotations finished, by result (success, failed, rolled_back).",
+            ),
             &["result"],
         )?;
         let step_seconds = HistogramVec::new(
-            prometheus::HistogramOpts::new("keyrotd_rotation_step_duration_seconds", "Duration of rotation protocol steps.")
-                .buckets(vec![0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0]),
+            prometheus::HistogramOpts::new(
+                "keyrotd_rotation_step_duration_seconds",
+                "Duration of rotation protocol steps.",
+            )
+            .buckets(vec![0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0]),
             &["step"],
         )?;
         for result in ["success", "failed", "rolled_back"] {
@@ -146,7 +160,10 @@ impl EngineMetrics {
         }
         registry.register(Box::new(rotations.clone()))?;
         registry.register(Box::new(step_seconds.clone()))?;
-        Ok(Self { rotations, step_seconds })
+        Ok(Self {
+            rotations,
+            step_seconds,
+        })
     }
 }
 
@@ -191,8 +208,19 @@ struct Job<'a> {
 
 impl Engine {
     /// Creates an engine that journals into `state` and stops between steps once `shutdown` fires.
-    pub fn new(state: Arc<dyn StateStore>, metrics: EngineMetrics, events: Option<Arc<dyn EventSink>>, shutdown: CancellationToken) -> Self {
-        Self { state, owner: owner_id().to_owned(), metrics, events, shutdown }
+    pub fn new(
+        state: Arc<dyn StateStore>,
+        metrics: EngineMetrics,
+        events: Option<Arc<dyn EventSink>>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            state,
+            owner: owner_id().to_owned(),
+            metrics,
+            events,
+            shutdown,
+        }
     }
 
     /// The state backend.
@@ -202,11 +230,33 @@ impl Engine {
 
     /// Does what the credential needs now: resumes an open rotation, revokes after grace, or
     /// starts a new rotation. Returns the outcome and the credential's record afterwards.
-    pub async fn run(&self, spec: &CredentialSpec, trigger: Trigger) -> Result<(Outcome, CredentialRecord), EngineError> {
-        let config_error = |message: String| EngineError::Config { credential: spec.id.clone(), message };
+    pub async fn run(
+        &self,
+        spec: &CredentialSpec,
+        trigger: Trigger,
+    ) -> Result<(Outcome, CredentialRecord), EngineError> {
+        let config_error = |message: String| EngineError::Config {
+            credential: spec.id.clone(),
+            message,
+        };
         let rotator = spec.rotator.build().map_err(config_error)?;
         let store = spec.store.build().map_err(config_error)?;
-        let mut record = self.state.credential(&spec.id).await?.unwrap_or_else(|| CredentialRecord::new(&spec.id));
+        self.run_with(spec, rotator, store, trigger).await
+    }
+
+    /// [`Engine::run`] with the rotator and store given rather than built from the spec.
+    pub async fn run_with(
+        &self,
+        spec: &CredentialSpec,
+        rotator: Arc<dyn Rotator>,
+        store: Arc<dyn Store>,
+        trigger: Trigger,
+    ) -> Result<(Outcome, CredentialRecord), EngineError> {
+        let mut record = self
+            .state
+            .credential(&spec.id)
+            .await?
+            .unwrap_or_else(|| CredentialRecord::new(&spec.id));
         let now = Utc::now().timestamp();
 
         if record.status == Status::Failed && trigger != Trigger::Manual {
@@ -218,14 +268,30 @@ impl Engine {
             Some(open) => {
                 if open.phase == Phase::Promoted && open.revoke_at.is_some_and(|t| now < t) {
                     let revoke_at = open.revoke_at.unwrap_or(now);
-                    return Ok((Outcome::InGrace { rotation: open.id, revoke_at }, record));
+                    return Ok((
+                        Outcome::InGrace {
+                            rotation: open.id,
+                            revoke_at,
+                        },
+                        record,
+                    ));
                 }
                 if !self.claim(&open, now).await? {
                     let owner = open.owner.clone().unwrap_or_default();
-                    return Ok((Outcome::Busy { rotation: open.id, owner }, record));
+                    return Ok((
+                        Outcome::Busy {
+                            rotation: open.id,
+                            owner,
+                        },
+                        record,
+                    ));
                 }
                 info!(credential = %spec.id, rotation = %open.id, phase = open.phase.as_str(), "resuming rotation");
-                RotationRecord { owner: Some(self.owner.clone()), lease_until: now + LEASE.as_secs() as i64, ..open }
+                RotationRecord {
+                    owner: Some(self.owner.clone()),
+                    lease_until: now + LEASE.as_secs() as i64,
+                    ..open
+                }
             }
             None => {
                 let rotation = RotationRecord {
@@ -243,7 +309,13 @@ impl Engine {
                     finished_at: None,
                 };
                 if let Err(Busy(open)) = self.state.begin(&rotation).await? {
-                    return Ok((Outcome::Busy { rotation: open.id, owner: open.owner.unwrap_or_default() }, record));
+                    return Ok((
+                        Outcome::Busy {
+                            rotation: open.id,
+                            owner: open.owner.unwrap_or_default(),
+                        },
+                        record,
+                    ));
                 }
                 info!(credential = %spec.id, rotation = %rotation.id, trigger = trigger.as_str(), "rotation started");
                 rotation
@@ -251,19 +323,41 @@ impl Engine {
         };
         if trigger == Trigger::Manual && record.status == Status::Failed {
             record.consecutive_failures = 0;
-            self.emit(&spec.id, Event::AutomationStopped(false), "automation resumed by a manual rotation");
+            self.emit(
+                &spec.id,
+                Event::AutomationStopped(false),
+                "automation resumed by a manual rotation",
+            );
         }
         if rotation.phase < Phase::Promoted {
             record.status = Status::Rotating;
         }
-        let mut job = Job { spec, rotator, store, record, rotation, new: None, resumed };
+        let mut job = Job {
+            spec,
+            rotator,
+            store,
+            record,
+            rotation,
+            new: None,
+            resumed,
+        };
+        // Make the new status visible (to `keyrotd status`) before any step runs.
+        self.save(&mut job).await?;
         let outcome = self.drive(&mut job).await?;
         Ok((outcome, job.record))
     }
 
     async fn claim(&self, open: &RotationRecord, now: i64) -> Result<bool, StateError> {
         let dead = open.owner.as_deref().filter(|o| owner_is_dead(o));
-        self.state.claim(&open.id, &self.owner, now + LEASE.as_secs() as i64, now, dead).await
+        self.state
+            .claim(
+                &open.id,
+                &self.owner,
+                now + LEASE.as_secs() as i64,
+                now,
+                dead,
+            )
+            .await
     }
 
     /// Runs the protocol from the rotation's recorded phase until it finishes, fails, waits for
@@ -275,7 +369,9 @@ impl Engine {
                 job.rotation.lease_until = 0;
                 self.save(job).await?;
                 info!(credential = %job.spec.id, rotation = %job.rotation.id, phase = job.rotation.phase.as_str(), "rotation parked for shutdown");
-                return Ok(Outcome::Parked { rotation: job.rotation.id.clone() });
+                return Ok(Outcome::Parked {
+                    rotation: job.rotation.id.clone(),
+                });
             }
             let result = match job.rotation.phase {
                 Phase::Issuing | Phase::Issued => self.issue_and_stage(job).await,
@@ -289,16 +385,26 @@ impl Engine {
                             job.rotation.owner = None;
                             job.rotation.lease_until = 0;
                             self.save(job).await?;
-                            return Ok(Outcome::Promoted { rotation: job.rotation.id.clone(), revoke_at: at });
+                            return Ok(Outcome::Promoted {
+                                rotation: job.rotation.id.clone(),
+                                revoke_at: at,
+                            });
                         }
                         _ => self.revoke(job).await,
                     }
                 }
                 Phase::RollingBack => self.roll_back(job).await,
-                Phase::Done => return Ok(Outcome::Completed { rotation: job.rotation.id.clone() }),
+                Phase::Done => {
+                    return Ok(Outcome::Completed {
+                        rotation: job.rotation.id.clone(),
+                    })
+                }
                 Phase::RolledBack => {
                     let error = job.rotation.error.clone().unwrap_or_default();
-                    return Ok(Outcome::Failed { rotation: job.rotation.id.clone(), error });
+                    return Ok(Outcome::Failed {
+                        rotation: job.rotation.id.clone(),
+                        error,
+                    });
                 }
             };
             if let Err(failure) = result {
@@ -308,20 +414,46 @@ impl Engine {
     }
 
     /// Runs one provider call as a journaled, timed step.
-    async fn step<T>(&self, job: &Job<'_>, step: Step, call: impl std::future::Future<Output = Result<T, ProviderError>>) -> Result<T, Failure> {
+    async fn step<T>(
+        &self,
+        job: &Job<'_>,
+        step: Step,
+        call: impl std::future::Future<Output = Result<T, ProviderError>>,
+    ) -> Result<T, Failure> {
         let rotation = &job.rotation.id;
-        self.state.log_step(rotation, step.as_str(), "start", None).await?;
+        self.state
+            .log_step(rotation, step.as_str(), "start", None)
+            .await?;
+        failpoint(step, "start").await;
         let started = Instant::now();
         let result = call.await;
-        self.metrics.step_seconds.with_label_values(&[step.as_str()]).observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .step_seconds
+            .with_label_values(&[step.as_str()])
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(v) => {
-                self.state.log_step(rotation, step.as_str(), "ok", None).await?;
+                failpoint(step, "done").await;
+                self.state
+                    .log_step(rotation, step.as_str(), "ok", None)
+                    .await?;
+                failpoint(step, "ok").await;
                 Ok(v)
             }
             Err(source) => {
-                let err = StepError { credential: job.spec.id.clone(), step, source };
-                self.state.log_step(rotation, step.as_str(), "error", Some(&err.source.to_string())).await?;
+                let err = StepError {
+                    credential: job.spec.id.clone(),
+                    step,
+                    source,
+                };
+                self.state
+                    .log_step(
+                        rotation,
+                        step.as_str(),
+                        "error",
+                        Some(&err.source.to_string()),
+                    )
+                    .await?;
                 Err(Failure::Step(err))
             }
         }
@@ -332,17 +464,21 @@ impl Engine {
             credential_id: &job.spec.id,
             rotation_id: &job.rotation.id,
             secret_field: job.rotator.secret_field(),
-            started_at: std::time::UNIX_EPOCH + Duration::from_secs(job.rotation.started_at.max(0) as u64),
+            started_at: std::time::UNIX_EPOCH
+                + Duration::from_secs(job.rotation.started_at.max(0) as u64),
         }
     }
 
     /// Reads the current value; a failure counts against `step`, but the read is not journaled.
     async fn current(&self, job: &Job<'_>, step: Step) -> Result<Option<Credential>, Failure> {
         let ctx = self.ctx(job);
-        job.store
-            .current(ctx)
-            .await
-            .map_err(|source| Failure::Step(StepError { credential: job.spec.id.clone(), step, source }))
+        job.store.current(ctx).await.map_err(|source| {
+            Failure::Step(StepError {
+                credential: job.spec.id.clone(),
+                step,
+                source,
+            })
+        })
     }
 
     async fn issue_and_stage(&self, job: &mut Job<'_>) -> Result<(), Failure> {
@@ -359,21 +495,34 @@ impl Engine {
             }
             let current = self.current(job, Step::Rollback).await?;
             let issued = job.rotation.new_attrs.clone();
-            self.step(job, Step::Rollback, job.rotator.abandon(ctx, issued.as_ref(), current.as_ref())).await?;
+            self.step(
+                job,
+                Step::Rollback,
+                job.rotator.abandon(ctx, issued.as_ref(), current.as_ref()),
+            )
+            .await?;
         }
         let current = self.current(job, Step::Issue).await?;
         let mut old_attrs = current.as_ref().map(|c| c.attrs.clone());
         if let Some(old) = old_attrs.as_mut() {
-            merge_attrs(old, self.last_promoted_attrs(&job.spec.id, &job.rotation.id).await?.as_ref());
+            merge_attrs(
+                old,
+                self.last_promoted_attrs(&job.spec.id, &job.rotation.id)
+                    .await?
+                    .as_ref(),
+            );
         }
-        let new = self.step(job, Step::Issue, job.rotator.issue(ctx, current.as_ref())).await?;
+        let new = self
+            .step(job, Step::Issue, job.rotator.issue(ctx, current.as_ref()))
+            .await?;
         job.rotation.old_attrs = old_attrs;
         job.rotation.new_attrs = Some(new.attrs.clone());
         job.rotation.phase = Phase::Issued;
         self.save(job).await?;
         // The secret exists only in memory now: store it before anything else happens.
         let ctx = self.ctx(job);
-        self.step(job, Step::Stage, job.store.stage(ctx, &new)).await?;
+        self.step(job, Step::Stage, job.store.stage(ctx, &new))
+            .await?;
         job.new = Some(new);
         job.rotation.phase = Phase::Staged;
         Ok(self.save(job).await?)
@@ -385,13 +534,16 @@ impl Engine {
             return Ok(new.clone());
         }
         let ctx = self.ctx(job);
-        let mut staged = self.step(job, Step::Stage, job.store.pending(ctx)).await?.ok_or_else(|| {
-            Failure::Step(StepError {
-                credential: job.spec.id.clone(),
-                step: Step::Stage,
-                source: ProviderError::permanent("the staged value is no longer in the store"),
-            })
-        })?;
+        let mut staged = self
+            .step(job, Step::Stage, job.store.pending(ctx))
+            .await?
+            .ok_or_else(|| {
+                Failure::Step(StepError {
+                    credential: job.spec.id.clone(),
+                    step: Step::Stage,
+                    source: ProviderError::permanent("the staged value is no longer in the store"),
+                })
+            })?;
         merge_attrs(&mut staged.attrs, job.rotation.new_attrs.as_ref());
         job.new = Some(staged.clone());
         Ok(staged)
@@ -401,7 +553,12 @@ impl Engine {
         let new = self.staged(job).await?;
         let current = self.current(job, Step::Activate).await?;
         let ctx = self.ctx(job);
-        self.step(job, Step::Activate, job.rotator.activate(ctx, &new, current.as_ref())).await?;
+        self.step(
+            job,
+            Step::Activate,
+            job.rotator.activate(ctx, &new, current.as_ref()),
+        )
+        .await?;
         job.rotation.phase = Phase::Activated;
         Ok(self.save(job).await?)
     }
@@ -414,8 +571,16 @@ impl Engine {
             // Consumers will read the store, so the value there is the one that must work.
             match store.pending(ctx).await? {
                 Some(c) if c.secret.expose_secret() == new.secret.expose_secret() => {}
-                Some(_) => return Err(ProviderError::permanent("the staged value read back differs from the issued one")),
-                None => return Err(ProviderError::permanent("the staged value is missing from the store")),
+                Some(_) => {
+                    return Err(ProviderError::permanent(
+                        "the staged value read back differs from the issued one",
+                    ))
+                }
+                None => {
+                    return Err(ProviderError::permanent(
+                        "the staged value is missing from the store",
+                    ))
+                }
             }
             rotator.verify(ctx, &new).await
         };
@@ -426,7 +591,8 @@ impl Engine {
 
     async fn promote(&self, job: &mut Job<'_>) -> Result<(), Failure> {
         let ctx = self.ctx(job);
-        self.step(job, Step::Promote, job.store.promote(ctx)).await?;
+        self.step(job, Step::Promote, job.store.promote(ctx))
+            .await?;
         let now = Utc::now().timestamp();
         let revoke_at = now + job.spec.grace.as_secs() as i64;
         job.rotation.phase = Phase::Promoted;
@@ -442,7 +608,11 @@ impl Engine {
         self.metrics.rotations.with_label_values(&["success"]).inc();
         info!(credential = %job.spec.id, rotation = %job.rotation.id, grace = %human(job.spec.grace), "new credential promoted");
         if was_failing {
-            self.emit(&job.spec.id, Event::RotationFailed(false), "rotation succeeded");
+            self.emit(
+                &job.spec.id,
+                Event::RotationFailed(false),
+                "rotation succeeded",
+            );
         }
         Ok(())
     }
@@ -450,9 +620,11 @@ impl Engine {
     async fn revoke(&self, job: &mut Job<'_>) -> Result<(), Failure> {
         let ctx = self.ctx(job);
         if let Some(old) = job.rotation.old_attrs.clone() {
-            self.step(job, Step::Revoke, job.rotator.revoke(ctx, &old)).await?;
+            self.step(job, Step::Revoke, job.rotator.revoke(ctx, &old))
+                .await?;
         }
-        self.step(job, Step::Revoke, job.store.release_previous(ctx)).await?;
+        self.step(job, Step::Revoke, job.store.release_previous(ctx))
+            .await?;
         let had_failures = job.record.consecutive_failures > 0;
         job.rotation.phase = Phase::Done;
         job.rotation.finished_at = Some(Utc::now().timestamp());
@@ -464,7 +636,11 @@ impl Engine {
         self.save(job).await?;
         info!(credential = %job.spec.id, rotation = %job.rotation.id, "old credential revoked; rotation complete");
         if had_failures {
-            self.emit(&job.spec.id, Event::RevokeFailed(false), "old credential revoked");
+            self.emit(
+                &job.spec.id,
+                Event::RevokeFailed(false),
+                "old credential revoked",
+            );
         }
         Ok(())
     }
@@ -473,14 +649,23 @@ impl Engine {
         let ctx = self.ctx(job);
         let current = self.current(job, Step::Rollback).await?;
         let issued = job.rotation.new_attrs.clone();
-        self.step(job, Step::Rollback, job.rotator.abandon(ctx, issued.as_ref(), current.as_ref())).await?;
-        self.step(job, Step::Rollback, job.store.discard(ctx)).await?;
+        self.step(
+            job,
+            Step::Rollback,
+            job.rotator.abandon(ctx, issued.as_ref(), current.as_ref()),
+        )
+        .await?;
+        self.step(job, Step::Rollback, job.store.discard(ctx))
+            .await?;
         job.rotation.phase = Phase::RolledBack;
         job.rotation.finished_at = Some(Utc::now().timestamp());
         job.rotation.owner = None;
         job.new = None;
         self.save(job).await?;
-        self.metrics.rotations.with_label_values(&["rolled_back"]).inc();
+        self.metrics
+            .rotations
+            .with_label_values(&["rolled_back"])
+            .inc();
         info!(credential = %job.spec.id, rotation = %job.rotation.id, "rotation rolled back; the current credential is unchanged");
         Ok(())
     }
@@ -496,13 +681,13 @@ impl Engine {
         warn!(credential = %job.spec.id, rotation = %job.rotation.id, step = err.step.as_str(), error = %err.source, "rotation step failed");
         job.rotation.error = Some(message.clone());
         let phase = job.rotation.phase;
-        if phase < Phase::Verified || phase == Phase::RollingBack {
-            if phase != Phase::RollingBack {
-                job.rotation.phase = Phase::RollingBack;
-                self.save(job).await?;
-                if let Err(Failure::State(e)) = self.roll_back(job).await {
-                    return Err(e.into());
-                }
+        // Before verification nothing is promised to consumers: undo it. A rollback that fails
+        // itself stays in phase RollingBack and is resumed by the retry.
+        if phase < Phase::Verified {
+            job.rotation.phase = Phase::RollingBack;
+            self.save(job).await?;
+            if let Err(Failure::State(e)) = self.roll_back(job).await {
+                return Err(e.into());
             }
         }
         job.record.consecutive_failures += 1;
@@ -512,26 +697,44 @@ impl Engine {
         }
         let policy = job.spec.retry;
         let (event, summary) = match err.step {
-            Step::Revoke => (Event::RevokeFailed(true), format!("revoking the old credential failed: {message}")),
-            _ => (Event::RotationFailed(true), format!("rotation failed: {message}")),
+            Step::Revoke => (
+                Event::RevokeFailed(true),
+                format!("revoking the old credential failed: {message}"),
+            ),
+            _ => (
+                Event::RotationFailed(true),
+                format!("rotation failed: {message}"),
+            ),
         };
         if job.record.consecutive_failures >= policy.max_attempts {
             job.record.status = Status::Failed;
             job.record.next_attempt_at = None;
             warn!(credential = %job.spec.id, attempts = job.record.consecutive_failures, "retries exhausted: credential marked failed; rotate it by hand to resume");
         } else {
-            let delay = backoff(policy.backoff, policy.max_backoff, job.record.consecutive_failures);
+            let delay = backoff(
+                policy.backoff,
+                policy.max_backoff,
+                job.record.consecutive_failures,
+            );
             job.record.status = Status::Retrying;
-            job.record.next_attempt_at = Some(Utc::now().timestamp() + delay.as_secs().max(1) as i64);
+            job.record.next_attempt_at =
+                Some(Utc::now().timestamp() + delay.as_secs().max(1) as i64);
         }
         job.rotation.owner = None;
         job.rotation.lease_until = 0;
         self.save(job).await?;
         self.emit(&job.spec.id, event, &summary);
         if job.record.status == Status::Failed {
-            self.emit(&job.spec.id, Event::AutomationStopped(true), "retries exhausted; automation stopped until an operator rotates it by hand");
+            self.emit(
+                &job.spec.id,
+                Event::AutomationStopped(true),
+                "retries exhausted; automation stopped until an operator rotates it by hand",
+            );
         }
-        Ok(Outcome::Failed { rotation: job.rotation.id.clone(), error: message })
+        Ok(Outcome::Failed {
+            rotation: job.rotation.id.clone(),
+            error: message,
+        })
     }
 
     async fn save(&self, job: &mut Job<'_>) -> Result<(), StateError> {
@@ -543,7 +746,11 @@ impl Engine {
 
     /// Attributes of the credential promoted by the last finished or promoted rotation (a raw
     /// store keeps only the secret, so the key id comes from the journal).
-    async fn last_promoted_attrs(&self, credential_id: &str, this: &str) -> Result<Option<Attrs>, StateError> {
+    async fn last_promoted_attrs(
+        &self,
+        credential_id: &str,
+        this: &str,
+    ) -> Result<Option<Attrs>, StateError> {
         let history = self.state.history(Some(credential_id), 5).await?;
         Ok(history
             .into_iter()
@@ -556,6 +763,24 @@ impl Engine {
         if let Some(sink) = &self.events {
             sink.event(credential, event, summary);
         }
+    }
+}
+
+/// Crash testing: with `KEYROTD_FAILPOINT=STEP:EVENT` (`stage:start`, `stage:done` — the step ran
+/// but is not journaled yet — or `stage:ok`), the process announces the point on stderr and
+/// hangs there, so a test can `kill -9` it at exactly that point. Unset, this costs one load.
+async fn failpoint(step: Step, event: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| std::env::var("KEYROTD_FAILPOINT").ok());
+    if point
+        .as_deref()
+        .is_some_and(|p| p.split_once(':') == Some((step.as_str(), event)))
+    {
+        eprintln!(
+            "keyrotd: failpoint {}:{event} reached; hanging until killed",
+            step.as_str()
+        );
+        std::future::pending::<()>().await;
     }
 }
 
@@ -579,7 +804,10 @@ fn merge_attrs(into: &mut Attrs, from: Option<&Attrs>) {
 
 /// Exponential backoff with equal jitter: half the delay fixed, half random.
 pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
-    let exp = initial.saturating_mul(1u32.checked_shl(attempt.saturating_sub(1).min(31)).unwrap_or(u32::MAX));
+    let exp = initial.saturating_mul(
+        1u32.checked_shl(attempt.saturating_sub(1).min(31))
+            .unwrap_or(u32::MAX),
+    );
     let capped = exp.min(max);
     let half = capped / 2;
     half + half.mul_f64(rand::rng().random::<f64>())
@@ -588,21 +816,34 @@ pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
 /// `host:pid:nonce`: unique per process, and tells a same-host successor whether we are gone.
 fn owner_id() -> &'static str {
     static OWNER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    OWNER.get_or_init(|| format!("{}:{}:{}", hostname(), std::process::id(), uuid::Uuid::now_v7().simple()))
+    OWNER.get_or_init(|| {
+        format!(
+            "{}:{}:{}",
+            hostname(),
+            std::process::id(),
+            uuid::Uuid::now_v7().simple()
+        )
+    })
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// Whether `owner` is a process on this host that no longer runs.
 fn owner_is_dead(owner: &str) -> bool {
     let mut parts = owner.splitn(3, ':');
-    let (Some(host), Some(pid), Some(_nonce)) = (parts.next(), parts.next(), parts.next()) else { return false };
+    let (Some(host), Some(pid), Some(_nonce)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
     if host != hostname() {
         return false;
     }
-    let Ok(pid) = pid.parse::<u32>() else { return false };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
     if pid == std::process::id() {
         // Our pid but not us: an earlier incarnation (a container's pid 1 restarting).
         return owner != owner_id();
@@ -625,8 +866,17 @@ mod tests {
 
     #[test]
     fn a_live_owner_is_not_dead_and_a_gone_one_is() {
-        assert!(!owner_is_dead(&format!("{}:1:x", hostname())), "pid 1 always exists");
-        assert!(owner_is_dead(&format!("{}:4194305:x", hostname())), "beyond pid_max");
-        assert!(!owner_is_dead("another-host:4194305:x"), "other hosts only by lease expiry");
+        assert!(
+            !owner_is_dead(&format!("{}:1:x", hostname())),
+            "pid 1 always exists"
+        );
+        assert!(
+            owner_is_dead(&format!("{}:4194305:x", hostname())),
+            "beyond pid_max"
+        );
+        assert!(
+            !owner_is_dead("another-host:4194305:x"),
+            "other hosts only by lease expiry"
+        );
     }
 }

@@ -26,15 +26,22 @@ pub struct Endpoint {
 }
 
 /// Binds `addr` now (so a taken port fails start-up) and serves until `shutdown`.
-pub async fn serve(addr: SocketAddr, endpoint: Endpoint, shutdown: CancellationToken) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+pub async fn serve(
+    addr: SocketAddr,
+    endpoint: Endpoint,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(endpoint);
     Ok(tokio::spawn(async move {
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await });
+        let server = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await });
         if let Err(e) = server.await {
             tracing::error!(error = %e, "HTTP endpoint failed");
         }
@@ -53,10 +60,19 @@ async fn metrics(State(e): State<Endpoint>) -> Response {
     let head = e.metrics.render_registry();
     let body = match e.table.get() {
         Some(table) => {
-            let chunks = std::iter::once(head).chain(credential_chunks(table.clone())).map(Ok::<_, std::convert::Infallible>);
+            let chunks = std::iter::once(head)
+                .chain(credential_chunks(table.clone()))
+                .map(Ok::<_, std::convert::Infallible>);
             Body::from_stream(futures_util::stream::iter(chunks))
         }
         None => Body::from(head),
     };
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use keyrotd::{cli, config, daemon};
 
 #[derive(Parser)]
-#[command(name = "keyrotd", version, about = "Rotates credentials on a schedule, durably and without cutting consumers off")]
+#[command(
+    name = "keyrotd",
+    version,
+    about = "Rotates credentials on a schedule, durably and without cutting consumers off"
+)]
 struct Args {
     /// The inventory.
     #[arg(long, global = true, env = "KEYROTD_CONFIG", default_value = config::DEFAULT_PATH)]
@@ -85,7 +89,9 @@ fn main() -> ExitCode {
             Command::Check => cli::check(&inventory).await.map(|()| 0),
             Command::Status { json } => cli::status(&inventory, json).await.map(|()| 0),
             Command::Rotate { id, dry_run } => cli::rotate(&inventory, &id, dry_run).await,
-            Command::History { id, limit } => cli::history(&inventory, id.as_deref(), limit).await.map(|()| 0),
+            Command::History { id, limit } => cli::history(&inventory, id.as_deref(), limit)
+                .await
+                .map(|()| 0),
         }
     });
     match result {
@@ -98,8 +104,11 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYROTD_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYROTD_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

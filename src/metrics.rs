@@ -33,7 +33,13 @@ impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
         let engine = EngineMetrics::register(&registry)?;
-        let build = IntGaugeVec::new(Opts::new("keyrotd_build_info", "Always 1; labelled with the running version."), &["version"])?;
+        let build = IntGaugeVec::new(
+            Opts::new(
+                "keyrotd_build_info",
+                "Always 1; labelled with the running version.",
+            ),
+            &["version"],
+        )?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         registry.register(Box::new(build))?;
         Ok(Self { registry, engine })
@@ -42,7 +48,9 @@ impl Metrics {
     /// The registry part of the exposition.
     pub fn render_registry(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding into memory cannot fail");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into memory cannot fail");
         String::from_utf8(buf).expect("the text encoder writes UTF-8")
     }
 }
@@ -58,15 +66,36 @@ enum Family {
 }
 
 impl Family {
-    const ALL: [Family; 5] = [Self::Issued, Self::MaxAge, Self::NextRotation, Self::Status, Self::Failures];
+    const ALL: [Family; 5] = [
+        Self::Issued,
+        Self::MaxAge,
+        Self::NextRotation,
+        Self::Status,
+        Self::Failures,
+    ];
 
     fn header(self) -> (&'static str, &'static str) {
         match self {
-            Self::Issued => ("keyrotd_credential_issued_timestamp_seconds", "When the current credential was promoted (Unix time)."),
-            Self::MaxAge => ("keyrotd_credential_max_age_seconds", "Age past which the credential is stale."),
-            Self::NextRotation => ("keyrotd_credential_next_rotation_timestamp_seconds", "When the next rotation (or revocation) is due (Unix time)."),
-            Self::Status => ("keyrotd_credential_status", "1 for the credential's current state (idle, rotating, grace, retrying, failed)."),
-            Self::Failures => ("keyrotd_credential_consecutive_failures", "Failed attempts since the last success."),
+            Self::Issued => (
+                "keyrotd_credential_issued_timestamp_seconds",
+                "When the current credential was promoted (Unix time).",
+            ),
+            Self::MaxAge => (
+                "keyrotd_credential_max_age_seconds",
+                "Age past which the credential is stale.",
+            ),
+            Self::NextRotation => (
+                "keyrotd_credential_next_rotation_timestamp_seconds",
+                "When the next rotation (or revocation) is due (Unix time).",
+            ),
+            Self::Status => (
+                "keyrotd_credential_status",
+                "1 for the credential's current state (idle, rotating, grace, retrying, failed).",
+            ),
+            Self::Failures => (
+                "keyrotd_credential_consecutive_failures",
+                "Failed attempts since the last success.",
+            ),
         }
     }
 }
@@ -79,7 +108,10 @@ pub fn credential_chunks(table: Arc<Table>) -> impl Iterator<Item = String> + Se
         .groups
         .iter()
         .map(|g| {
-            crate::schedule::CronSchedule::parse(&g.expression, g.timezone).ok().and_then(|c| c.next_after(now)).map(|t| t.timestamp())
+            crate::schedule::CronSchedule::parse(&g.expression, g.timezone)
+                .ok()
+                .and_then(|c| c.next_after(now))
+                .map(|t| t.timestamp())
         })
         .collect();
     let chunks = table.slots.len().div_ceil(CHUNK);
@@ -107,7 +139,10 @@ pub fn credential_chunks(table: Arc<Table>) -> impl Iterator<Item = String> + Se
                         let _ = writeln!(out, "{name}{{{labels}}} {}", slot.spec.max_age.as_secs());
                     }
                     Family::NextRotation => {
-                        let cron = slot.group.and_then(|g| group_fire[g]).filter(|_| live.status != Status::Failed);
+                        let cron = slot
+                            .group
+                            .and_then(|g| group_fire[g])
+                            .filter(|_| live.status != Status::Failed);
                         let next = match (live.wake, cron) {
                             (Some(a), Some(b)) => Some(a.min(b)),
                             (a, b) => a.or(b),
@@ -119,7 +154,11 @@ pub fn credential_chunks(table: Arc<Table>) -> impl Iterator<Item = String> + Se
                     Family::Status => {
                         for state in Status::ALL {
                             let v = u8::from(state == live.status);
-                            let _ = writeln!(out, "{name}{{{labels},state=\"{}\"}} {v}", state.as_str());
+                            let _ = writeln!(
+                                out,
+                                "{name}{{{labels},state=\"{}\"}} {v}",
+                                state.as_str()
+                            );
                         }
                     }
                     Family::Failures => {

@@ -45,7 +45,11 @@ impl CronSchedule {
         // An expression that never fires (`0 0 30 2 *`) would leave the credential unrotated forever.
         cron.find_next_occurrence(&Utc::now().with_timezone(&timezone), false)
             .map_err(|_| "cron expression never fires".to_owned())?;
-        Ok(Self { expression, timezone, cron })
+        Ok(Self {
+            expression,
+            timezone,
+            cron,
+        })
     }
 
     /// The first fire time strictly after `after`.
@@ -66,7 +70,9 @@ impl CronSchedule {
         };
         let horizon = from + chrono::Duration::days(366);
         for _ in 0..400 {
-            let Some(next) = self.next_after(previous) else { break };
+            let Some(next) = self.next_after(previous) else {
+                break;
+            };
             longest = longest.max((next - previous).to_std().unwrap_or_default());
             if next > horizon {
                 break;
@@ -101,7 +107,11 @@ pub enum Due {
 impl Schedule {
     /// The longest time the schedule lets pass between two rotations.
     pub fn period(&self, now: DateTime<Utc>) -> Duration {
-        let cron = self.cron.as_ref().map(|c| c.longest_gap(now)).unwrap_or(Duration::MAX);
+        let cron = self
+            .cron
+            .as_ref()
+            .map(|c| c.longest_gap(now))
+            .unwrap_or(Duration::MAX);
         cron.min(self.every.unwrap_or(Duration::MAX))
     }
 
@@ -110,11 +120,23 @@ impl Schedule {
     /// A credential never rotated is due now. A cron fire missed while the daemon was down is due
     /// now if its window is still open, otherwise the next fire time counts.
     pub fn due(&self, last_success: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Due {
-        let Some(last) = last_success else { return Due::At(now) };
-        let interval = self.every.map(|every| last + chrono::Duration::from_std(every).unwrap_or(chrono::Duration::MAX));
-        let missed_fire = self.cron.as_ref().and_then(|c| c.next_after(last)).filter(|fire| {
-            *fire <= now && self.window.is_none_or(|w| now <= *fire + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX))
-        });
+        let Some(last) = last_success else {
+            return Due::At(now);
+        };
+        let interval = self
+            .every
+            .map(|every| last + chrono::Duration::from_std(every).unwrap_or(chrono::Duration::MAX));
+        let missed_fire = self
+            .cron
+            .as_ref()
+            .and_then(|c| c.next_after(last))
+            .filter(|fire| {
+                *fire <= now
+                    && self.window.is_none_or(|w| {
+                        now <= *fire
+                            + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX)
+                    })
+            });
         match (interval, missed_fire) {
             (Some(i), Some(f)) => Due::At(i.min(f)),
             (Some(i), None) if self.cron.is_some() => {
@@ -136,7 +158,11 @@ impl Schedule {
     }
 
     /// The next instant the credential is expected to rotate (for status and metrics).
-    pub fn next_rotation(&self, last_success: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub fn next_rotation(
+        &self,
+        last_success: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
         match self.due(last_success, now) {
             Due::At(t) => Some(t),
             Due::NextCronFire => self.next_fire(now),
@@ -144,11 +170,18 @@ impl Schedule {
     }
 
     /// The next `n` rotation times if every rotation succeeds at its due time.
-    pub fn upcoming(&self, last_success: Option<DateTime<Utc>>, now: DateTime<Utc>, n: usize) -> Vec<DateTime<Utc>> {
+    pub fn upcoming(
+        &self,
+        last_success: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+        n: usize,
+    ) -> Vec<DateTime<Utc>> {
         let mut out = Vec::with_capacity(n);
         let (mut last, mut clock) = (last_success, now);
         while out.len() < n {
-            let Some(next) = self.next_rotation(last, clock) else { break };
+            let Some(next) = self.next_rotation(last, clock) else {
+                break;
+            };
             let next = next.max(clock);
             out.push(next);
             last = Some(next);
@@ -159,13 +192,16 @@ impl Schedule {
 
     /// Whether a rotation started at `now` for the cron fire at `fire` is still inside the window.
     pub fn in_window(&self, fire: DateTime<Utc>, now: DateTime<Utc>) -> bool {
-        self.window.is_none_or(|w| now <= fire + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX))
+        self.window.is_none_or(|w| {
+            now <= fire + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX)
+        })
     }
 }
 
 /// Parses a human duration (`90d`, `12h`, `30s`, `1h30m`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("`{text}` is not a duration like 90d, 12h or 30s ({e})"))
+    humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration like 90d, 12h or 30s ({e})"))
 }
 
 #[cfg(test)]
@@ -180,9 +216,21 @@ mod tests {
 
     #[test]
     fn accepts_five_and_six_fields_and_refuses_others() {
-        assert_eq!(CronSchedule::parse("0 3 * * 1", Tz::UTC).unwrap().expression, "0 0 3 * * 1");
-        assert_eq!(CronSchedule::parse("30 0 3 * * 1", Tz::UTC).unwrap().expression, "30 0 3 * * 1");
-        assert!(CronSchedule::parse("0 3 * *", Tz::UTC).unwrap_err().contains("found 4"));
+        assert_eq!(
+            CronSchedule::parse("0 3 * * 1", Tz::UTC)
+                .unwrap()
+                .expression,
+            "0 0 3 * * 1"
+        );
+        assert_eq!(
+            CronSchedule::parse("30 0 3 * * 1", Tz::UTC)
+                .unwrap()
+                .expression,
+            "30 0 3 * * 1"
+        );
+        assert!(CronSchedule::parse("0 3 * *", Tz::UTC)
+            .unwrap_err()
+            .contains("found 4"));
         assert!(CronSchedule::parse("0 99 * * *", Tz::UTC).is_err());
         assert!(CronSchedule::parse("0 0 30 2 *", Tz::UTC).is_err());
     }
@@ -191,33 +239,56 @@ mod tests {
     fn cron_is_evaluated_in_its_timezone() {
         let c = CronSchedule::parse("0 3 * * *", "Europe/Paris".parse().unwrap()).unwrap();
         // 03:00 in Paris in winter is 02:00 UTC.
-        assert_eq!(c.next_after(at(2026, 1, 10, 0, 0)), Some(at(2026, 1, 10, 2, 0)));
+        assert_eq!(
+            c.next_after(at(2026, 1, 10, 0, 0)),
+            Some(at(2026, 1, 10, 2, 0))
+        );
     }
 
     #[test]
     fn never_rotated_is_due_now_and_intervals_count_from_the_last_success() {
-        let s = Schedule { cron: None, every: Some(Duration::from_secs(3600)), window: None };
+        let s = Schedule {
+            cron: None,
+            every: Some(Duration::from_secs(3600)),
+            window: None,
+        };
         let now = at(2026, 1, 1, 12, 0);
         assert_eq!(s.due(None, now), Due::At(now));
-        assert_eq!(s.due(Some(at(2026, 1, 1, 11, 30)), now), Due::At(at(2026, 1, 1, 12, 30)));
+        assert_eq!(
+            s.due(Some(at(2026, 1, 1, 11, 30)), now),
+            Due::At(at(2026, 1, 1, 12, 30))
+        );
         assert_eq!(s.upcoming(Some(at(2026, 1, 1, 11, 30)), now, 3).len(), 3);
     }
 
     #[test]
     fn a_missed_cron_fire_is_due_only_inside_its_window() {
         let cron = CronSchedule::parse("0 3 * * *", Tz::UTC).unwrap();
-        let s = Schedule { cron: Some(cron), every: None, window: Some(Duration::from_secs(2 * 3600)) };
+        let s = Schedule {
+            cron: Some(cron),
+            every: None,
+            window: Some(Duration::from_secs(2 * 3600)),
+        };
         let last = at(2026, 1, 1, 3, 0);
         // Down at 03:00 on the 2nd, back at 04:00: inside the 2 h window.
-        assert_eq!(s.due(Some(last), at(2026, 1, 2, 4, 0)), Due::At(at(2026, 1, 2, 3, 0)));
+        assert_eq!(
+            s.due(Some(last), at(2026, 1, 2, 4, 0)),
+            Due::At(at(2026, 1, 2, 3, 0))
+        );
         // Back at 06:00: the window closed, the next fire counts.
         assert_eq!(s.due(Some(last), at(2026, 1, 2, 6, 0)), Due::NextCronFire);
-        assert_eq!(s.next_rotation(Some(last), at(2026, 1, 2, 6, 0)), Some(at(2026, 1, 3, 3, 0)));
+        assert_eq!(
+            s.next_rotation(Some(last), at(2026, 1, 2, 6, 0)),
+            Some(at(2026, 1, 3, 3, 0))
+        );
     }
 
     #[test]
     fn longest_gap_of_a_monthly_schedule_is_31_days() {
         let c = CronSchedule::parse("0 0 1 * *", Tz::UTC).unwrap();
-        assert_eq!(c.longest_gap(at(2026, 1, 15, 0, 0)), Duration::from_secs(31 * 86400));
+        assert_eq!(
+            c.longest_gap(at(2026, 1, 15, 0, 0)),
+            Duration::from_secs(31 * 86400)
+        );
     }
 }

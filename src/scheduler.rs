@@ -67,9 +67,15 @@ pub struct CronGroup {
 
 impl Table {
     /// Builds the table from the inventory and the stored state.
-    pub fn new(specs: Vec<CredentialSpec>, records: Vec<CredentialRecord>, open: &[RotationRecord]) -> Self {
-        let mut records: HashMap<String, CredentialRecord> = records.into_iter().map(|r| (r.id.clone(), r)).collect();
-        let open: HashMap<&str, &RotationRecord> = open.iter().map(|r| (r.credential_id.as_str(), r)).collect();
+    pub fn new(
+        specs: Vec<CredentialSpec>,
+        records: Vec<CredentialRecord>,
+        open: &[RotationRecord],
+    ) -> Self {
+        let mut records: HashMap<String, CredentialRecord> =
+            records.into_iter().map(|r| (r.id.clone(), r)).collect();
+        let open: HashMap<&str, &RotationRecord> =
+            open.iter().map(|r| (r.credential_id.as_str(), r)).collect();
         let mut groups: Vec<CronGroup> = Vec::new();
         let mut group_index: HashMap<(String, chrono_tz::Tz), usize> = HashMap::new();
         let now = Utc::now().timestamp();
@@ -78,16 +84,28 @@ impl Table {
             .enumerate()
             .map(|(i, spec)| {
                 let group = spec.schedule.cron.as_ref().map(|c| {
-                    let g = *group_index.entry((c.expression.clone(), c.timezone)).or_insert_with(|| {
-                        groups.push(CronGroup { expression: c.expression.clone(), timezone: c.timezone, members: Vec::new() });
-                        groups.len() - 1
-                    });
+                    let g = *group_index
+                        .entry((c.expression.clone(), c.timezone))
+                        .or_insert_with(|| {
+                            groups.push(CronGroup {
+                                expression: c.expression.clone(),
+                                timezone: c.timezone,
+                                members: Vec::new(),
+                            });
+                            groups.len() - 1
+                        });
                     groups[g].members.push(i);
                     g
                 });
-                let record = records.remove(&spec.id).unwrap_or_else(|| CredentialRecord::new(&spec.id));
+                let record = records
+                    .remove(&spec.id)
+                    .unwrap_or_else(|| CredentialRecord::new(&spec.id));
                 let live = live_view(&spec, &record, open.get(spec.id.as_str()).copied(), now);
-                Slot { spec, group, live: Mutex::new(live) }
+                Slot {
+                    spec,
+                    group,
+                    live: Mutex::new(live),
+                }
             })
             .collect();
         Self { slots, groups }
@@ -95,7 +113,12 @@ impl Table {
 }
 
 /// The live view of a credential, with its next heap wake-up.
-pub fn live_view(spec: &CredentialSpec, record: &CredentialRecord, open: Option<&RotationRecord>, now: i64) -> Live {
+pub fn live_view(
+    spec: &CredentialSpec,
+    record: &CredentialRecord,
+    open: Option<&RotationRecord>,
+    now: i64,
+) -> Live {
     let wake = match (record.status, open) {
         (Status::Failed, _) => None,
         (_, Some(r)) if r.phase == Phase::Promoted => match (record.next_attempt_at, r.revoke_at) {
@@ -106,14 +129,24 @@ pub fn live_view(spec: &CredentialSpec, record: &CredentialRecord, open: Option<
         (_, Some(_)) => Some(record.next_attempt_at.unwrap_or(now)),
         (Status::Retrying, None) => record.next_attempt_at.or(Some(now)),
         (_, None) => {
-            let last = record.issued_at.and_then(|t| Utc.timestamp_opt(t, 0).single());
-            match spec.schedule.due(last, Utc.timestamp_opt(now, 0).single().unwrap_or_else(Utc::now)) {
+            let last = record
+                .issued_at
+                .and_then(|t| Utc.timestamp_opt(t, 0).single());
+            match spec.schedule.due(
+                last,
+                Utc.timestamp_opt(now, 0).single().unwrap_or_else(Utc::now),
+            ) {
                 Due::At(t) => Some(t.timestamp()),
                 Due::NextCronFire => None,
             }
         }
     };
-    Live { status: record.status, issued_at: record.issued_at, consecutive_failures: record.consecutive_failures, wake }
+    Live {
+        status: record.status,
+        issued_at: record.issued_at,
+        consecutive_failures: record.consecutive_failures,
+        wake,
+    }
 }
 
 /// What the scheduling loop hears about.
@@ -137,13 +170,25 @@ type Queued = (usize, Trigger, Option<DateTime<Utc>>);
 
 impl Scheduler {
     /// Creates a scheduler over `table`.
-    pub fn new(table: Arc<Table>, engine: Arc<Engine>, max_concurrent: usize, shutdown: CancellationToken) -> Self {
-        Self { table, engine, max_concurrent, shutdown }
+    pub fn new(
+        table: Arc<Table>,
+        engine: Arc<Engine>,
+        max_concurrent: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            table,
+            engine,
+            max_concurrent,
+            shutdown,
+        }
     }
 
     /// Registers the cron jobs. Returns the running cron scheduler and the channel its jobs
     /// report to; call before announcing readiness.
-    pub async fn start_cron(&self) -> anyhow::Result<(JobScheduler, mpsc::Receiver<Msg>, mpsc::Sender<Msg>)> {
+    pub async fn start_cron(
+        &self,
+    ) -> anyhow::Result<(JobScheduler, mpsc::Receiver<Msg>, mpsc::Sender<Msg>)> {
         let (tx, rx) = mpsc::channel(1024);
         let cron = JobScheduler::new().await?;
         for (g, group) in self.table.groups.iter().enumerate() {
@@ -163,7 +208,12 @@ impl Scheduler {
 
     /// The scheduling loop. Returns after shutdown once every in-flight run has finished or
     /// parked its rotation.
-    pub async fn run(self, mut cron: JobScheduler, mut rx: mpsc::Receiver<Msg>, tx: mpsc::Sender<Msg>) {
+    pub async fn run(
+        self,
+        mut cron: JobScheduler,
+        mut rx: mpsc::Receiver<Msg>,
+        tx: mpsc::Sender<Msg>,
+    ) {
         let n = self.table.slots.len();
         let mut heap: BinaryHeap<Reverse<(i64, usize, u64)>> = BinaryHeap::with_capacity(n);
         let mut generation = vec![0u64; n];
@@ -175,13 +225,23 @@ impl Scheduler {
                 heap.push(Reverse((at, i, 0)));
             }
         }
-        info!(credentials = n, cron_groups = self.table.groups.len(), queued = heap.len(), "scheduler running");
-        let mut reconcile = tokio::time::interval_at(tokio::time::Instant::now() + RECONCILE_EVERY, RECONCILE_EVERY);
+        info!(
+            credentials = n,
+            cron_groups = self.table.groups.len(),
+            queued = heap.len(),
+            "scheduler running"
+        );
+        let mut reconcile = tokio::time::interval_at(
+            tokio::time::Instant::now() + RECONCILE_EVERY,
+            RECONCILE_EVERY,
+        );
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             while running < self.max_concurrent {
-                let Some((i, trigger, fire)) = ready.pop_front() else { break };
+                let Some((i, trigger, fire)) = ready.pop_front() else {
+                    break;
+                };
                 let spec = &self.table.slots[i].spec;
                 if let Some(fire) = fire.filter(|f| !spec.schedule.in_window(*f, Utc::now())) {
                     info!(credential = %spec.id, fire = %fire, "rotation window missed; waiting for the next fire time");
@@ -192,7 +252,10 @@ impl Scheduler {
                 lock(&self.table.slots[i].live).status = Status::Rotating;
                 let (engine, table, tx) = (self.engine.clone(), self.table.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let result = engine.run(&table.slots[i].spec, trigger).await.map_err(|e| e.to_string());
+                    let result = engine
+                        .run(&table.slots[i].spec, trigger)
+                        .await
+                        .map_err(|e| e.to_string());
                     let _ = tx.send(Msg::Done(i, result)).await;
                 });
             }
@@ -200,7 +263,9 @@ impl Scheduler {
                 break;
             }
             let next = heap.peek().map(|Reverse((at, _, _))| *at);
-            let sleep = next.map(|at| Duration::from_millis((at * 1000 - Utc::now().timestamp_millis()).max(0) as u64));
+            let sleep = next.map(|at| {
+                Duration::from_millis((at * 1000 - Utc::now().timestamp_millis()).max(0) as u64)
+            });
             tokio::select! {
                 _ = self.shutdown.cancelled(), if !self.shutdown.is_cancelled() => {
                     info!(running, "shutdown: letting in-flight rotations finish or park");
@@ -255,7 +320,11 @@ impl Scheduler {
     }
 
     /// Updates the live view after a run and returns the next heap wake-up.
-    fn finished(&self, i: usize, result: Result<(Outcome, CredentialRecord), String>) -> Option<i64> {
+    fn finished(
+        &self,
+        i: usize,
+        result: Result<(Outcome, CredentialRecord), String>,
+    ) -> Option<i64> {
         let slot = &self.table.slots[i];
         let now = Utc::now().timestamp();
         let (outcome, record) = match result {
@@ -270,7 +339,9 @@ impl Scheduler {
             }
         };
         let open_wake = match &outcome {
-            Outcome::Promoted { revoke_at, .. } | Outcome::InGrace { revoke_at, .. } => Some(Some(*revoke_at)),
+            Outcome::Promoted { revoke_at, .. } | Outcome::InGrace { revoke_at, .. } => {
+                Some(Some(*revoke_at))
+            }
             Outcome::Busy { .. } => Some(Some(now + BUSY_RETRY)),
             Outcome::Parked { .. } | Outcome::Stopped => Some(None),
             Outcome::Completed { .. } | Outcome::Failed { .. } => None,
@@ -291,13 +362,23 @@ impl Scheduler {
     /// returns wake-ups for them.
     async fn reconcile(&self) -> Result<Vec<(usize, i64)>, StateError> {
         let open = self.engine.state().open_rotations().await?;
-        let index: HashMap<&str, usize> = self.table.slots.iter().enumerate().map(|(i, s)| (s.spec.id.as_str(), i)).collect();
+        let index: HashMap<&str, usize> = self
+            .table
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.spec.id.as_str(), i))
+            .collect();
         let now = Utc::now().timestamp();
         Ok(open
             .iter()
             .filter_map(|r| {
                 let &i = index.get(r.credential_id.as_str())?;
-                let want = if r.phase == Phase::Promoted { r.revoke_at.unwrap_or(now) } else { r.lease_until.max(now) };
+                let want = if r.phase == Phase::Promoted {
+                    r.revoke_at.unwrap_or(now)
+                } else {
+                    r.lease_until.max(now)
+                };
                 let mut live = lock(&self.table.slots[i].live);
                 if live.wake.is_some_and(|w| w <= want) || live.status == Status::Failed {
                     return None;

@@ -21,7 +21,10 @@ pub enum StateError {
     #[error("state database: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("state database: cannot create {path}: {source}")]
-    Create { path: String, source: std::io::Error },
+    Create {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("state database: corrupt record: {0}")]
     Corrupt(String),
     #[error("state database task failed: {0}")]
@@ -105,7 +108,13 @@ pub enum Status {
 
 impl Status {
     /// Every status, in the order metrics list them.
-    pub const ALL: [Status; 5] = [Self::Idle, Self::Rotating, Self::Grace, Self::Retrying, Self::Failed];
+    pub const ALL: [Status; 5] = [
+        Self::Idle,
+        Self::Rotating,
+        Self::Grace,
+        Self::Retrying,
+        Self::Failed,
+    ];
 
     /// The stored and exported name.
     pub fn as_str(self) -> &'static str {
@@ -119,7 +128,10 @@ impl Status {
     }
 
     fn parse(s: &str) -> Result<Self, StateError> {
-        Self::ALL.into_iter().find(|x| x.as_str() == s).ok_or_else(|| StateError::Corrupt(format!("unknown status `{s}`")))
+        Self::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| StateError::Corrupt(format!("unknown status `{s}`")))
     }
 }
 
@@ -140,7 +152,14 @@ pub struct CredentialRecord {
 impl CredentialRecord {
     /// A credential the daemon has never rotated.
     pub fn new(id: &str) -> Self {
-        Self { id: id.to_owned(), status: Status::Idle, issued_at: None, consecutive_failures: 0, next_attempt_at: None, last_error: None }
+        Self {
+            id: id.to_owned(),
+            status: Status::Idle,
+            issued_at: None,
+            consecutive_failures: 0,
+            next_attempt_at: None,
+            last_error: None,
+        }
     }
 }
 
@@ -196,18 +215,42 @@ pub trait StateStore: Send + Sync {
     /// Every open rotation.
     async fn open_rotations(&self) -> Result<Vec<RotationRecord>, StateError>;
     /// The open rotation of a credential, if any.
-    async fn open_rotation(&self, credential_id: &str) -> Result<Option<RotationRecord>, StateError>;
+    async fn open_rotation(
+        &self,
+        credential_id: &str,
+    ) -> Result<Option<RotationRecord>, StateError>;
     /// Records a new rotation, unless the credential already has an open one.
     async fn begin(&self, rotation: &RotationRecord) -> Result<Result<(), Busy>, StateError>;
     /// Takes the lease of an open rotation if it is free, expired, already ours, or held by
     /// `dead_owner` (a process known to be gone). Returns whether we hold it now.
-    async fn claim(&self, rotation_id: &str, owner: &str, lease_until: i64, now: i64, dead_owner: Option<&str>) -> Result<bool, StateError>;
+    async fn claim(
+        &self,
+        rotation_id: &str,
+        owner: &str,
+        lease_until: i64,
+        now: i64,
+        dead_owner: Option<&str>,
+    ) -> Result<bool, StateError>;
     /// Saves a rotation and, in the same transaction, its credential record.
-    async fn save(&self, rotation: &RotationRecord, credential: &CredentialRecord) -> Result<(), StateError>;
+    async fn save(
+        &self,
+        rotation: &RotationRecord,
+        credential: &CredentialRecord,
+    ) -> Result<(), StateError>;
     /// Appends to the step log.
-    async fn log_step(&self, rotation_id: &str, step: &str, event: &str, detail: Option<&str>) -> Result<(), StateError>;
+    async fn log_step(
+        &self,
+        rotation_id: &str,
+        step: &str,
+        event: &str,
+        detail: Option<&str>,
+    ) -> Result<(), StateError>;
     /// Recent rotations, newest first, with their step logs.
-    async fn history(&self, credential_id: Option<&str>, limit: usize) -> Result<Vec<(RotationRecord, Vec<StepRecord>)>, StateError>;
+    async fn history(
+        &self,
+        credential_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(RotationRecord, Vec<StepRecord>)>, StateError>;
 }
 
 /// The embedded SQLite backend.
@@ -259,7 +302,10 @@ impl SqliteState {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StateError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StateError::Create { path: dir.display().to_string(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| StateError::Create {
+                path: dir.display().to_string(),
+                source,
+            })?;
         }
         let conn = Connection::open(path)?;
         // WAL lets `keyrotd status` read while the daemon writes; FULL sync makes every journal
@@ -268,7 +314,9 @@ impl SqliteState {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     /// Opens an existing database without changing it (for `keyrotd check`); `None` if absent.
@@ -278,11 +326,16 @@ impl SqliteState {
         }
         let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        Ok(Some(Self { conn: Arc::new(Mutex::new(conn)) }))
+        Ok(Some(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        }))
     }
 
     /// Runs `f` on the connection off the async worker threads.
-    async fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StateError> + Send + 'static) -> Result<T, StateError> {
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, StateError> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
             // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
@@ -296,30 +349,97 @@ impl SqliteState {
 }
 
 fn attrs_to_json(attrs: &Option<Attrs>) -> Option<String> {
-    attrs.as_ref().map(|a| serde_json::to_string(a).expect("a string map serializes"))
+    attrs
+        .as_ref()
+        .map(|a| serde_json::to_string(a).expect("a string map serializes"))
 }
 
 fn attrs_from_json(text: Option<String>) -> Result<Option<Attrs>, StateError> {
-    text.map(|t| serde_json::from_str(&t).map_err(|e| StateError::Corrupt(format!("attributes: {e}")))).transpose()
+    text.map(|t| {
+        serde_json::from_str(&t).map_err(|e| StateError::Corrupt(format!("attributes: {e}")))
+    })
+    .transpose()
 }
 
-fn credential_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, Option<i64>, u32, Option<i64>, Option<String>)> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?))
+type RawCredential = (
+    String,
+    String,
+    Option<i64>,
+    u32,
+    Option<i64>,
+    Option<String>,
+);
+
+fn credential_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawCredential> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+    ))
 }
 
-fn credential_record(raw: (String, String, Option<i64>, u32, Option<i64>, Option<String>)) -> Result<CredentialRecord, StateError> {
+fn credential_record(raw: RawCredential) -> Result<CredentialRecord, StateError> {
     let (id, status, issued_at, consecutive_failures, next_attempt_at, last_error) = raw;
-    Ok(CredentialRecord { id, status: Status::parse(&status)?, issued_at, consecutive_failures, next_attempt_at, last_error })
+    Ok(CredentialRecord {
+        id,
+        status: Status::parse(&status)?,
+        issued_at,
+        consecutive_failures,
+        next_attempt_at,
+        last_error,
+    })
 }
 
-type RawRotation = (String, String, String, i64, String, Option<String>, Option<String>, Option<i64>, Option<String>, i64, Option<String>, Option<i64>);
+type RawRotation = (
+    String,
+    String,
+    String,
+    i64,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    i64,
+    Option<String>,
+    Option<i64>,
+);
 
 fn rotation_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRotation> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+        r.get(11)?,
+    ))
 }
 
 fn rotation_record(raw: RawRotation) -> Result<RotationRecord, StateError> {
-    let (id, credential_id, trigger, started_at, phase, new_attrs, old_attrs, revoke_at, owner, lease_until, error, finished_at) = raw;
+    let (
+        id,
+        credential_id,
+        trigger,
+        started_at,
+        phase,
+        new_attrs,
+        old_attrs,
+        revoke_at,
+        owner,
+        lease_until,
+        error,
+        finished_at,
+    ) = raw;
     Ok(RotationRecord {
         id,
         credential_id,
@@ -346,9 +466,17 @@ fn upsert_credential(conn: &Connection, c: &CredentialRecord) -> rusqlite::Resul
     Ok(())
 }
 
-fn query_rotations(conn: &Connection, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<RotationRecord>, StateError> {
-    let mut stmt = conn.prepare_cached(&format!("SELECT {ROTATION_COLUMNS} FROM rotations {filter}"))?;
-    let rows = stmt.query_map(args, rotation_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+fn query_rotations(
+    conn: &Connection,
+    filter: &str,
+    args: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<RotationRecord>, StateError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ROTATION_COLUMNS} FROM rotations {filter}"
+    ))?;
+    let rows = stmt
+        .query_map(args, rotation_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(rotation_record).collect()
 }
 
@@ -388,7 +516,9 @@ impl StateStore for SqliteState {
         self.with(move |c| {
             let tx = c.transaction()?;
             {
-                let mut stmt = tx.prepare("INSERT OR IGNORE INTO credentials (id, status) VALUES (?1, 'idle')")?;
+                let mut stmt = tx.prepare(
+                    "INSERT OR IGNORE INTO credentials (id, status) VALUES (?1, 'idle')",
+                )?;
                 for id in &ids {
                     stmt.execute([id])?;
                 }
@@ -400,12 +530,24 @@ impl StateStore for SqliteState {
     }
 
     async fn open_rotations(&self) -> Result<Vec<RotationRecord>, StateError> {
-        self.with(|c| query_rotations(c, "WHERE finished_at IS NULL", &[])).await
+        self.with(|c| query_rotations(c, "WHERE finished_at IS NULL", &[]))
+            .await
     }
 
-    async fn open_rotation(&self, credential_id: &str) -> Result<Option<RotationRecord>, StateError> {
+    async fn open_rotation(
+        &self,
+        credential_id: &str,
+    ) -> Result<Option<RotationRecord>, StateError> {
         let id = credential_id.to_owned();
-        self.with(move |c| Ok(query_rotations(c, "WHERE finished_at IS NULL AND credential_id = ?1", &[&id])?.pop())).await
+        self.with(move |c| {
+            Ok(query_rotations(
+                c,
+                "WHERE finished_at IS NULL AND credential_id = ?1",
+                &[&id],
+            )?
+            .pop())
+        })
+        .await
     }
 
     async fn begin(&self, rotation: &RotationRecord) -> Result<Result<(), Busy>, StateError> {
@@ -432,8 +574,19 @@ impl StateStore for SqliteState {
         .await
     }
 
-    async fn claim(&self, rotation_id: &str, owner: &str, lease_until: i64, now: i64, dead_owner: Option<&str>) -> Result<bool, StateError> {
-        let (id, owner, dead) = (rotation_id.to_owned(), owner.to_owned(), dead_owner.map(str::to_owned));
+    async fn claim(
+        &self,
+        rotation_id: &str,
+        owner: &str,
+        lease_until: i64,
+        now: i64,
+        dead_owner: Option<&str>,
+    ) -> Result<bool, StateError> {
+        let (id, owner, dead) = (
+            rotation_id.to_owned(),
+            owner.to_owned(),
+            dead_owner.map(str::to_owned),
+        );
         self.with(move |c| {
             let n = c.execute(
                 "UPDATE rotations SET owner = ?2, lease_until = ?3
@@ -446,7 +599,11 @@ impl StateStore for SqliteState {
         .await
     }
 
-    async fn save(&self, r: &RotationRecord, credential: &CredentialRecord) -> Result<(), StateError> {
+    async fn save(
+        &self,
+        r: &RotationRecord,
+        credential: &CredentialRecord,
+    ) -> Result<(), StateError> {
         let (r, credential) = (r.clone(), credential.clone());
         self.with(move |c| {
             let tx = c.transaction()?;
@@ -465,8 +622,19 @@ impl StateStore for SqliteState {
         .await
     }
 
-    async fn log_step(&self, rotation_id: &str, step: &str, event: &str, detail: Option<&str>) -> Result<(), StateError> {
-        let (id, step, event, detail) = (rotation_id.to_owned(), step.to_owned(), event.to_owned(), detail.map(str::to_owned));
+    async fn log_step(
+        &self,
+        rotation_id: &str,
+        step: &str,
+        event: &str,
+        detail: Option<&str>,
+    ) -> Result<(), StateError> {
+        let (id, step, event, detail) = (
+            rotation_id.to_owned(),
+            step.to_owned(),
+            event.to_owned(),
+            detail.map(str::to_owned),
+        );
         let at_ms = chrono::Utc::now().timestamp_millis();
         self.with(move |c| {
             c.execute("INSERT INTO steps (rotation_id, at_ms, step, event, detail) VALUES (?1, ?2, ?3, ?4, ?5)", params![id, at_ms, step, event, detail])?;
@@ -475,20 +643,39 @@ impl StateStore for SqliteState {
         .await
     }
 
-    async fn history(&self, credential_id: Option<&str>, limit: usize) -> Result<Vec<(RotationRecord, Vec<StepRecord>)>, StateError> {
+    async fn history(
+        &self,
+        credential_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(RotationRecord, Vec<StepRecord>)>, StateError> {
         let id = credential_id.map(str::to_owned);
         self.with(move |c| {
             let limit = limit as i64;
             let rotations = match &id {
-                Some(id) => query_rotations(c, "WHERE credential_id = ?1 ORDER BY started_at DESC, id DESC LIMIT ?2", &[id, &limit])?,
-                None => query_rotations(c, "ORDER BY started_at DESC, id DESC LIMIT ?1", &[&limit])?,
+                Some(id) => query_rotations(
+                    c,
+                    "WHERE credential_id = ?1 ORDER BY started_at DESC, id DESC LIMIT ?2",
+                    &[id, &limit],
+                )?,
+                None => {
+                    query_rotations(c, "ORDER BY started_at DESC, id DESC LIMIT ?1", &[&limit])?
+                }
             };
-            let mut stmt = c.prepare_cached("SELECT at_ms, step, event, detail FROM steps WHERE rotation_id = ?1 ORDER BY seq")?;
+            let mut stmt = c.prepare_cached(
+                "SELECT at_ms, step, event, detail FROM steps WHERE rotation_id = ?1 ORDER BY seq",
+            )?;
             rotations
                 .into_iter()
                 .map(|r| {
                     let steps = stmt
-                        .query_map([&r.id], |row| Ok(StepRecord { at_ms: row.get(0)?, step: row.get(1)?, event: row.get(2)?, detail: row.get(3)? }))?
+                        .query_map([&r.id], |row| {
+                            Ok(StepRecord {
+                                at_ms: row.get(0)?,
+                                step: row.get(1)?,
+                                event: row.get(2)?,
+                                detail: row.get(3)?,
+                            })
+                        })?
                         .collect::<rusqlite::Result<Vec<_>>>()?;
                     Ok((r, steps))
                 })
@@ -542,8 +729,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteState::open(&dir.path().join("s.db")).unwrap();
         s.begin(&rotation("r1", "db")).await.unwrap().unwrap();
-        assert!(!s.claim("r1", "you", 200, 50, None).await.unwrap(), "lease held by a live owner until 100");
-        assert!(s.claim("r1", "you", 200, 50, Some("me")).await.unwrap(), "the owner is known dead");
-        assert!(s.claim("r1", "me", 300, 201, None).await.unwrap(), "expired");
+        assert!(
+            !s.claim("r1", "you", 200, 50, None).await.unwrap(),
+            "lease held by a live owner until 100"
+        );
+        assert!(
+            s.claim("r1", "you", 200, 50, Some("me")).await.unwrap(),
+            "the owner is known dead"
+        );
+        assert!(
+            s.claim("r1", "me", 300, 201, None).await.unwrap(),
+            "expired"
+        );
     }
 }

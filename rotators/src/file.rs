@@ -11,7 +11,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -53,7 +53,10 @@ impl FileConfig {
     /// Checks the configuration; the error names the offending field.
     pub fn validate(&self) -> Result<u32, String> {
         if !self.path.is_absolute() {
-            return Err(format!("path: must be absolute, got `{}`", self.path.display()));
+            return Err(format!(
+                "path: must be absolute, got `{}`",
+                self.path.display()
+            ));
         }
         if self.path.file_name().is_none() {
             return Err("path: must name a file".into());
@@ -61,9 +64,17 @@ impl FileConfig {
         let mode = u32::from_str_radix(&self.mode, 8)
             .ok()
             .filter(|m| *m <= 0o777)
-            .ok_or_else(|| format!("mode: `{}` is not an octal permission like \"0600\"", self.mode))?;
+            .ok_or_else(|| {
+                format!(
+                    "mode: `{}` is not an octal permission like \"0600\"",
+                    self.mode
+                )
+            })?;
         if mode & 0o600 != 0o600 {
-            return Err(format!("mode: {} must let the owner read and write", self.mode));
+            return Err(format!(
+                "mode: {} must let the owner read and write",
+                self.mode
+            ));
         }
         Ok(mode)
     }
@@ -89,7 +100,11 @@ impl FileStore {
     /// Builds the store from a configuration that passed [`FileConfig::validate`].
     pub fn new(config: FileConfig) -> Result<Self, String> {
         let mode = config.validate()?;
-        Ok(Self { path: config.path, mode, format: config.format })
+        Ok(Self {
+            path: config.path,
+            mode,
+            format: config.format,
+        })
     }
 
     fn sibling(&self, suffix: &str) -> PathBuf {
@@ -113,8 +128,9 @@ impl FileStore {
     fn read_meta(&self) -> Result<Meta, ProviderError> {
         let path = self.meta_path();
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| ProviderError::permanent(format!("{} is corrupt: {e}", path.display()))),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                ProviderError::permanent(format!("{} is corrupt: {e}", path.display()))
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Meta::default()),
             Err(e) => Err(ProviderError::io(format!("reading {}", path.display()), &e)),
         }
@@ -131,7 +147,9 @@ impl FileStore {
         let mut tmp = dest.as_os_str().to_os_string();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
-        let io = |what: &str, e: std::io::Error| ProviderError::io(format!("{what} {}", tmp.display()), &e);
+        let io = |what: &str, e: std::io::Error| {
+            ProviderError::io(format!("{what} {}", tmp.display()), &e)
+        };
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -156,34 +174,52 @@ impl FileStore {
         match self.format {
             Format::Raw => credential.secret.expose_secret().as_bytes().to_vec(),
             Format::Json => {
-                let mut object: serde_json::Map<String, serde_json::Value> =
-                    credential.attrs.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
-                object.insert(secret_field.to_owned(), credential.secret.expose_secret().into());
+                let mut object: serde_json::Map<String, serde_json::Value> = credential
+                    .attrs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone().into()))
+                    .collect();
+                object.insert(
+                    secret_field.to_owned(),
+                    credential.secret.expose_secret().into(),
+                );
                 serde_json::to_vec(&object).expect("a map of strings serializes")
             }
         }
     }
 
-    fn decode(&self, path: &Path, secret_field: &str, bytes: Vec<u8>) -> Result<Credential, ProviderError> {
+    fn decode(
+        &self,
+        path: &Path,
+        secret_field: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Credential, ProviderError> {
         let bad = |what: &str| ProviderError::permanent(format!("{} {what}", path.display()));
         let text = String::from_utf8(bytes).map_err(|_| bad("is not UTF-8"))?;
         match self.format {
-            Format::Raw => Ok(Credential { secret: SecretString::from(text), attrs: Attrs::new() }),
+            Format::Raw => Ok(Credential {
+                secret: SecretString::from(text),
+                attrs: Attrs::new(),
+            }),
             Format::Json => {
                 // serde_json's errors quote no input, so they are safe to report.
-                let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-                    .map_err(|e| bad(&format!("is not a JSON object ({})", format!("{:?}", e.classify()))))?;
+                let object: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_str(&text)
+                        .map_err(|e| bad(&format!("is not a JSON object ({:?})", e.classify())))?;
                 let mut attrs = Attrs::new();
                 let mut secret = None;
                 for (key, value) in object {
-                    let serde_json::Value::String(value) = value else { continue };
+                    let serde_json::Value::String(value) = value else {
+                        continue;
+                    };
                     if key == secret_field {
                         secret = Some(SecretString::from(value));
                     } else {
                         attrs.insert(key, value);
                     }
                 }
-                let secret = secret.ok_or_else(|| bad(&format!("has no string field `{secret_field}`")))?;
+                let secret =
+                    secret.ok_or_else(|| bad(&format!("has no string field `{secret_field}`")))?;
                 Ok(Credential { secret, attrs })
             }
         }
@@ -197,10 +233,25 @@ impl FileStore {
         }
     }
 
-    fn stage_sync(&self, rotation_id: &str, secret_field: &str, new: &Credential) -> Result<(), ProviderError> {
+    fn stage_sync(
+        &self,
+        rotation_id: &str,
+        secret_field: &str,
+        new: &Credential,
+    ) -> Result<(), ProviderError> {
         let pending = self.pending_path(rotation_id);
         if pending.exists() {
             return Ok(());
+        }
+        if let Some(dir) = self.path.parent().filter(|d| !d.exists()) {
+            // Only the owner may list a directory that holds secrets.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    ProviderError::io(format!("creating directory {}", dir.display()), &e)
+                })?;
         }
         self.write_atomically(&pending, &self.encode(secret_field, new))
     }
@@ -213,27 +264,44 @@ impl FileStore {
         let pending = self.pending_path(rotation_id);
         if !pending.exists() {
             if meta.promoting.as_deref() != Some(rotation_id) {
-                return Err(ProviderError::permanent(format!("nothing is staged at {}", pending.display())));
+                return Err(ProviderError::permanent(format!(
+                    "nothing is staged at {}",
+                    pending.display()
+                )));
             }
             // A crash hit between the rename and the bookkeeping below: the rename happened.
         } else {
             match fs::read(&self.path) {
                 Ok(old) => self.write_atomically(&self.previous_path(), &old)?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(ProviderError::io(format!("reading {}", self.path.display()), &e)),
+                Err(e) => {
+                    return Err(ProviderError::io(
+                        format!("reading {}", self.path.display()),
+                        &e,
+                    ))
+                }
             }
             meta.promoting = Some(rotation_id.to_owned());
             self.write_meta(&meta)?;
-            fs::rename(&pending, &self.path)
-                .map_err(|e| ProviderError::io(format!("renaming {} into place", pending.display()), &e))?;
+            fs::rename(&pending, &self.path).map_err(|e| {
+                ProviderError::io(format!("renaming {} into place", pending.display()), &e)
+            })?;
             self.sync_dir()?;
         }
         let previous = meta.current.take();
-        self.write_meta(&Meta { current: Some(rotation_id.to_owned()), previous, promoting: None })
+        self.write_meta(&Meta {
+            current: Some(rotation_id.to_owned()),
+            previous,
+            promoting: None,
+        })
     }
 
     fn discard_sync(&self, rotation_id: &str) -> Result<(), ProviderError> {
-        remove_if_present(&self.pending_path(rotation_id))?;
+        let pending = self.pending_path(rotation_id);
+        if !pending.exists() {
+            return Ok(());
+        }
+        remove_if_present(&pending)?;
         self.sync_dir()
     }
 
@@ -255,7 +323,10 @@ fn remove_if_present(path: &Path) -> Result<(), ProviderError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ProviderError::io(format!("removing {}", path.display()), &e)),
+        Err(e) => Err(ProviderError::io(
+            format!("removing {}", path.display()),
+            &e,
+        )),
     }
 }
 
@@ -284,12 +355,21 @@ impl Store for FileStore {
     }
 
     async fn stage(&self, ctx: StepContext<'_>, new: &Credential) -> Result<(), ProviderError> {
-        let (this, id, field, new) = (self.clone(), ctx.rotation_id.to_owned(), ctx.secret_field.to_owned(), new.clone());
+        let (this, id, field, new) = (
+            self.clone(),
+            ctx.rotation_id.to_owned(),
+            ctx.secret_field.to_owned(),
+            new.clone(),
+        );
         blocking(move || this.stage_sync(&id, &field, &new)).await
     }
 
     async fn pending(&self, ctx: StepContext<'_>) -> Result<Option<Credential>, ProviderError> {
-        let (this, id, field) = (self.clone(), ctx.rotation_id.to_owned(), ctx.secret_field.to_owned());
+        let (this, id, field) = (
+            self.clone(),
+            ctx.rotation_id.to_owned(),
+            ctx.secret_field.to_owned(),
+        );
         blocking(move || this.read(&this.pending_path(&id), &field)).await
     }
 
@@ -316,15 +396,28 @@ mod tests {
     use super::*;
 
     fn store(dir: &Path, format: Format) -> FileStore {
-        FileStore::new(FileConfig { path: dir.join("db.pass"), mode: "0600".into(), format }).unwrap()
+        FileStore::new(FileConfig {
+            path: dir.join("db.pass"),
+            mode: "0600".into(),
+            format,
+        })
+        .unwrap()
     }
 
     fn ctx(rotation_id: &str) -> StepContext<'_> {
-        StepContext { credential_id: "db", rotation_id, secret_field: "password", started_at: std::time::SystemTime::now() }
+        StepContext {
+            credential_id: "db",
+            rotation_id,
+            secret_field: "password",
+            started_at: std::time::SystemTime::now(),
+        }
     }
 
     fn cred(secret: &str) -> Credential {
-        Credential { secret: SecretString::from(secret.to_owned()), attrs: Attrs::from([("user".into(), "app".into())]) }
+        Credential {
+            secret: SecretString::from(secret.to_owned()),
+            attrs: Attrs::from([("user".into(), "app".into())]),
+        }
     }
 
     #[tokio::test]
@@ -335,18 +428,43 @@ mod tests {
         assert!(s.current(ctx("r1")).await.unwrap().is_none());
         s.promote(ctx("r1")).await.unwrap();
         s.promote(ctx("r1")).await.unwrap();
-        assert_eq!(fs::read_to_string(dir.path().join("db.pass")).unwrap(), "one");
-        let mode = fs::metadata(dir.path().join("db.pass")).unwrap().permissions().mode();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("db.pass")).unwrap(),
+            "one"
+        );
+        let mode = fs::metadata(dir.path().join("db.pass"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
 
         s.stage(ctx("r2"), &cred("two")).await.unwrap();
-        s.stage(ctx("r2"), &cred("ignored: already staged")).await.unwrap();
-        assert_eq!(s.pending(ctx("r2")).await.unwrap().unwrap().secret.expose_secret(), "two");
+        s.stage(ctx("r2"), &cred("ignored: already staged"))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.pending(ctx("r2"))
+                .await
+                .unwrap()
+                .unwrap()
+                .secret
+                .expose_secret(),
+            "two"
+        );
         s.promote(ctx("r2")).await.unwrap();
-        assert_eq!(fs::read_to_string(dir.path().join("db.pass")).unwrap(), "two");
-        assert_eq!(fs::read_to_string(dir.path().join("db.pass.previous")).unwrap(), "one");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("db.pass")).unwrap(),
+            "two"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join("db.pass.previous")).unwrap(),
+            "one"
+        );
         s.release_previous(ctx("r1")).await.unwrap();
-        assert!(dir.path().join("db.pass.previous").exists(), "an older rotation must not drop a newer previous");
+        assert!(
+            dir.path().join("db.pass.previous").exists(),
+            "an older rotation must not drop a newer previous"
+        );
         s.release_previous(ctx("r2")).await.unwrap();
         assert!(!dir.path().join("db.pass.previous").exists());
     }
@@ -357,11 +475,19 @@ mod tests {
         let s = store(dir.path(), Format::Raw);
         s.stage(ctx("r1"), &cred("one")).await.unwrap();
         // Simulate the crash: bookkeeping says "promoting", the rename happened.
-        s.write_meta(&Meta { current: None, previous: None, promoting: Some("r1".into()) }).unwrap();
+        s.write_meta(&Meta {
+            current: None,
+            previous: None,
+            promoting: Some("r1".into()),
+        })
+        .unwrap();
         fs::rename(s.pending_path("r1"), &s.path).unwrap();
         s.promote(ctx("r1")).await.unwrap();
         assert_eq!(s.read_meta().unwrap().current.as_deref(), Some("r1"));
-        assert!(s.promote(ctx("other")).await.is_err(), "promoting an unstaged rotation fails");
+        assert!(
+            s.promote(ctx("other")).await.is_err(),
+            "promoting an unstaged rotation fails"
+        );
     }
 
     #[tokio::test]

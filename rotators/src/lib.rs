@@ -96,12 +96,20 @@ pub struct ProviderError {
 impl ProviderError {
     /// A transient failure that a later retry may fix.
     pub fn transient(message: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Transient, code: None, message: message.into() }
+        Self {
+            class: ErrorClass::Transient,
+            code: None,
+            message: message.into(),
+        }
     }
 
     /// A permanent failure that needs an operator.
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Permanent, code: None, message: message.into() }
+        Self {
+            class: ErrorClass::Permanent,
+            code: None,
+            message: message.into(),
+        }
     }
 
     /// Attaches the provider's error code.
@@ -119,7 +127,11 @@ impl ProviderError {
             }
             _ => ErrorClass::Transient,
         };
-        Self { class, code: err.raw_os_error().map(|c| c.to_string()), message: format!("{what}: {}", err.kind()) }
+        Self {
+            class,
+            code: err.raw_os_error().map(|c| c.to_string()),
+            message: format!("{what}: {}", err.kind()),
+        }
     }
 }
 
@@ -137,11 +149,20 @@ pub trait Rotator: Send + Sync {
     /// The engine stages the result before anything else happens. If a crash loses the result,
     /// the engine calls [`Rotator::abandon`] before issuing again, so a provider that creates
     /// something (an IAM key) finds and removes what an earlier attempt left behind there.
-    async fn issue(&self, ctx: StepContext<'_>, current: Option<&Credential>) -> Result<Credential, ProviderError>;
+    async fn issue(
+        &self,
+        ctx: StepContext<'_>,
+        current: Option<&Credential>,
+    ) -> Result<Credential, ProviderError>;
 
     /// Makes the provider accept the staged credential (AWS's `setSecret`): for a database, the
     /// `ALTER ROLE`. Most rotators issue credentials that are live at once and keep the default.
-    async fn activate(&self, _ctx: StepContext<'_>, _new: &Credential, _current: Option<&Credential>) -> Result<(), ProviderError> {
+    async fn activate(
+        &self,
+        _ctx: StepContext<'_>,
+        _new: &Credential,
+        _current: Option<&Credential>,
+    ) -> Result<(), ProviderError> {
         Ok(())
     }
 
@@ -152,7 +173,12 @@ pub trait Rotator: Send + Sync {
     /// that `current` is again the only working credential. `issued` is `None` when a crash lost
     /// the issued credential's attributes; the rotator then cleans up whatever it finds that is not
     /// `current`.
-    async fn abandon(&self, ctx: StepContext<'_>, issued: Option<&Attrs>, current: Option<&Credential>) -> Result<(), ProviderError>;
+    async fn abandon(
+        &self,
+        ctx: StepContext<'_>,
+        issued: Option<&Attrs>,
+        current: Option<&Credential>,
+    ) -> Result<(), ProviderError>;
 
     /// Revokes an old credential once the grace period has passed.
     async fn revoke(&self, ctx: StepContext<'_>, old: &Attrs) -> Result<(), ProviderError>;

@@ -57,7 +57,9 @@ impl Alphabet {
             Self::Alphanumeric => ALNUM,
             Self::Hex => b"0123456789abcdef",
             Self::Base64url => b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
-            Self::Symbols => b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~+=",
+            Self::Symbols => {
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~+="
+            }
         }
     }
 }
@@ -66,7 +68,10 @@ impl RandomConfig {
     /// Checks the policy; the error names the offending field.
     pub fn validate(&self) -> Result<(), String> {
         if !(16..=4096).contains(&self.length) {
-            return Err(format!("length: must be between 16 and 4096, got {}", self.length));
+            return Err(format!(
+                "length: must be between 16 and 4096, got {}",
+                self.length
+            ));
         }
         if self.field.is_empty() {
             return Err("field: must not be empty".into());
@@ -79,7 +84,9 @@ impl RandomConfig {
 pub fn generate(length: usize, alphabet: Alphabet) -> SecretString {
     let chars = alphabet.chars();
     let mut rng = OsRng.unwrap_err();
-    let value: String = (0..length).map(|_| chars[rng.random_range(0..chars.len())] as char).collect();
+    let value: String = (0..length)
+        .map(|_| chars[rng.random_range(0..chars.len())] as char)
+        .collect();
     SecretString::from(value)
 }
 
@@ -106,7 +113,11 @@ impl Rotator for RandomRotator {
         &self.config.field
     }
 
-    async fn issue(&self, _ctx: StepContext<'_>, _current: Option<&Credential>) -> Result<Credential, ProviderError> {
+    async fn issue(
+        &self,
+        _ctx: StepContext<'_>,
+        _current: Option<&Credential>,
+    ) -> Result<Credential, ProviderError> {
         Ok(Credential {
             secret: generate(self.config.length, self.config.alphabet),
             attrs: Attrs::new(),
@@ -117,12 +128,19 @@ impl Rotator for RandomRotator {
         let value = new.secret.expose_secret();
         let allowed = self.config.alphabet.chars();
         if value.len() != self.config.length || !value.bytes().all(|b| allowed.contains(&b)) {
-            return Err(ProviderError::permanent("value does not match the configured length and alphabet"));
+            return Err(ProviderError::permanent(
+                "value does not match the configured length and alphabet",
+            ));
         }
         Ok(())
     }
 
-    async fn abandon(&self, _: StepContext<'_>, _: Option<&Attrs>, _: Option<&Credential>) -> Result<(), ProviderError> {
+    async fn abandon(
+        &self,
+        _: StepContext<'_>,
+        _: Option<&Attrs>,
+        _: Option<&Credential>,
+    ) -> Result<(), ProviderError> {
         Ok(())
     }
 
@@ -137,17 +155,32 @@ mod tests {
 
     #[test]
     fn generates_the_configured_length_and_alphabet() {
-        for alphabet in [Alphabet::Alphanumeric, Alphabet::Hex, Alphabet::Base64url, Alphabet::Symbols] {
+        for alphabet in [
+            Alphabet::Alphanumeric,
+            Alphabet::Hex,
+            Alphabet::Base64url,
+            Alphabet::Symbols,
+        ] {
             let v = generate(64, alphabet);
             assert_eq!(v.expose_secret().len(), 64);
-            assert!(v.expose_secret().bytes().all(|b| alphabet.chars().contains(&b)));
+            assert!(v
+                .expose_secret()
+                .bytes()
+                .all(|b| alphabet.chars().contains(&b)));
         }
-        assert_ne!(generate(32, Alphabet::Hex).expose_secret(), generate(32, Alphabet::Hex).expose_secret());
+        assert_ne!(
+            generate(32, Alphabet::Hex).expose_secret(),
+            generate(32, Alphabet::Hex).expose_secret()
+        );
     }
 
     #[test]
     fn refuses_weak_lengths() {
-        let c = RandomConfig { length: 8, alphabet: Alphabet::Hex, field: "password".into() };
+        let c = RandomConfig {
+            length: 8,
+            alphabet: Alphabet::Hex,
+            field: "password".into(),
+        };
         assert!(c.validate().unwrap_err().starts_with("length:"));
     }
 }

@@ -36,7 +36,9 @@ pub enum RefError {
     EnvMissing(String),
     #[error("cannot read `{path}`: {kind}")]
     FileUnreadable { path: String, kind: String },
-    #[error("`credential:{0}` needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=), which is not set")]
+    #[error(
+        "`credential:{0}` needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=), which is not set"
+    )]
     NoCredentialsDirectory(String),
     #[error("secret referenced by `{0}` is empty")]
     EmptyValue(String),
@@ -46,7 +48,9 @@ impl FromStr for SecretRef {
     type Err = RefError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let Some((scheme, rest)) = s.split_once(':') else { return Err(RefError::Literal) };
+        let Some((scheme, rest)) = s.split_once(':') else {
+            return Err(RefError::Literal);
+        };
         // A scheme is a short lowercase word; anything else (a password containing a colon,
         // a URL with credentials) is a literal.
         if scheme.is_empty() || !scheme.chars().all(|c| c.is_ascii_lowercase() || c == '-') {
@@ -87,7 +91,9 @@ impl SecretRef {
     /// Reads the referenced secret.
     pub fn resolve(&self) -> Result<SecretString, RefError> {
         let value = match self {
-            Self::Env(name) => std::env::var(name).map_err(|_| RefError::EnvMissing(name.clone()))?,
+            Self::Env(name) => {
+                std::env::var(name).map_err(|_| RefError::EnvMissing(name.clone()))?
+            }
             Self::File(path) => read_file(path)?,
             Self::SystemdCredential(name) => {
                 let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
@@ -104,8 +110,10 @@ impl SecretRef {
 }
 
 fn read_file(path: &std::path::Path) -> Result<String, RefError> {
-    std::fs::read_to_string(path)
-        .map_err(|e| RefError::FileUnreadable { path: path.display().to_string(), kind: e.kind().to_string() })
+    std::fs::read_to_string(path).map_err(|e| RefError::FileUnreadable {
+        path: path.display().to_string(),
+        kind: e.kind().to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -118,16 +126,28 @@ mod tests {
     fn parses_each_scheme() {
         assert_eq!("env:DB_PASS".parse(), Ok(SecretRef::Env("DB_PASS".into())));
         assert_eq!("file:/run/s".parse(), Ok(SecretRef::File("/run/s".into())));
-        assert_eq!("credential:db".parse(), Ok(SecretRef::SystemdCredential("db".into())));
+        assert_eq!(
+            "credential:db".parse(),
+            Ok(SecretRef::SystemdCredential("db".into()))
+        );
     }
 
     #[test]
     fn refuses_literals_and_unknown_schemes() {
         assert_eq!("hunter2".parse::<SecretRef>(), Err(RefError::Literal));
         assert_eq!("P@ss:word".parse::<SecretRef>(), Err(RefError::Literal));
-        assert_eq!("postgres://u:p@h/db".parse::<SecretRef>(), Err(RefError::UnknownScheme("postgres".into())));
-        assert_eq!("file:relative".parse::<SecretRef>(), Err(RefError::RelativePath("relative".into())));
-        assert_eq!("env:".parse::<SecretRef>(), Err(RefError::Empty("env:".into())));
+        assert_eq!(
+            "postgres://u:p@h/db".parse::<SecretRef>(),
+            Err(RefError::UnknownScheme("postgres".into()))
+        );
+        assert_eq!(
+            "file:relative".parse::<SecretRef>(),
+            Err(RefError::RelativePath("relative".into()))
+        );
+        assert_eq!(
+            "env:".parse::<SecretRef>(),
+            Err(RefError::Empty("env:".into()))
+        );
     }
 
     #[test]
@@ -138,6 +158,9 @@ mod tests {
         let r = SecretRef::File(path);
         assert_eq!(r.resolve().unwrap().expose_secret(), "s3cret");
         let missing = SecretRef::File(dir.path().join("nope"));
-        assert!(matches!(missing.resolve(), Err(RefError::FileUnreadable { .. })));
+        assert!(matches!(
+            missing.resolve(),
+            Err(RefError::FileUnreadable { .. })
+        ));
     }
 }
