@@ -172,7 +172,7 @@ impl FileStore {
             Format::Json => {
                 // serde_json's errors quote no input, so they are safe to report.
                 let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-                    .map_err(|e| bad(&format!("is not a JSON object ({})", format!("{:?}", e.classify()))))?;
+                    .map_err(|e| bad(&format!("is not a JSON object ({:?})", e.classify())))?;
                 let mut attrs = Attrs::new();
                 let mut secret = None;
                 for (key, value) in object {
