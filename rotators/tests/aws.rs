@@ -419,6 +419,13 @@ async fn secrets_manager_whole_string_labels_discard_and_rotation_in_progress() 
     );
     assert!(store.pending(ctx(&r2, started)).await.unwrap().is_none());
 
+    // A rotation id AWS cannot take as a version id is refused before anything is written.
+    let err = store
+        .stage(ctx("short", started), &cred("v9"))
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("32 to 64 characters"), "{err}");
+
     // Another rotation must not clobber r1's pending version.
     let err = store
         .stage(ctx(&r2, started), &cred("v2"))

@@ -408,4 +408,28 @@ mod tests {
         c.verify_timeout = "2m".into();
         assert_eq!(c.validate(), Ok(Duration::from_secs(120)));
     }
+
+    #[test]
+    fn registered_as_a_rotator_kind_refusing_unknown_fields() {
+        let value = serde_json::json!({"kind": "aws_iam_access_key", "user_name": "ci-deployer"});
+        let config: crate::RotatorConfig = serde_json::from_value(value).unwrap();
+        assert_eq!(config.kind(), "aws_iam_access_key");
+        let rotator = config.build().unwrap();
+        assert_eq!(rotator.secret_field(), "SecretAccessKey");
+        let crate::RotatorConfig::AwsIamAccessKey(c) = config else {
+            panic!("wrong variant")
+        };
+        assert!(
+            c.delete_after_deactivate,
+            "deleting after deactivation is the default"
+        );
+        let typo = serde_json::json!({"kind": "aws_iam_access_key", "user_name": "x", "user": "y"});
+        assert!(serde_json::from_value::<crate::RotatorConfig>(typo).is_err());
+        let bad = serde_json::json!({"kind": "aws_iam_access_key", "user_name": "x", "verify_timeout": "1 fortnight"});
+        let config: crate::RotatorConfig = serde_json::from_value(bad).unwrap();
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .starts_with("verify_timeout:"));
+    }
 }

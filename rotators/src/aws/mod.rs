@@ -199,7 +199,91 @@ pub(crate) fn validate_region(region: Option<&str>) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use aws_sdk_iam::error::{ConnectorError, ErrorMetadata};
+    use aws_sdk_iam::operation::create_access_key::CreateAccessKeyError;
+    use aws_smithy_types::body::SdkBody;
+
     use super::*;
+
+    fn service_error(
+        status: u16,
+        code: Option<&str>,
+        body: &str,
+    ) -> SdkError<CreateAccessKeyError, HttpResponse> {
+        let mut meta = ErrorMetadata::builder().message("the service said no");
+        if let Some(code) = code {
+            meta = meta.code(code);
+        }
+        let raw = HttpResponse::new(status.try_into().unwrap(), SdkBody::from(body));
+        SdkError::service_error(CreateAccessKeyError::generic(meta.build()), raw)
+    }
+
+    fn classify(err: SdkError<CreateAccessKeyError, HttpResponse>) -> (ErrorClass, Option<String>) {
+        let e = aws_error("IAM CreateAccessKey", "IAM user `app`", err);
+        assert!(
+            e.message
+                .starts_with("IAM CreateAccessKey on IAM user `app` failed: "),
+            "{e}"
+        );
+        (e.class, e.code)
+    }
+
+    #[test]
+    fn classifies_sdk_errors() {
+        use ErrorClass::*;
+        let some = |c: &str| Some(c.to_owned());
+        for code in [
+            "Throttling",
+            "ThrottlingException",
+            "ServiceUnavailable",
+            "InternalFailure",
+        ] {
+            assert_eq!(
+                classify(service_error(400, Some(code), "")),
+                (Transient, some(code))
+            );
+        }
+        for code in [
+            "AccessDenied",
+            "AccessDeniedException",
+            "NoSuchEntity",
+            "ResourceNotFoundException",
+            "LimitExceeded",
+            "InvalidClientTokenId",
+        ] {
+            assert_eq!(
+                classify(service_error(403, Some(code), "")),
+                (Permanent, some(code))
+            );
+        }
+        assert_eq!(classify(service_error(503, None, "")), (Transient, None));
+        assert_eq!(classify(service_error(429, None, "")), (Transient, None));
+        assert_eq!(classify(SdkError::timeout_error("slow")), (Transient, None));
+        let refused =
+            ConnectorError::io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into());
+        assert_eq!(
+            classify(SdkError::dispatch_failure(refused)),
+            (Transient, None)
+        );
+    }
+
+    #[test]
+    fn recovers_the_code_from_a_wrapped_query_error() {
+        let body =
+            "<ErrorResponse><Errors><Error><Code>InvalidClientTokenId</Code><Message>bad</Message>\
+                    </Error></Errors></ErrorResponse>";
+        let err = service_error(403, None, body);
+        assert!(has_code(&err, "InvalidClientTokenId"));
+        assert_eq!(
+            classify(err),
+            (
+                ErrorClass::Permanent,
+                Some("InvalidClientTokenId".to_owned())
+            )
+        );
+        let junk = service_error(403, None, "<Code>not a code, with spaces</Code>");
+        assert_eq!(classify(junk).1, None);
+    }
 
     #[test]
     fn endpoint_urls() {

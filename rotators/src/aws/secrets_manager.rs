@@ -300,6 +300,12 @@ impl Store for SecretsManagerStore {
         let client = self.client().await;
         let versions = self.versions(&client).await?;
         let ours = ctx.rotation_id;
+        if !(32..=64).contains(&ours.len()) {
+            // AWS's ClientRequestToken limits; the engine's UUIDs fit.
+            return Err(ProviderError::permanent(format!(
+                "rotation id `{ours}` cannot be a Secrets Manager version id: it needs 32 to 64 characters"
+            )));
+        }
         let other = versions.iter().find(|(v, labels)| {
             *v != ours
                 && labels.iter().any(|l| l == PENDING)
@@ -426,5 +432,25 @@ mod tests {
         c.field = None;
         c.endpoint_url = Some("localhost:4566".into());
         assert!(c.validate().unwrap_err().starts_with("endpoint_url:"));
+    }
+
+    #[test]
+    fn registered_as_a_store_kind_refusing_unknown_fields() {
+        let value = serde_json::json!({
+            "kind": "aws_secrets_manager", "secret_id": "prod/db", "field": "password",
+            "region": "eu-west-1", "endpoint_url": "http://127.0.0.1:4566"
+        });
+        let config: crate::StoreConfig = serde_json::from_value(value).unwrap();
+        assert_eq!(config.kind(), "aws_secrets_manager");
+        config.validate().unwrap();
+        assert_eq!(
+            config.build().unwrap().location(),
+            "aws-sm:prod/db#password"
+        );
+        let typo = serde_json::json!({"kind": "aws_secrets_manager", "secret_id": "x", "feild": "password"});
+        assert!(serde_json::from_value::<crate::StoreConfig>(typo).is_err());
+        let bad_arn = serde_json::json!({"kind": "aws_secrets_manager", "secret_id": "arn:aws:secretsmanager:x"});
+        let config: crate::StoreConfig = serde_json::from_value(bad_arn).unwrap();
+        assert!(config.validate().unwrap_err().starts_with("secret_id:"));
     }
 }
