@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::aws::iam::{IamAccessKeyConfig, IamAccessKeyRotator};
+use crate::aws::secrets_manager::{SecretsManagerConfig, SecretsManagerStore};
 use crate::file::{FileConfig, FileStore};
 use crate::random::{RandomConfig, RandomRotator};
 use crate::{Rotator, Store};
@@ -18,6 +20,8 @@ use crate::{Rotator, Store};
 pub enum RotatorConfig {
     /// A generated password or token.
     Random(RandomConfig),
+    /// An IAM user's access keys (dual-phase).
+    AwsIamAccessKey(IamAccessKeyConfig),
 }
 
 /// A credential's `store` table.
@@ -26,6 +30,8 @@ pub enum RotatorConfig {
 pub enum StoreConfig {
     /// A local file.
     File(FileConfig),
+    /// An AWS Secrets Manager secret, versioned with AWS's staging labels.
+    AwsSecretsManager(SecretsManagerConfig),
 }
 
 impl RotatorConfig {
@@ -33,6 +39,7 @@ impl RotatorConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Random(_) => "random",
+            Self::AwsIamAccessKey(_) => "aws_iam_access_key",
         }
     }
 
@@ -41,6 +48,7 @@ impl RotatorConfig {
     pub fn validate(&self) -> Result<(), String> {
         match self {
             Self::Random(c) => c.validate(),
+            Self::AwsIamAccessKey(c) => c.validate().map(drop),
         }
     }
 
@@ -49,6 +57,7 @@ impl RotatorConfig {
         self.validate()?;
         Ok(match self {
             Self::Random(c) => Arc::new(RandomRotator::new(c.clone())),
+            Self::AwsIamAccessKey(c) => Arc::new(IamAccessKeyRotator::new(c.clone())?),
         })
     }
 }
@@ -58,6 +67,7 @@ impl StoreConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::File(_) => "file",
+            Self::AwsSecretsManager(_) => "aws_secrets_manager",
         }
     }
 
@@ -66,6 +76,7 @@ impl StoreConfig {
     pub fn validate(&self) -> Result<(), String> {
         match self {
             Self::File(c) => c.validate().map(drop),
+            Self::AwsSecretsManager(c) => c.validate(),
         }
     }
 
@@ -73,6 +84,7 @@ impl StoreConfig {
     pub fn build(&self) -> Result<Arc<dyn Store>, String> {
         Ok(match self {
             Self::File(c) => Arc::new(FileStore::new(c.clone())?),
+            Self::AwsSecretsManager(c) => Arc::new(SecretsManagerStore::new(c.clone())?),
         })
     }
 }

@@ -17,8 +17,10 @@
 //! - [`reference`]: secret references (`env:`, `file:`, `credential:`) and their resolution;
 //! - [`random`]: the `random` rotator (a generated password or token);
 //! - [`file`]: the `file` store (a local file, atomically replaced);
+//! - [`aws`]: the `aws_secrets_manager` store and the `aws_iam_access_key` rotator;
 //! - [`config`]: the `kind`-tagged configuration of every rotator and store, and their construction.
 
+pub mod aws;
 pub mod config;
 pub mod file;
 pub mod random;

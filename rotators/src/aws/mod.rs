@@ -1,0 +1,310 @@
+//! AWS providers: the `aws_secrets_manager` store and the `aws_iam_access_key` rotator.
+//!
+//! - [`secrets_manager`]: a store that keeps the credential in a Secrets Manager secret and uses
+//!   AWS's own staging labels (`AWSPENDING`, `AWSCURRENT`, `AWSPREVIOUS`) for its versions;
+//! - [`iam`]: a dual-phase rotator for an IAM user's access keys, verified with STS.
+//!
+//! Both reach AWS with the credentials of the standard chain (environment, profile, IMDS or web
+//! identity), optionally with a region and an endpoint override per credential. The SDK
+//! configuration is loaded lazily on first use, because building a plugin is synchronous and
+//! must not touch the network.
+//!
+//! Invariant: no error, log line or `Debug` output here contains a secret value. AWS error
+//! messages never echo secret values, so they are quoted as they are.
+
+pub mod iam;
+pub mod secrets_manager;
+
+use std::error::Error;
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_iam::config::http::HttpResponse;
+use aws_sdk_iam::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use tokio::sync::OnceCell;
+
+use crate::{ErrorClass, ProviderError};
+
+/// Where the SDK connects: the region and endpoint of one credential's configuration.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    config: OnceCell<SdkConfig>,
+}
+
+impl Connection {
+    pub(crate) fn new(region: Option<String>, endpoint_url: Option<String>) -> Self {
+        Self {
+            region,
+            endpoint_url,
+            config: OnceCell::new(),
+        }
+    }
+
+    /// The SDK configuration, loaded from the standard chain on first use.
+    pub(crate) async fn sdk_config(&self) -> &SdkConfig {
+        self.config
+            .get_or_init(|| load_sdk_config(self.region.as_deref(), self.endpoint_url.as_deref()))
+            .await
+    }
+}
+
+/// Loads an SDK configuration from the standard chain (environment, profile, IMDS, web identity),
+/// with an optional region and endpoint override, and the HTTPS client keyrotd uses.
+pub async fn load_sdk_config(region: Option<&str>, endpoint_url: Option<&str>) -> SdkConfig {
+    // rustls on ring: the SDK's default client builds aws-lc, which is slow to compile and
+    // brings nothing keyrotd needs.
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
+    if let Some(region) = region {
+        loader = loader.region(Region::new(region.to_owned()));
+    }
+    if let Some(url) = endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    loader.load().await
+}
+
+/// AWS error codes that mean "try again later".
+const TRANSIENT_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "ServiceUnavailable",
+    "ServiceUnavailableException",
+    "InternalFailure",
+    "InternalServiceError",
+    "InternalServiceErrorException",
+    "InternalError",
+    "RequestTimeout",
+    "RequestTimeoutException",
+];
+
+/// Turns an SDK error into a [`ProviderError`] naming the AWS operation (`IAM CreateAccessKey`)
+/// and its target, with the AWS error code attached when the service sent one.
+///
+/// Throttling, 5xx answers, timeouts and failed connections are transient; everything else the
+/// service refused (access denied, not found, limits, bad tokens) is permanent.
+pub(crate) fn aws_error<E>(
+    operation: &str,
+    target: &str,
+    err: SdkError<E, HttpResponse>,
+) -> ProviderError
+where
+    E: ProvideErrorMetadata + Error + 'static,
+{
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    let code = error_code(&err);
+    let class = match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => ErrorClass::Transient,
+        SdkError::ConstructionFailure(_) => ErrorClass::Permanent,
+        _ if code
+            .as_deref()
+            .is_some_and(|c| TRANSIENT_CODES.contains(&c)) =>
+        {
+            ErrorClass::Transient
+        }
+        _ if status.is_some_and(|s| s >= 500 || s == 429) => ErrorClass::Transient,
+        SdkError::ResponseError(_) => ErrorClass::Transient,
+        _ => ErrorClass::Permanent,
+    };
+    let detail = match (&err, err.message()) {
+        (SdkError::ServiceError(_), Some(message)) => message.to_owned(),
+        (SdkError::ServiceError(_), None) => match status {
+            Some(status) => format!("HTTP status {status}"),
+            None => "no message".to_owned(),
+        },
+        _ => DisplayErrorContext(&err).to_string(),
+    };
+    let error = ProviderError {
+        class,
+        code: None,
+        message: format!("{operation} on {target} failed: {detail}"),
+    };
+    match code {
+        Some(code) => error.with_code(code),
+        None => error,
+    }
+}
+
+/// Whether `err` carries the AWS error code `code`.
+pub(crate) fn has_code<E: ProvideErrorMetadata>(
+    err: &SdkError<E, HttpResponse>,
+    code: &str,
+) -> bool {
+    error_code(err).as_deref() == Some(code)
+}
+
+/// The AWS error code of a service error.
+///
+/// Falls back to the `<Code>` element of an XML body the SDK could not parse: the query protocol
+/// (IAM, STS) expects `<ErrorResponse><Error>`, but some front ends (moto's authentication
+/// layer among them) wrap it as `<ErrorResponse><Errors><Error>`, which loses the code.
+fn error_code<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Option<String> {
+    if let Some(code) = err.code() {
+        return Some(code.to_owned());
+    }
+    let SdkError::ServiceError(service) = err else {
+        return None;
+    };
+    let body = std::str::from_utf8(service.raw().body().bytes()?).ok()?;
+    let (_, rest) = body.split_once("<Code>")?;
+    let (code, _) = rest.split_once("</Code>")?;
+    let code = code.trim();
+    let plausible = !code.is_empty()
+        && code.len() <= 64
+        && code.chars().all(|c| c.is_ascii_alphanumeric() || c == '.');
+    plausible.then(|| code.to_owned())
+}
+
+/// Checks an optional `endpoint_url`: an absolute http(s) URL.
+pub(crate) fn validate_endpoint_url(url: Option<&str>) -> Result<(), String> {
+    let Some(url) = url else { return Ok(()) };
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("endpoint_url: `{url}` must start with http:// or https://"))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.is_empty() || host.contains('@') || host.contains(char::is_whitespace) {
+        return Err(format!("endpoint_url: `{url}` has no valid host"));
+    }
+    if let Some((_, port)) = host.rsplit_once(':').filter(|_| !host.ends_with(']')) {
+        if port.parse::<u16>().is_err() {
+            return Err(format!("endpoint_url: `{url}` has an invalid port"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks an optional `region`: lowercase letters, digits and dashes (`us-east-1`).
+pub(crate) fn validate_region(region: Option<&str>) -> Result<(), String> {
+    match region {
+        Some(r)
+            if r.is_empty()
+                || !r
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') =>
+        {
+            Err(format!(
+                "region: `{r}` is not an AWS region name like us-east-1"
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_iam::error::{ConnectorError, ErrorMetadata};
+    use aws_sdk_iam::operation::create_access_key::CreateAccessKeyError;
+    use aws_smithy_types::body::SdkBody;
+
+    use super::*;
+
+    fn service_error(
+        status: u16,
+        code: Option<&str>,
+        body: &str,
+    ) -> SdkError<CreateAccessKeyError, HttpResponse> {
+        let mut meta = ErrorMetadata::builder().message("the service said no");
+        if let Some(code) = code {
+            meta = meta.code(code);
+        }
+        let raw = HttpResponse::new(status.try_into().unwrap(), SdkBody::from(body));
+        SdkError::service_error(CreateAccessKeyError::generic(meta.build()), raw)
+    }
+
+    fn classify(err: SdkError<CreateAccessKeyError, HttpResponse>) -> (ErrorClass, Option<String>) {
+        let e = aws_error("IAM CreateAccessKey", "IAM user `app`", err);
+        assert!(
+            e.message
+                .starts_with("IAM CreateAccessKey on IAM user `app` failed: "),
+            "{e}"
+        );
+        (e.class, e.code)
+    }
+
+    #[test]
+    fn classifies_sdk_errors() {
+        use ErrorClass::*;
+        let some = |c: &str| Some(c.to_owned());
+        for code in [
+            "Throttling",
+            "ThrottlingException",
+            "ServiceUnavailable",
+            "InternalFailure",
+        ] {
+            assert_eq!(
+                classify(service_error(400, Some(code), "")),
+                (Transient, some(code))
+            );
+        }
+        for code in [
+            "AccessDenied",
+            "AccessDeniedException",
+            "NoSuchEntity",
+            "ResourceNotFoundException",
+            "LimitExceeded",
+            "InvalidClientTokenId",
+        ] {
+            assert_eq!(
+                classify(service_error(403, Some(code), "")),
+                (Permanent, some(code))
+            );
+        }
+        assert_eq!(classify(service_error(503, None, "")), (Transient, None));
+        assert_eq!(classify(service_error(429, None, "")), (Transient, None));
+        assert_eq!(classify(SdkError::timeout_error("slow")), (Transient, None));
+        let refused =
+            ConnectorError::io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into());
+        assert_eq!(
+            classify(SdkError::dispatch_failure(refused)),
+            (Transient, None)
+        );
+    }
+
+    #[test]
+    fn recovers_the_code_from_a_wrapped_query_error() {
+        let body =
+            "<ErrorResponse><Errors><Error><Code>InvalidClientTokenId</Code><Message>bad</Message>\
+                    </Error></Errors></ErrorResponse>";
+        let err = service_error(403, None, body);
+        assert!(has_code(&err, "InvalidClientTokenId"));
+        assert_eq!(
+            classify(err),
+            (
+                ErrorClass::Permanent,
+                Some("InvalidClientTokenId".to_owned())
+            )
+        );
+        let junk = service_error(403, None, "<Code>not a code, with spaces</Code>");
+        assert_eq!(classify(junk).1, None);
+    }
+
+    #[test]
+    fn endpoint_urls() {
+        assert!(validate_endpoint_url(None).is_ok());
+        assert!(validate_endpoint_url(Some("http://127.0.0.1:5000")).is_ok());
+        assert!(
+            validate_endpoint_url(Some("https://secretsmanager.eu-west-1.amazonaws.com/")).is_ok()
+        );
+        assert!(validate_endpoint_url(Some("127.0.0.1:5000"))
+            .unwrap_err()
+            .starts_with("endpoint_url:"));
+        assert!(validate_endpoint_url(Some("http://")).is_err());
+        assert!(validate_endpoint_url(Some("http://host:port")).is_err());
+        assert!(validate_endpoint_url(Some("http://u:p@host")).is_err());
+    }
+
+    #[test]
+    fn regions() {
+        assert!(validate_region(Some("eu-west-1")).is_ok());
+        assert!(validate_region(Some("EU West"))
+            .unwrap_err()
+            .starts_with("region:"));
+    }
+}

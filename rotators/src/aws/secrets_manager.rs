@@ -1,0 +1,456 @@
+//! The `aws_secrets_manager` store: consumers read the credential from a Secrets Manager secret.
+//!
+//! A rotation is one version of the secret whose version id is the rotation id (passed as
+//! `ClientRequestToken`, which makes staging idempotent). The store uses AWS's staging labels:
+//! - stage: the new version is written with the label `AWSPENDING`;
+//! - promote: `AWSCURRENT` moves to the new version (AWS labels the old one `AWSPREVIOUS` by
+//!   itself) and `AWSPENDING` is removed;
+//! - discard: `AWSPENDING` is removed from the rotation's version, which AWS then deprecates.
+//!
+//! `AWSPENDING` on a version that is neither current nor this rotation's means another rotation
+//! is in progress (perhaps AWS's own Lambda rotation): staging refuses to clobber it.
+//!
+//! Value format: without `field` the whole `SecretString` is the secret. With `field` the secret
+//! is a JSON object; staging copies the current object, replaces `field` and the credential's
+//! attributes, and keeps every other member (`host`, `port`, ...).
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use aws_sdk_secretsmanager::Client;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{aws_error, Connection};
+use crate::{Attrs, Credential, ProviderError, StepContext, Store};
+
+const CURRENT: &str = "AWSCURRENT";
+const PENDING: &str = "AWSPENDING";
+
+/// Configuration of the `aws_secrets_manager` store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsManagerConfig {
+    /// The secret's name or full ARN. The secret must exist; keyrotd never creates it.
+    pub secret_id: String,
+    /// When set, the secret is a JSON object and the credential's secret goes into this member
+    /// (its attributes into members of their own names); other members are kept.
+    #[serde(default)]
+    pub field: Option<String>,
+    /// AWS region; defaults to the standard chain (`AWS_REGION`, profile).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Endpoint override (a VPC endpoint, a test server).
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+}
+
+impl SecretsManagerConfig {
+    /// Checks what can be known without calling AWS; the error names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        let id = &self.secret_id;
+        if id.trim().is_empty() {
+            return Err("secret_id: must not be empty".into());
+        }
+        if id.len() > 2048 {
+            return Err("secret_id: longer than 2048 characters".into());
+        }
+        if id.starts_with("arn:") {
+            validate_secret_arn(id)
+                .map_err(|why| format!("secret_id: `{id}` is not a Secrets Manager ARN: {why}"))?;
+        } else if !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/_+=.@-".contains(c))
+        {
+            return Err(format!(
+                "secret_id: `{id}` may only contain letters, digits and /_+=.@-"
+            ));
+        }
+        if self.field.as_deref().is_some_and(str::is_empty) {
+            return Err("field: must not be empty when set".into());
+        }
+        super::validate_region(self.region.as_deref())?;
+        super::validate_endpoint_url(self.endpoint_url.as_deref())
+    }
+}
+
+/// `arn:PARTITION:secretsmanager:REGION:ACCOUNT:secret:NAME`
+fn validate_secret_arn(arn: &str) -> Result<(), &'static str> {
+    let parts: Vec<&str> = arn.splitn(7, ':').collect();
+    let [_, partition, service, region, account, kind, name] = parts[..] else {
+        return Err("expected arn:PARTITION:secretsmanager:REGION:ACCOUNT:secret:NAME");
+    };
+    if !partition.starts_with("aws") {
+        return Err("the partition must be aws, aws-cn, aws-us-gov, ...");
+    }
+    if service != "secretsmanager" {
+        return Err("the service must be secretsmanager");
+    }
+    if region.is_empty()
+        || !region
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err("the region is missing or malformed");
+    }
+    if account.len() != 12 || !account.chars().all(|c| c.is_ascii_digit()) {
+        return Err("the account id must be 12 digits");
+    }
+    if kind != "secret" {
+        return Err("the resource type must be secret");
+    }
+    if name.is_empty() {
+        return Err("the secret name is missing");
+    }
+    Ok(())
+}
+
+/// The `aws_secrets_manager` store.
+#[derive(Debug)]
+pub struct SecretsManagerStore {
+    config: SecretsManagerConfig,
+    connection: Connection,
+}
+
+/// Version id to staging labels, as `DescribeSecret` reports them.
+type Versions = HashMap<String, Vec<String>>;
+
+fn has(versions: &Versions, version: &str, label: &str) -> bool {
+    versions
+        .get(version)
+        .is_some_and(|labels| labels.iter().any(|l| l == label))
+}
+
+fn labelled<'a>(versions: &'a Versions, label: &str) -> Option<&'a str> {
+    versions
+        .iter()
+        .find(|(_, labels)| labels.iter().any(|l| l == label))
+        .map(|(v, _)| v.as_str())
+}
+
+impl SecretsManagerStore {
+    /// Builds the store from a validated configuration. Does not touch the network.
+    pub fn new(config: SecretsManagerConfig) -> Result<Self, String> {
+        config.validate()?;
+        let connection = Connection::new(config.region.clone(), config.endpoint_url.clone());
+        Ok(Self { config, connection })
+    }
+
+    async fn client(&self) -> Client {
+        Client::new(self.connection.sdk_config().await)
+    }
+
+    fn target(&self) -> String {
+        format!("secret `{}`", self.config.secret_id)
+    }
+
+    /// The secret's versions and their labels. Fails if the secret does not exist.
+    async fn versions(&self, client: &Client) -> Result<Versions, ProviderError> {
+        let out = client
+            .describe_secret()
+            .secret_id(&self.config.secret_id)
+            .send()
+            .await
+            .map_err(|e| aws_error("Secrets Manager DescribeSecret", &self.target(), e))?;
+        Ok(out.version_ids_to_stages().cloned().unwrap_or_default())
+    }
+
+    /// Reads one version's `SecretString`, selected by label or by id.
+    async fn read(
+        &self,
+        client: &Client,
+        stage: Option<&str>,
+        version: Option<&str>,
+    ) -> Result<SecretString, ProviderError> {
+        let out = client
+            .get_secret_value()
+            .secret_id(&self.config.secret_id)
+            .set_version_stage(stage.map(str::to_owned))
+            .set_version_id(version.map(str::to_owned))
+            .send()
+            .await
+            .map_err(|e| aws_error("Secrets Manager GetSecretValue", &self.target(), e))?;
+        match out.secret_string() {
+            Some(s) => Ok(SecretString::from(s.to_owned())),
+            None => Err(ProviderError::permanent(format!(
+                "{} holds a binary value; keyrotd only handles SecretString",
+                self.target()
+            ))),
+        }
+    }
+
+    fn parse_object(&self, value: &SecretString) -> Result<Map<String, Value>, ProviderError> {
+        // serde_json's error category quotes no input, so it is safe to report.
+        match serde_json::from_str::<Value>(value.expose_secret()) {
+            Ok(Value::Object(object)) => Ok(object),
+            Ok(_) => Err(ProviderError::permanent(format!(
+                "{} is not a JSON object",
+                self.target()
+            ))),
+            Err(e) => Err(ProviderError::permanent(format!(
+                "{} is not a JSON object ({:?} error)",
+                self.target(),
+                e.classify()
+            ))),
+        }
+    }
+
+    fn decode(&self, value: SecretString) -> Result<Credential, ProviderError> {
+        let Some(field) = &self.config.field else {
+            return Ok(Credential {
+                secret: value,
+                attrs: Attrs::new(),
+            });
+        };
+        let mut secret = None;
+        let mut attrs = Attrs::new();
+        for (key, member) in self.parse_object(&value)? {
+            let Value::String(member) = member else {
+                continue;
+            };
+            if &key == field {
+                secret = Some(SecretString::from(member));
+            } else {
+                attrs.insert(key, member);
+            }
+        }
+        let secret = secret.ok_or_else(|| {
+            ProviderError::permanent(format!("{} has no string member `{field}`", self.target()))
+        })?;
+        Ok(Credential { secret, attrs })
+    }
+
+    /// The value to write for `new`: the secret alone, or the current object with `field` and
+    /// the attributes replaced.
+    async fn encode(
+        &self,
+        client: &Client,
+        versions: &Versions,
+        new: &Credential,
+    ) -> Result<SecretString, ProviderError> {
+        let Some(field) = &self.config.field else {
+            return Ok(new.secret.clone());
+        };
+        let mut object = match labelled(versions, CURRENT) {
+            Some(_) => self.parse_object(&self.read(client, Some(CURRENT), None).await?)?,
+            None => Map::new(),
+        };
+        for (key, value) in &new.attrs {
+            object.insert(key.clone(), Value::String(value.clone()));
+        }
+        object.insert(
+            field.clone(),
+            Value::String(new.secret.expose_secret().to_owned()),
+        );
+        Ok(SecretString::from(Value::Object(object).to_string()))
+    }
+
+    async fn move_label(
+        &self,
+        client: &Client,
+        label: &str,
+        to: Option<&str>,
+        from: Option<&str>,
+    ) -> Result<(), ProviderError> {
+        client
+            .update_secret_version_stage()
+            .secret_id(&self.config.secret_id)
+            .version_stage(label)
+            .set_move_to_version_id(to.map(str::to_owned))
+            .set_remove_from_version_id(from.map(str::to_owned))
+            .send()
+            .await
+            .map_err(|e| {
+                aws_error(
+                    "Secrets Manager UpdateSecretVersionStage",
+                    &self.target(),
+                    e,
+                )
+            })?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for SecretsManagerStore {
+    fn kind(&self) -> &'static str {
+        "aws_secrets_manager"
+    }
+
+    fn location(&self) -> String {
+        match &self.config.field {
+            Some(field) => format!("aws-sm:{}#{field}", self.config.secret_id),
+            None => format!("aws-sm:{}", self.config.secret_id),
+        }
+    }
+
+    async fn current(&self, _ctx: StepContext<'_>) -> Result<Option<Credential>, ProviderError> {
+        let client = self.client().await;
+        // A secret created without a value has no AWSCURRENT version: nothing is current yet.
+        if labelled(&self.versions(&client).await?, CURRENT).is_none() {
+            return Ok(None);
+        }
+        // Ask for AWSCURRENT explicitly: moto may answer an unqualified read with a stale version.
+        let value = self.read(&client, Some(CURRENT), None).await?;
+        self.decode(value).map(Some)
+    }
+
+    async fn stage(&self, ctx: StepContext<'_>, new: &Credential) -> Result<(), ProviderError> {
+        let client = self.client().await;
+        let versions = self.versions(&client).await?;
+        let ours = ctx.rotation_id;
+        if !(32..=64).contains(&ours.len()) {
+            // AWS's ClientRequestToken limits; the engine's UUIDs fit.
+            return Err(ProviderError::permanent(format!(
+                "rotation id `{ours}` cannot be a Secrets Manager version id: it needs 32 to 64 characters"
+            )));
+        }
+        let other = versions.iter().find(|(v, labels)| {
+            *v != ours
+                && labels.iter().any(|l| l == PENDING)
+                && !labels.iter().any(|l| l == CURRENT)
+        });
+        if let Some((other, _)) = other {
+            return Err(ProviderError::permanent(format!(
+                "{}: another rotation is in progress (version {other} is AWSPENDING); finish or \
+                 cancel it (remove its AWSPENDING label) before rotating again",
+                self.target()
+            )));
+        }
+        if versions.contains_key(ours) {
+            // Already written by this rotation (re-run after a crash). Put the label back if it
+            // was lost, unless the version has been promoted meanwhile.
+            if !has(&versions, ours, PENDING) && !has(&versions, ours, CURRENT) {
+                let stale = labelled(&versions, PENDING);
+                self.move_label(&client, PENDING, Some(ours), stale).await?;
+            }
+            return Ok(());
+        }
+        let value = self.encode(&client, &versions, new).await?;
+        client
+            .put_secret_value()
+            .secret_id(&self.config.secret_id)
+            .client_request_token(ours)
+            .secret_string(value.expose_secret())
+            .version_stages(PENDING)
+            .send()
+            .await
+            .map_err(|e| aws_error("Secrets Manager PutSecretValue", &self.target(), e))?;
+        Ok(())
+    }
+
+    async fn pending(&self, ctx: StepContext<'_>) -> Result<Option<Credential>, ProviderError> {
+        let client = self.client().await;
+        let versions = self.versions(&client).await?;
+        if !has(&versions, ctx.rotation_id, PENDING) || has(&versions, ctx.rotation_id, CURRENT) {
+            return Ok(None);
+        }
+        let value = self.read(&client, None, Some(ctx.rotation_id)).await?;
+        self.decode(value).map(Some)
+    }
+
+    async fn promote(&self, ctx: StepContext<'_>) -> Result<(), ProviderError> {
+        let client = self.client().await;
+        let versions = self.versions(&client).await?;
+        let ours = ctx.rotation_id;
+        if !versions.contains_key(ours) {
+            return Err(ProviderError::permanent(format!(
+                "{}: nothing is staged for rotation {ours}",
+                self.target()
+            )));
+        }
+        if !has(&versions, ours, CURRENT) {
+            let old = labelled(&versions, CURRENT);
+            self.move_label(&client, CURRENT, Some(ours), old).await?;
+        }
+        if has(&versions, ours, PENDING) {
+            self.move_label(&client, PENDING, None, Some(ours)).await?;
+        }
+        Ok(())
+    }
+
+    async fn discard(&self, ctx: StepContext<'_>) -> Result<(), ProviderError> {
+        let client = self.client().await;
+        let versions = self.versions(&client).await?;
+        if has(&versions, ctx.rotation_id, PENDING) {
+            self.move_label(&client, PENDING, None, Some(ctx.rotation_id))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn release_previous(&self, _ctx: StepContext<'_>) -> Result<(), ProviderError> {
+        // AWSPREVIOUS belongs to AWS: it moves by itself at the next promotion, and AWS
+        // deprecates versions without labels. Keeping it lets an operator roll back.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(secret_id: &str) -> SecretsManagerConfig {
+        SecretsManagerConfig {
+            secret_id: secret_id.into(),
+            field: None,
+            region: None,
+            endpoint_url: None,
+        }
+    }
+
+    #[test]
+    fn validates_secret_ids_and_arns() {
+        assert!(config("prod/db/app").validate().is_ok());
+        assert!(
+            config("arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/db-AbCdEf")
+                .validate()
+                .is_ok()
+        );
+        assert!(config("").validate().unwrap_err().starts_with("secret_id:"));
+        assert!(config("has space")
+            .validate()
+            .unwrap_err()
+            .starts_with("secret_id:"));
+        for bad in [
+            "arn:aws:secretsmanager:eu-west-1:123456789012:prod/db",
+            "arn:aws:s3:eu-west-1:123456789012:secret:x",
+            "arn:aws:secretsmanager:eu-west-1:1234:secret:x",
+            "arn:aws:secretsmanager::123456789012:secret:x",
+            "arn:aws:secretsmanager:eu-west-1:123456789012:secret:",
+        ] {
+            let err = config(bad).validate().unwrap_err();
+            assert!(
+                err.starts_with("secret_id:") && err.contains("ARN"),
+                "{bad}: {err}"
+            );
+        }
+        let mut c = config("x");
+        c.field = Some(String::new());
+        assert!(c.validate().unwrap_err().starts_with("field:"));
+        c.field = None;
+        c.endpoint_url = Some("localhost:4566".into());
+        assert!(c.validate().unwrap_err().starts_with("endpoint_url:"));
+    }
+
+    #[test]
+    fn registered_as_a_store_kind_refusing_unknown_fields() {
+        let value = serde_json::json!({
+            "kind": "aws_secrets_manager", "secret_id": "prod/db", "field": "password",
+            "region": "eu-west-1", "endpoint_url": "http://127.0.0.1:4566"
+        });
+        let config: crate::StoreConfig = serde_json::from_value(value).unwrap();
+        assert_eq!(config.kind(), "aws_secrets_manager");
+        config.validate().unwrap();
+        assert_eq!(
+            config.build().unwrap().location(),
+            "aws-sm:prod/db#password"
+        );
+        let typo = serde_json::json!({"kind": "aws_secrets_manager", "secret_id": "x", "feild": "password"});
+        assert!(serde_json::from_value::<crate::StoreConfig>(typo).is_err());
+        let bad_arn = serde_json::json!({"kind": "aws_secrets_manager", "secret_id": "arn:aws:secretsmanager:x"});
+        let config: crate::StoreConfig = serde_json::from_value(bad_arn).unwrap();
+        assert!(config.validate().unwrap_err().starts_with("secret_id:"));
+    }
+}
