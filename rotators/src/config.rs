@@ -9,6 +9,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::file::{FileConfig, FileStore};
+use crate::http::{HttpConfig, HttpRotator};
+use crate::postgres::{PostgresConfig, PostgresRotator};
 use crate::random::{RandomConfig, RandomRotator};
 use crate::{Rotator, Store};
 
@@ -18,6 +20,10 @@ use crate::{Rotator, Store};
 pub enum RotatorConfig {
     /// A generated password or token.
     Random(RandomConfig),
+    /// The password of a PostgreSQL role (single or alternating roles).
+    PostgresPassword(PostgresConfig),
+    /// An API key issued, verified and revoked through configured HTTP requests.
+    Http(Box<HttpConfig>),
 }
 
 /// A credential's `store` table.
@@ -33,6 +39,8 @@ impl RotatorConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Random(_) => "random",
+            Self::PostgresPassword(_) => "postgres_password",
+            Self::Http(_) => "http",
         }
     }
 
@@ -41,6 +49,8 @@ impl RotatorConfig {
     pub fn validate(&self) -> Result<(), String> {
         match self {
             Self::Random(c) => c.validate(),
+            Self::PostgresPassword(c) => c.validate(),
+            Self::Http(c) => c.validate(),
         }
     }
 
@@ -49,6 +59,8 @@ impl RotatorConfig {
         self.validate()?;
         Ok(match self {
             Self::Random(c) => Arc::new(RandomRotator::new(c.clone())),
+            Self::PostgresPassword(c) => Arc::new(PostgresRotator::new(c.clone())?),
+            Self::Http(c) => Arc::new(HttpRotator::new((**c).clone())?),
         })
     }
 }

@@ -16,11 +16,15 @@
 //! Crate map:
 //! - [`reference`]: secret references (`env:`, `file:`, `credential:`) and their resolution;
 //! - [`random`]: the `random` rotator (a generated password or token);
+//! - [`postgres`]: the `postgres_password` rotator (a role's password, single or alternating roles);
+//! - [`http`]: the `http` rotator (an API key issued and revoked through configured HTTP requests);
 //! - [`file`]: the `file` store (a local file, atomically replaced);
 //! - [`config`]: the `kind`-tagged configuration of every rotator and store, and their construction.
 
 pub mod config;
 pub mod file;
+pub mod http;
+pub mod postgres;
 pub mod random;
 pub mod reference;
 
