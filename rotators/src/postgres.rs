@@ -559,8 +559,18 @@ fn pg_error(what: &str, e: &tokio_postgres::Error) -> ProviderError {
     let mut source = e.source();
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return ProviderError::transient(format!("{what}: {}", io.kind()))
-                .with_code(format!("{:?}", io.kind()));
+            use std::io::ErrorKind::*;
+            // A refused, reset or timed-out connection may work later; a TLS certificate the
+            // client does not trust (InvalidData) or a socket path it may not use will not.
+            let class = match io.kind() {
+                InvalidData | InvalidInput | PermissionDenied | NotFound => ErrorClass::Permanent,
+                _ => ErrorClass::Transient,
+            };
+            return ProviderError {
+                class,
+                code: Some(format!("{:?}", io.kind())),
+                message: format!("{what}: {io}"),
+            };
         }
         source = err.source();
     }

@@ -433,3 +433,58 @@ async fn failures_are_classified_with_their_sqlstate() {
     let e = literal.unwrap_err().to_string();
     assert!(!e.contains(&admin_password), "{e}");
 }
+
+/// Fails unless the session it runs in came over TLS.
+const REQUIRE_TLS_PROBE: &str =
+    "DO $$ BEGIN IF NOT (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()) \
+     THEN RAISE EXCEPTION 'this session is not encrypted'; END IF; END $$";
+
+#[tokio::test]
+async fn sslmode_is_honoured_by_verify() {
+    fresh_role("app_tls").await;
+    let ca = env("KEYROTD_TEST_PG_CA");
+    let with = |sslmode: &str, rootcert: Option<&str>| {
+        let mut config = json!({
+            "kind": "postgres_password", "admin_dsn": format!("env:{ADMIN_DSN_VAR}"),
+            "strategy": "single", "role": "app_tls", "sslmode": sslmode, "probe_query": REQUIRE_TLS_PROBE,
+        });
+        if let Some(path) = rootcert {
+            config["sslrootcert"] = json!(path);
+        }
+        rotator(config)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let (cred, _) = rotate(&*with("require", Some(&ca)), &s, "r1").await;
+
+    with("prefer", Some(&ca))
+        .verify(ctx("r2"), &cred)
+        .await
+        .expect("prefer uses the offered TLS");
+
+    let e = with("require", None)
+        .verify(ctx("r2"), &cred)
+        .await
+        .unwrap_err();
+    eprintln!("require with an unknown CA: {e}");
+    assert_eq!(
+        e.class,
+        ErrorClass::Permanent,
+        "an untrusted certificate needs an operator: {e}"
+    );
+    assert!(
+        e.message.contains("verify") && e.message.contains("app_tls"),
+        "{e}"
+    );
+
+    let e = with("disable", None)
+        .verify(ctx("r2"), &cred)
+        .await
+        .unwrap_err();
+    eprintln!("disable, probe demanding TLS: {e}");
+    assert_eq!(
+        e.code.as_deref(),
+        Some("P0001"),
+        "the probe saw a plain connection: {e}"
+    );
+}

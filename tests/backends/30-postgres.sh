@@ -5,6 +5,9 @@
 #   KEYROTD_TEST_PG_PORT        the cluster's port on 127.0.0.1
 #   KEYROTD_TEST_PG_ADMIN_DSN   the superuser `admin`'s connection string (a secret: tests pass it
 #                               to the rotator as an env: reference)
+#   KEYROTD_TEST_PG_CA          the CA certificate (PEM) of the server's TLS certificate; the server
+#                               accepts TLS and plain connections alike
+#   KEYROTD_TEST_PG_LOG         the server log (log_statement=ddl)
 # Roles app, app_a and app_b exist with LOGIN and a known starting password (`start-<role>`).
 
 pg_bin=/usr/lib/postgresql/15/bin
@@ -38,9 +41,26 @@ pg_as "$pg_bin/initdb" -D "$pg_dir/data" -A scram-sha-256 -U admin --pwfile="$pg
   >"$pg_dir/initdb.log" 2>&1 || { echo "FATAL: initdb failed; see $pg_dir/initdb.log" >&2; exit 1; }
 rm -f "$pg_dir/pwfile"
 
+# TLS: a throwaway CA and a server certificate for 127.0.0.1, so sslmode=require can be tested.
+pg_tls="$pg_dir/tls"
+mkdir -p "$pg_tls"
+{
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=keyrotd test CA" -keyout "$pg_tls/ca.key" -out "$pg_tls/ca.crt" &&
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$pg_tls/server.key" -out "$pg_tls/server.csr" &&
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' \
+    >"$pg_tls/server.ext" &&
+  openssl x509 -req -in "$pg_tls/server.csr" -CA "$pg_tls/ca.crt" -CAkey "$pg_tls/ca.key" -CAcreateserial \
+    -days 2 -extfile "$pg_tls/server.ext" -out "$pg_tls/server.crt"
+} >"$pg_dir/openssl.log" 2>&1 || { echo "FATAL: openssl could not make test certificates; see $pg_dir/openssl.log" >&2; exit 1; }
+chmod 600 "$pg_tls/server.key"
+if [ "$(id -u)" = 0 ]; then chown -R postgres: "$pg_tls"; fi
+export KEYROTD_TEST_PG_CA="$pg_tls/ca.crt"
+
 KEYROTD_TEST_PG_PORT=$(free_port)
 pg_as "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/server.log" -w -t 60 \
-  -o "-p $KEYROTD_TEST_PG_PORT -k /tmp -c listen_addresses=127.0.0.1 -c log_statement=ddl" start \
+  -o "-p $KEYROTD_TEST_PG_PORT -k /tmp -c listen_addresses=127.0.0.1 -c log_statement=ddl -c ssl=on -c ssl_cert_file=$pg_tls/server.crt -c ssl_key_file=$pg_tls/server.key" start \
   >"$pg_dir/pg_ctl.log" 2>&1 || { echo "FATAL: PostgreSQL did not start; see $pg_dir/server.log" >&2; exit 1; }
 # The postmaster's pid is the first line of postmaster.pid; run.sh's cleanup stops it (SIGTERM
 # is PostgreSQL's "smart" shutdown; the data directory is thrown away anyway).
