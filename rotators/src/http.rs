@@ -17,6 +17,11 @@
 //! Requests go over HTTPS, except to loopback addresses. 5xx and 429 answers are retried a bounded
 //! number of times, honouring `Retry-After` up to `max_retry_after_secs`; redirects are not followed.
 //!
+//! A connection that was never made is retried; a timeout is not, since a timed-out `issue` may
+//! have created a key. A key whose `issue` answer lacks the secret is revoked at once when its id
+//! is known. With `abandon(None, ..)` (a crash lost the issued id) nothing can be found: the
+//! configuration has no listing request.
+//!
 //! Invariant: error messages name the request and the HTTP status, never a secret or a response
 //! body (which may contain one).
 

@@ -12,6 +12,15 @@
 //!   name and password together. Consumers never hold a password that stops working before they
 //!   re-read the store. `revoke` may scramble the idle role's password after the grace period.
 //!
+//! `revoke` scrambles the role named by the *old* credential without checking the store: it relies
+//! on the engine never starting the next rotation before the previous one's revoke is done (the
+//! engine keeps a promoted rotation open through its grace period), since the next alternating
+//! rotation gives that very role a new, published password.
+//!
+//! TLS (`sslmode` `prefer`/`require`) uses rustls with the public web roots plus `sslrootcert`;
+//! the certificate and host name are always verified (libpq's `verify-full`), and an untrusted
+//! certificate is a permanent error. The admin connection uses the admin DSN's own `sslmode`.
+//!
 //! Invariant: neither the generated password nor the admin DSN's password is ever logged or put in
 //! an error message; errors carry the operation, the role and the server's SQLSTATE.
 
