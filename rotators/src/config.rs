@@ -11,6 +11,8 @@ use serde::Deserialize;
 use crate::aws::iam::{IamAccessKeyConfig, IamAccessKeyRotator};
 use crate::aws::secrets_manager::{SecretsManagerConfig, SecretsManagerStore};
 use crate::file::{FileConfig, FileStore};
+use crate::http::{HttpConfig, HttpRotator};
+use crate::postgres::{PostgresConfig, PostgresRotator};
 use crate::random::{RandomConfig, RandomRotator};
 use crate::{Rotator, Store};
 
@@ -22,6 +24,10 @@ pub enum RotatorConfig {
     Random(RandomConfig),
     /// An IAM user's access keys (dual-phase).
     AwsIamAccessKey(IamAccessKeyConfig),
+    /// The password of a PostgreSQL role (single or alternating roles).
+    PostgresPassword(PostgresConfig),
+    /// An API key issued, verified and revoked through configured HTTP requests.
+    Http(Box<HttpConfig>),
 }
 
 /// A credential's `store` table.
@@ -40,6 +46,8 @@ impl RotatorConfig {
         match self {
             Self::Random(_) => "random",
             Self::AwsIamAccessKey(_) => "aws_iam_access_key",
+            Self::PostgresPassword(_) => "postgres_password",
+            Self::Http(_) => "http",
         }
     }
 
@@ -49,6 +57,8 @@ impl RotatorConfig {
         match self {
             Self::Random(c) => c.validate(),
             Self::AwsIamAccessKey(c) => c.validate().map(drop),
+            Self::PostgresPassword(c) => c.validate(),
+            Self::Http(c) => c.validate(),
         }
     }
 
@@ -58,6 +68,8 @@ impl RotatorConfig {
         Ok(match self {
             Self::Random(c) => Arc::new(RandomRotator::new(c.clone())),
             Self::AwsIamAccessKey(c) => Arc::new(IamAccessKeyRotator::new(c.clone())?),
+            Self::PostgresPassword(c) => Arc::new(PostgresRotator::new(c.clone())?),
+            Self::Http(c) => Arc::new(HttpRotator::new((**c).clone())?),
         })
     }
 }

@@ -16,6 +16,8 @@
 //! Crate map:
 //! - [`reference`]: secret references (`env:`, `file:`, `credential:`) and their resolution;
 //! - [`random`]: the `random` rotator (a generated password or token);
+//! - [`postgres`]: the `postgres_password` rotator (a role's password, single or alternating roles);
+//! - [`http`]: the `http` rotator (an API key issued and revoked through configured HTTP requests);
 //! - [`file`]: the `file` store (a local file, atomically replaced);
 //! - [`aws`]: the `aws_secrets_manager` store and the `aws_iam_access_key` rotator;
 //! - [`config`]: the `kind`-tagged configuration of every rotator and store, and their construction.
@@ -23,6 +25,8 @@
 pub mod aws;
 pub mod config;
 pub mod file;
+pub mod http;
+pub mod postgres;
 pub mod random;
 pub mod reference;
 

@@ -1,0 +1,639 @@
+//! The `postgres_password` rotator: the password of a PostgreSQL login role.
+//!
+//! keyrotd logs in with an admin connection string (always a secret reference) and changes the
+//! target role's password with `ALTER ROLE "role" PASSWORD 'SCRAM-SHA-256$...'`. The SCRAM
+//! verifier is computed here, so the plain password never travels to the server and never appears
+//! in its statement log. Two strategies:
+//!
+//! - `single`: one role; its password changes in place. Consumers holding the old password fail
+//!   until they re-read the store, so `abandon` puts the current password back.
+//! - `alternating`: two roles (`roles = ["app_a", "app_b"]`); each rotation sets the password of
+//!   the role that is *not* published, verifies it, and the store then publishes that role's user
+//!   name and password together. Consumers never hold a password that stops working before they
+//!   re-read the store. `revoke` may scramble the idle role's password after the grace period.
+//!
+//! `revoke` scrambles the role named by the *old* credential without checking the store: it relies
+//! on the engine never starting the next rotation before the previous one's revoke is done (the
+//! engine keeps a promoted rotation open through its grace period), since the next alternating
+//! rotation gives that very role a new, published password.
+//!
+//! TLS (`sslmode` `prefer`/`require`) uses rustls with the public web roots plus `sslrootcert`;
+//! the certificate and host name are always verified (libpq's `verify-full`), and an untrusted
+//! certificate is a permanent error. The admin connection uses the admin DSN's own `sslmode`.
+//!
+//! Invariant: neither the generated password nor the admin DSN's password is ever logged or put in
+//! an error message; errors carry the operation, the role and the server's SQLSTATE.
+
+use std::error::Error as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use tokio_postgres::config::{Host, SslMode as PgSslMode};
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::random::{generate, Alphabet};
+use crate::reference::SecretRef;
+use crate::{Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext};
+
+/// Attribute naming the role a credential logs in as.
+pub const USERNAME_ATTR: &str = "username";
+
+/// Configuration of the `postgres_password` rotator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// The admin connection string (key/value or URL form), as a secret reference.
+    pub admin_dsn: SecretRef,
+    /// `single` (one role) or `alternating` (two roles, zero downtime).
+    pub strategy: Strategy,
+    /// The role whose password rotates (`single`).
+    #[serde(default)]
+    pub role: Option<String>,
+    /// The two roles used in turn (`alternating`).
+    #[serde(default)]
+    pub roles: Option<Vec<String>>,
+    /// Host the target role logs in to; defaults to the admin DSN's host(s).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Port the target role logs in to; defaults to the admin DSN's port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Database the target role logs in to; defaults to the admin DSN's database.
+    #[serde(default)]
+    pub dbname: Option<String>,
+    /// TLS for the target role's login (`disable`, `prefer`, `require`).
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// A PEM file of CA certificates trusted for TLS besides the public web roots.
+    #[serde(default)]
+    pub sslrootcert: Option<PathBuf>,
+    /// A statement run by `verify` after logging in with the new password.
+    #[serde(default)]
+    pub probe_query: Option<String>,
+    /// Length of generated passwords (16 to 1024).
+    #[serde(default = "default_length")]
+    pub length: usize,
+    /// `alternating`: whether `revoke` sets the idle role's password to an unknown random value.
+    #[serde(default = "default_true")]
+    pub scramble_on_revoke: bool,
+    /// Seconds allowed for establishing any connection.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+fn default_length() -> usize {
+    32
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_connect_timeout() -> u64 {
+    10
+}
+
+/// How a password is rotated.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// One role, password changed in place.
+    Single,
+    /// Two roles used in turn.
+    Alternating,
+}
+
+/// TLS policy for the target role's login, with libpq's names.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SslMode {
+    /// Never use TLS.
+    Disable,
+    /// Use TLS when the server offers it.
+    #[default]
+    Prefer,
+    /// Refuse to log in without TLS.
+    Require,
+}
+
+impl PostgresConfig {
+    /// Checks what can be checked without a connection; the error names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        let check_role = |field: &str, role: &str| {
+            if role.is_empty() || role.len() > 63 || role.contains('\0') {
+                Err(format!(
+                    "{field}: `{role}` is not a valid role name (1 to 63 bytes)"
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match self.strategy {
+            Strategy::Single => {
+                let role = self
+                    .role
+                    .as_deref()
+                    .ok_or("role: required by strategy \"single\"")?;
+                check_role("role", role)?;
+                if self.roles.is_some() {
+                    return Err("roles: only for strategy \"alternating\"; use `role`".into());
+                }
+            }
+            Strategy::Alternating => {
+                let roles = self
+                    .roles
+                    .as_deref()
+                    .ok_or("roles: required by strategy \"alternating\"")?;
+                if roles.len() != 2 || roles[0] == roles[1] {
+                    return Err("roles: must name exactly two different roles".into());
+                }
+                for role in roles {
+                    check_role("roles", role)?;
+                }
+                if self.role.is_some() {
+                    return Err("role: only for strategy \"single\"; use `roles`".into());
+                }
+            }
+        }
+        if !(16..=1024).contains(&self.length) {
+            return Err(format!(
+                "length: must be between 16 and 1024, got {}",
+                self.length
+            ));
+        }
+        if self.port == Some(0) {
+            return Err("port: must not be 0".into());
+        }
+        if self.host.as_deref() == Some("") || self.dbname.as_deref() == Some("") {
+            return Err("host/dbname: must not be empty when given".into());
+        }
+        if self
+            .probe_query
+            .as_deref()
+            .is_some_and(|q| q.trim().is_empty())
+        {
+            return Err("probe_query: must not be empty when given".into());
+        }
+        if let Some(path) = &self.sslrootcert {
+            if !path.is_absolute() {
+                return Err(format!(
+                    "sslrootcert: must be absolute, got `{}`",
+                    path.display()
+                ));
+            }
+        }
+        if !(1..=300).contains(&self.connect_timeout_secs) {
+            return Err("connect_timeout_secs: must be between 1 and 300".into());
+        }
+        Ok(())
+    }
+}
+
+/// The `postgres_password` rotator.
+pub struct PostgresRotator {
+    config: PostgresConfig,
+    tls: MakeRustlsConnect,
+}
+
+impl std::fmt::Debug for PostgresRotator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresRotator")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresRotator {
+    /// Builds the rotator from a configuration; validates it and loads `sslrootcert`.
+    pub fn new(config: PostgresConfig) -> Result<Self, String> {
+        config.validate()?;
+        let tls = MakeRustlsConnect::new(tls_config(config.sslrootcert.as_deref())?);
+        Ok(Self { config, tls })
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.config.connect_timeout_secs)
+    }
+
+    /// The admin DSN, parsed. Read at every use, so a rotated admin secret is picked up.
+    fn admin_config(&self, op: &str) -> Result<tokio_postgres::Config, ProviderError> {
+        let dsn = self.config.admin_dsn.resolve().map_err(|e| {
+            ProviderError::permanent(format!("{op}: admin_dsn {}: {e}", self.config.admin_dsn))
+        })?;
+        let mut config: tokio_postgres::Config = dsn.expose_secret().parse().map_err(|_| {
+            // The parser's message could quote part of the string: say only where it came from.
+            ProviderError::permanent(format!(
+                "{op}: the admin DSN from {} is not a valid connection string",
+                self.config.admin_dsn
+            ))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(self.timeout());
+        }
+        config.application_name("keyrotd");
+        Ok(config)
+    }
+
+    /// Connection parameters for logging in as `role` with `password`.
+    fn login_config(
+        &self,
+        op: &str,
+        role: &str,
+        password: &SecretString,
+    ) -> Result<tokio_postgres::Config, ProviderError> {
+        let admin = self.admin_config(op)?;
+        let mut config = tokio_postgres::Config::new();
+        match &self.config.host {
+            Some(host) => {
+                config.host(host);
+            }
+            None => {
+                for host in admin.get_hosts() {
+                    match host {
+                        Host::Tcp(h) => config.host(h),
+                        Host::Unix(p) => config.host_path(p),
+                    };
+                }
+            }
+        }
+        match self.config.port {
+            Some(port) => {
+                config.port(port);
+            }
+            None => {
+                for port in admin.get_ports() {
+                    config.port(*port);
+                }
+            }
+        }
+        if let Some(db) = self.config.dbname.as_deref().or(admin.get_dbname()) {
+            config.dbname(db);
+        }
+        config
+            .user(role)
+            .password(password.expose_secret())
+            .ssl_mode(match self.config.sslmode {
+                SslMode::Disable => PgSslMode::Disable,
+                SslMode::Prefer => PgSslMode::Prefer,
+                SslMode::Require => PgSslMode::Require,
+            })
+            .connect_timeout(self.timeout())
+            .application_name("keyrotd-verify");
+        Ok(config)
+    }
+
+    async fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+        what: &str,
+    ) -> Result<Client, ProviderError> {
+        let connecting = config.connect(self.tls.clone());
+        let (client, connection) =
+            tokio::time::timeout(self.timeout() + Duration::from_secs(1), connecting)
+                .await
+                .map_err(|_| {
+                    ProviderError::transient(format!("{what}: timed out connecting"))
+                        .with_code("timeout")
+                })?
+                .map_err(|e| pg_error(what, &e))?;
+        tokio::spawn(async move {
+            // Errors surface on the client's next call; nothing to report here.
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// Sets `role`'s password through the admin connection, as a client-side SCRAM verifier.
+    async fn set_password(
+        &self,
+        op: &str,
+        role: &str,
+        password: &SecretString,
+    ) -> Result<(), ProviderError> {
+        let what = format!("{op}: setting the password of role \"{role}\"");
+        let admin = self.admin_config(op)?;
+        let client = self
+            .connect(&admin, &format!("{what}: admin login"))
+            .await?;
+        let verifier =
+            postgres_protocol::password::scram_sha_256(password.expose_secret().as_bytes());
+        let sql = format!(
+            "ALTER ROLE {} PASSWORD {}",
+            quote_ident(role),
+            quote_literal(&verifier)
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| pg_error(&what, &e))
+    }
+
+    /// Logs in as `role` with `password` and runs the probe query.
+    async fn try_login(
+        &self,
+        op: &str,
+        role: &str,
+        password: &SecretString,
+    ) -> Result<(), ProviderError> {
+        let what = format!("{op}: logging in as role \"{role}\"");
+        let config = self.login_config(op, role, password)?;
+        let client = self.connect(&config, &what).await?;
+        if let Some(probe) = &self.config.probe_query {
+            client
+                .batch_execute(probe)
+                .await
+                .map_err(|e| pg_error(&format!("{what}: probe query"), &e))?;
+        }
+        Ok(())
+    }
+
+    /// Sets `role`'s password to a random value nobody knows.
+    async fn scramble(&self, op: &str, role: &str) -> Result<(), ProviderError> {
+        self.set_password(
+            op,
+            role,
+            &generate(self.config.length.max(32), Alphabet::Alphanumeric),
+        )
+        .await
+    }
+
+    fn single_role(&self) -> &str {
+        self.config
+            .role
+            .as_deref()
+            .expect("validated: single has a role")
+    }
+
+    fn alternating_roles(&self) -> (&str, &str) {
+        let roles = self
+            .config
+            .roles
+            .as_deref()
+            .expect("validated: alternating has two roles");
+        (&roles[0], &roles[1])
+    }
+
+    /// The role a new credential is for, given what the store holds now.
+    fn next_role(&self, current: Option<&Credential>) -> &str {
+        match self.config.strategy {
+            Strategy::Single => self.single_role(),
+            Strategy::Alternating => {
+                let (a, b) = self.alternating_roles();
+                let published = current
+                    .and_then(|c| c.attrs.get(USERNAME_ATTR))
+                    .map(String::as_str);
+                if published == Some(a) {
+                    b
+                } else {
+                    a
+                }
+            }
+        }
+    }
+
+    /// The role of a credential this rotator issued; checks that it is one of the configured ones.
+    fn role_of<'a>(&'a self, op: &str, attrs: &'a Attrs) -> Result<&'a str, ProviderError> {
+        let role = attrs.get(USERNAME_ATTR).ok_or_else(|| {
+            ProviderError::permanent(format!(
+                "{op}: the credential has no `{USERNAME_ATTR}` attribute"
+            ))
+        })?;
+        let known = match self.config.strategy {
+            Strategy::Single => role == self.single_role(),
+            Strategy::Alternating => {
+                let (a, b) = self.alternating_roles();
+                role == a || role == b
+            }
+        };
+        if !known {
+            return Err(ProviderError::permanent(format!(
+                "{op}: role \"{role}\" is not one this rotator manages"
+            )));
+        }
+        Ok(role)
+    }
+}
+
+#[async_trait]
+impl Rotator for PostgresRotator {
+    fn kind(&self) -> &'static str {
+        "postgres_password"
+    }
+
+    fn secret_field(&self) -> &str {
+        "password"
+    }
+
+    async fn issue(
+        &self,
+        _ctx: StepContext<'_>,
+        current: Option<&Credential>,
+    ) -> Result<Credential, ProviderError> {
+        let role = self.next_role(current);
+        Ok(Credential {
+            secret: generate(self.config.length, Alphabet::Alphanumeric),
+            attrs: Attrs::from([(USERNAME_ATTR.to_owned(), role.to_owned())]),
+        })
+    }
+
+    async fn activate(
+        &self,
+        _ctx: StepContext<'_>,
+        new: &Credential,
+        current: Option<&Credential>,
+    ) -> Result<(), ProviderError> {
+        let role = self.role_of("activate", &new.attrs)?;
+        if self.config.strategy == Strategy::Alternating
+            && current
+                .and_then(|c| c.attrs.get(USERNAME_ATTR))
+                .map(String::as_str)
+                == Some(role)
+        {
+            // Changing the published role's password would cut its consumers off.
+            return Err(ProviderError::permanent(format!(
+                "activate: role \"{role}\" is the published one; alternating rotation only changes the idle role"
+            )));
+        }
+        // Setting the same password again is harmless, so a re-run simply repeats the ALTER ROLE.
+        self.set_password("activate", role, &new.secret).await
+    }
+
+    async fn verify(&self, _ctx: StepContext<'_>, new: &Credential) -> Result<(), ProviderError> {
+        let role = self.role_of("verify", &new.attrs)?;
+        self.try_login("verify", role, &new.secret).await
+    }
+
+    async fn abandon(
+        &self,
+        _ctx: StepContext<'_>,
+        issued: Option<&Attrs>,
+        current: Option<&Credential>,
+    ) -> Result<(), ProviderError> {
+        match self.config.strategy {
+            Strategy::Single => {
+                let role = self.single_role();
+                match current {
+                    // Consumers hold `current`: make it work again, whatever activate did.
+                    Some(current) => self.set_password("abandon", role, &current.secret).await,
+                    // Nobody holds a working password; make sure the discarded one stops working.
+                    None => self.scramble("abandon", role).await,
+                }
+            }
+            Strategy::Alternating => {
+                let published = current
+                    .and_then(|c| c.attrs.get(USERNAME_ATTR))
+                    .map(String::as_str);
+                let idle = match issued.and_then(|a| a.get(USERNAME_ATTR)) {
+                    Some(_) => self.role_of("abandon", issued.expect("checked above"))?,
+                    None => self.next_role(current),
+                };
+                if Some(idle) == published {
+                    // Never touch the role consumers use.
+                    return Ok(());
+                }
+                self.scramble("abandon", idle).await
+            }
+        }
+    }
+
+    async fn revoke(&self, _ctx: StepContext<'_>, old: &Attrs) -> Result<(), ProviderError> {
+        // A single role's old password is already gone: activate replaced it in place.
+        if self.config.strategy == Strategy::Single || !self.config.scramble_on_revoke {
+            return Ok(());
+        }
+        let role = self.role_of("revoke", old)?;
+        self.scramble("revoke", role).await
+    }
+}
+
+/// The TLS client configuration: the public web roots plus an optional private CA file.
+fn tls_config(sslrootcert: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = sslrootcert {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("sslrootcert: cannot read `{}`: {e}", path.display()))?;
+        for cert in certs {
+            let cert =
+                cert.map_err(|e| format!("sslrootcert: `{}` is not PEM: {e}", path.display()))?;
+            roots.add(cert).map_err(|e| {
+                format!("sslrootcert: bad certificate in `{}`: {e}", path.display())
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("sslmode: TLS setup failed: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// `"name"` with embedded quotes doubled: safe for any role name.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `'value'` with embedded quotes doubled (a SCRAM verifier has none, but be safe).
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Turns a driver error into a [`ProviderError`]: server errors keep their SQLSTATE and only the
+/// server's primary message (details and hints can quote statements); connection problems are
+/// transient.
+fn pg_error(what: &str, e: &tokio_postgres::Error) -> ProviderError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        let class = match &code[..2] {
+            // connection exception, insufficient resources, operator intervention, rollback
+            "08" | "53" | "57" | "40" => ErrorClass::Transient,
+            _ => ErrorClass::Permanent,
+        };
+        return ProviderError {
+            class,
+            code: Some(code.to_owned()),
+            message: format!("{what}: {}", db.message()),
+        };
+    }
+    let mut source = e.source();
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            // A refused, reset or timed-out connection may work later; a TLS certificate the
+            // client does not trust (InvalidData) or a socket path it may not use will not.
+            let class = match io.kind() {
+                InvalidData | InvalidInput | PermissionDenied | NotFound => ErrorClass::Permanent,
+                _ => ErrorClass::Transient,
+            };
+            return ProviderError {
+                class,
+                code: Some(format!("{:?}", io.kind())),
+                message: format!("{what}: {io}"),
+            };
+        }
+        source = err.source();
+    }
+    if e.is_closed() {
+        return ProviderError::transient(format!("{what}: the connection was closed"));
+    }
+    // Configuration and TLS problems: retrying will not help.
+    ProviderError::permanent(format!("{what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(toml_strategy: &str) -> PostgresConfig {
+        serde_json::from_str(toml_strategy).unwrap()
+    }
+
+    #[test]
+    fn validates_roles_per_strategy() {
+        let ok = config(r#"{"admin_dsn":"env:X","strategy":"single","role":"app"}"#);
+        assert!(ok.validate().is_ok());
+        let missing = config(r#"{"admin_dsn":"env:X","strategy":"single"}"#);
+        assert!(missing.validate().unwrap_err().starts_with("role:"));
+        let one = config(r#"{"admin_dsn":"env:X","strategy":"alternating","roles":["a"]}"#);
+        assert!(one.validate().unwrap_err().starts_with("roles:"));
+        let same = config(r#"{"admin_dsn":"env:X","strategy":"alternating","roles":["a","a"]}"#);
+        assert!(same.validate().unwrap_err().starts_with("roles:"));
+        let short = config(r#"{"admin_dsn":"env:X","strategy":"single","role":"a","length":8}"#);
+        assert!(short.validate().unwrap_err().starts_with("length:"));
+        assert!(serde_json::from_str::<PostgresConfig>(
+            r#"{"admin_dsn":"postgres://u:p@h/db","strategy":"single","role":"a"}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn quotes_identifiers_and_literals() {
+        assert_eq!(quote_ident(r#"we"ird"#), r#""we""ird""#);
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn alternating_picks_the_idle_role() {
+        let r = PostgresRotator::new(config(
+            r#"{"admin_dsn":"env:X","strategy":"alternating","roles":["a","b"]}"#,
+        ))
+        .unwrap();
+        let cred = |u: &str| Credential {
+            secret: SecretString::from("x".to_owned()),
+            attrs: Attrs::from([(USERNAME_ATTR.to_owned(), u.to_owned())]),
+        };
+        assert_eq!(r.next_role(None), "a");
+        assert_eq!(r.next_role(Some(&cred("a"))), "b");
+        assert_eq!(r.next_role(Some(&cred("b"))), "a");
+    }
+}
