@@ -169,6 +169,10 @@ async fn webhook_fires_once_repeats_and_resolves() {
         Some("Bearer test-token-123")
     );
     let b = &first.body;
+    assert!(
+        !b.to_string().contains("test-token-123"),
+        "no secret in the payload: {b}"
+    );
     assert_eq!(b["version"], 1);
     assert_eq!(b["status"], "firing");
     assert_eq!(b["credential"], "db-main");

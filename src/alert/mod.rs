@@ -310,6 +310,7 @@ impl Alerter {
     /// notifications are delivered, or after a flush deadline of a few seconds.
     ///
     /// Call [`AlertsConfig::validate`] first; this fails only on what validation would refuse.
+    /// Calling it again on the same registry (a config reload) replaces the delivery counter.
     /// Must be called inside a tokio runtime.
     pub fn start(
         config: &AlertsConfig,
@@ -323,7 +324,12 @@ impl Alerter {
             ),
             &["channel", "result"],
         )?;
-        registry.register(Box::new(metric.clone()))?;
+        // A config reload starts a new Alerter on the same registry: the new counter replaces the
+        // old one (a counter reset, which rate() and increase() handle).
+        if let Err(prometheus::Error::AlreadyReg) = registry.register(Box::new(metric.clone())) {
+            registry.unregister(Box::new(metric.clone()))?;
+            registry.register(Box::new(metric.clone()))?;
+        }
         let deliveries = Deliveries(metric);
 
         let mut workers = Vec::new();
