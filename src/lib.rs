@@ -1,1 +1,24 @@
+//! keyrotd: a daemon that rotates credentials on a schedule.
+//!
+//! - [`config`]: the inventory, parsed once into validated types;
+//! - [`schedule`]: cron expressions, intervals and windows;
+//! - [`state`]: the durable journal (SQLite) behind the [`state::StateStore`] trait;
+//! - [`engine`]: the rotation protocol (issue, stage, activate, verify, promote, revoke);
+//! - [`scheduler`]: decides when each credential needs the engine;
+//! - [`metrics`] and [`http`]: the Prometheus exposition and health endpoints;
+//! - [`daemon`]: `keyrotd run`, wiring everything to one shutdown signal;
+//! - [`cli`]: `check`, `status`, `rotate` and `history`;
+//! - [`alert`]: email and webhook notifications of credential conditions, without spam.
+//!
+//! The provider plugins (rotators and stores) live in the `keyrotd-rotators` crate.
+
 pub mod alert;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod schedule;
+pub mod scheduler;
+pub mod state;

@@ -1,0 +1,72 @@
+//! `keyrotd run`: wires the inventory, state, engine, scheduler and HTTP endpoint together and
+//! owns the single shutdown signal every task is given.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::{Inventory, StateUrl};
+use crate::engine::Engine;
+use crate::http::{serve, Endpoint};
+use crate::metrics::Metrics;
+use crate::scheduler::{Scheduler, Table};
+use crate::state::{SqliteState, StateStore};
+
+/// Opens the configured state backend.
+pub fn open_state(inventory: &Inventory) -> anyhow::Result<Arc<dyn StateStore>> {
+    match &inventory.daemon.state {
+        StateUrl::Sqlite(path) => Ok(Arc::new(SqliteState::open(path).with_context(|| format!("opening state {}", path.display()))?)),
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let shutdown = CancellationToken::new();
+    let metrics = Metrics::new().context("registering metrics")?;
+    let endpoint = Endpoint { metrics: metrics.clone(), table: Arc::new(OnceLock::new()), ready: Arc::new(AtomicBool::new(false)) };
+    let http = serve(inventory.daemon.listen, endpoint.clone(), shutdown.clone()).await?;
+
+    let state = open_state(&inventory)?;
+    let ids: Vec<String> = inventory.credentials.iter().map(|c| c.id.clone()).collect();
+    state.ensure_credentials(&ids).await?;
+    let records = state.credentials().await?;
+    let open = state.open_rotations().await?;
+    let table = Arc::new(Table::new(inventory.credentials, records, &open));
+    let engine = Arc::new(Engine::new(state, metrics.engine.clone(), None, shutdown.clone()));
+    let scheduler = Scheduler::new(table.clone(), engine, inventory.daemon.max_concurrent_rotations, shutdown.clone());
+    let (cron, rx, tx) = scheduler.start_cron().await?;
+    let _ = endpoint.table.set(table.clone());
+    endpoint.ready.store(true, Ordering::Release);
+    info!(
+        credentials = table.slots.len(),
+        open_rotations = open.len(),
+        listen = %inventory.daemon.listen,
+        ready_ms = started.elapsed().as_millis() as u64,
+        "keyrotd ready"
+    );
+    tokio::spawn(signals(shutdown.clone()));
+    scheduler.run(cron, rx, tx).await;
+    shutdown.cancel();
+    let _ = http.await;
+    info!("keyrotd stopped");
+    Ok(())
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop keyrotd with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,62 @@
+//! The HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (the process serves) and
+//! `/readyz` (the inventory is loaded and scheduled).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{credential_chunks, Metrics};
+use crate::scheduler::Table;
+
+/// What the handlers read.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub metrics: Metrics,
+    /// Set once the scheduler has the inventory.
+    pub table: Arc<OnceLock<Arc<Table>>>,
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Binds `addr` now (so a taken port fails start-up) and serves until `shutdown`.
+pub async fn serve(addr: SocketAddr, endpoint: Endpoint, shutdown: CancellationToken) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(endpoint);
+    Ok(tokio::spawn(async move {
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await });
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "HTTP endpoint failed");
+        }
+    }))
+}
+
+async fn ready(State(e): State<Endpoint>) -> (StatusCode, &'static str) {
+    if e.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    }
+}
+
+async fn metrics(State(e): State<Endpoint>) -> Response {
+    let head = e.metrics.render_registry();
+    let body = match e.table.get() {
+        Some(table) => {
+            let chunks = std::iter::once(head).chain(credential_chunks(table.clone())).map(Ok::<_, std::convert::Infallible>);
+            Body::from_stream(futures_util::stream::iter(chunks))
+        }
+        None => Body::from(head),
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}

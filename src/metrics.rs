@@ -1,0 +1,133 @@
+//! The Prometheus exposition.
+//!
+//! Process-wide metrics (rotations, step durations, build info) live in an owned `Registry`.
+//! Per-credential series are not stored as metric objects at all: they are rendered at scrape
+//! time from the scheduler's live table, a chunk of credentials at a time, so 100,000 credentials
+//! cost no memory between scrapes and a bounded amount during one.
+//!
+//! Invariant: label values are credential ids (validated to `[A-Za-z0-9._-]`), rotator kinds,
+//! states and steps: never secret material or error text.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use chrono::Utc;
+use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::engine::EngineMetrics;
+use crate::scheduler::{lock, Live, Table};
+use crate::state::Status;
+
+/// Credentials rendered per chunk of the streamed response.
+const CHUNK: usize = 2000;
+
+/// The daemon's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub engine: EngineMetrics,
+}
+
+impl Metrics {
+    /// Creates the registry and the process-wide metrics.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let engine = EngineMetrics::register(&registry)?;
+        let build = IntGaugeVec::new(Opts::new("keyrotd_build_info", "Always 1; labelled with the running version."), &["version"])?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry.register(Box::new(build))?;
+        Ok(Self { registry, engine })
+    }
+
+    /// The registry part of the exposition.
+    pub fn render_registry(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding into memory cannot fail");
+        String::from_utf8(buf).expect("the text encoder writes UTF-8")
+    }
+}
+
+/// One per-credential metric family.
+#[derive(Clone, Copy)]
+enum Family {
+    Issued,
+    MaxAge,
+    NextRotation,
+    Status,
+    Failures,
+}
+
+impl Family {
+    const ALL: [Family; 5] = [Self::Issued, Self::MaxAge, Self::NextRotation, Self::Status, Self::Failures];
+
+    fn header(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Issued => ("keyrotd_credential_issued_timestamp_seconds", "When the current credential was promoted (Unix time)."),
+            Self::MaxAge => ("keyrotd_credential_max_age_seconds", "Age past which the credential is stale."),
+            Self::NextRotation => ("keyrotd_credential_next_rotation_timestamp_seconds", "When the next rotation (or revocation) is due (Unix time)."),
+            Self::Status => ("keyrotd_credential_status", "1 for the credential's current state (idle, rotating, grace, retrying, failed)."),
+            Self::Failures => ("keyrotd_credential_consecutive_failures", "Failed attempts since the last success."),
+        }
+    }
+}
+
+/// Renders the per-credential families as a sequence of text chunks.
+pub fn credential_chunks(table: Arc<Table>) -> impl Iterator<Item = String> + Send {
+    let now = Utc::now();
+    // Credentials share a few cron schedules: compute each group's next fire once per scrape.
+    let group_fire: Vec<Option<i64>> = table
+        .groups
+        .iter()
+        .map(|g| {
+            crate::schedule::CronSchedule::parse(&g.expression, g.timezone).ok().and_then(|c| c.next_after(now)).map(|t| t.timestamp())
+        })
+        .collect();
+    let chunks = table.slots.len().div_ceil(CHUNK);
+    Family::ALL.into_iter().flat_map(move |family| {
+        let (table, group_fire) = (table.clone(), group_fire.clone());
+        (0..chunks.max(1)).map(move |c| {
+            let mut out = String::with_capacity(CHUNK * 128);
+            if c == 0 {
+                let (name, help) = family.header();
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            }
+            let end = ((c + 1) * CHUNK).min(table.slots.len());
+            for slot in &table.slots[(c * CHUNK).min(end)..end] {
+                let live: Live = *lock(&slot.live);
+                let (id, kind) = (&slot.spec.id, slot.spec.rotator.kind());
+                let (name, _) = family.header();
+                let labels = format!("credential=\"{id}\",rotator=\"{kind}\"");
+                match family {
+                    Family::Issued => {
+                        if let Some(t) = live.issued_at {
+                            let _ = writeln!(out, "{name}{{{labels}}} {t}");
+                        }
+                    }
+                    Family::MaxAge => {
+                        let _ = writeln!(out, "{name}{{{labels}}} {}", slot.spec.max_age.as_secs());
+                    }
+                    Family::NextRotation => {
+                        let cron = slot.group.and_then(|g| group_fire[g]).filter(|_| live.status != Status::Failed);
+                        let next = match (live.wake, cron) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                        if let Some(t) = next {
+                            let _ = writeln!(out, "{name}{{{labels}}} {t}");
+                        }
+                    }
+                    Family::Status => {
+                        for state in Status::ALL {
+                            let v = u8::from(state == live.status);
+                            let _ = writeln!(out, "{name}{{{labels},state=\"{}\"}} {v}", state.as_str());
+                        }
+                    }
+                    Family::Failures => {
+                        let _ = writeln!(out, "{name}{{{labels}}} {}", live.consecutive_failures);
+                    }
+                }
+            }
+            out
+        })
+    })
+}

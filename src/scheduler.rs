@@ -1,0 +1,322 @@
+//! The *when*: decides which credential needs the engine next and runs it, within the global
+//! concurrency limit.
+//!
+//! Two sources of wake-ups, neither of which polls:
+//! - cron schedules go to tokio-cron-scheduler, one job per distinct (expression, timezone), not
+//!   one per credential: a fire enqueues every credential of its group;
+//! - everything else (intervals, overdue rotations, retries, revocations after grace) waits in a
+//!   due-time heap; the loop sleeps until the earliest entry.
+//!
+//! Invariants: a credential is queued or running at most once in this process (the state store
+//! stops other processes); at most `max_concurrent_rotations` engine runs are in flight; a rotation
+//! triggered by a cron fire starts inside the schedule's window or waits for the next fire.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use tokio::sync::mpsc;
+use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::CredentialSpec;
+use crate::engine::{Engine, Outcome, Trigger};
+use crate::schedule::Due;
+use crate::state::{CredentialRecord, Phase, RotationRecord, StateError, Status};
+
+/// How often the scheduler looks for rotations other processes (`keyrotd rotate`) started, so it
+/// can revoke them on time. A cheap indexed query, not a busy loop.
+const RECONCILE_EVERY: Duration = Duration::from_secs(60);
+/// How long to wait before looking again at a credential another process is rotating.
+const BUSY_RETRY: i64 = 60;
+
+/// What the daemon knows of one credential now; read by metrics and updated after each run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Live {
+    pub status: Status,
+    pub issued_at: Option<i64>,
+    pub consecutive_failures: u32,
+    /// The next heap wake-up (retry, revocation, interval), if any.
+    pub wake: Option<i64>,
+}
+
+/// One inventory entry and its live view.
+pub struct Slot {
+    pub spec: CredentialSpec,
+    /// Index of its cron group, if it has a cron schedule.
+    pub group: Option<usize>,
+    pub live: Mutex<Live>,
+}
+
+/// The inventory as the running daemon holds it.
+pub struct Table {
+    pub slots: Vec<Slot>,
+    /// Distinct cron schedules; each fires all its members.
+    pub groups: Vec<CronGroup>,
+}
+
+/// Credentials sharing one cron schedule.
+pub struct CronGroup {
+    pub expression: String,
+    pub timezone: chrono_tz::Tz,
+    pub members: Vec<usize>,
+}
+
+impl Table {
+    /// Builds the table from the inventory and the stored state.
+    pub fn new(specs: Vec<CredentialSpec>, records: Vec<CredentialRecord>, open: &[RotationRecord]) -> Self {
+        let mut records: HashMap<String, CredentialRecord> = records.into_iter().map(|r| (r.id.clone(), r)).collect();
+        let open: HashMap<&str, &RotationRecord> = open.iter().map(|r| (r.credential_id.as_str(), r)).collect();
+        let mut groups: Vec<CronGroup> = Vec::new();
+        let mut group_index: HashMap<(String, chrono_tz::Tz), usize> = HashMap::new();
+        let now = Utc::now().timestamp();
+        let slots = specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let group = spec.schedule.cron.as_ref().map(|c| {
+                    let g = *group_index.entry((c.expression.clone(), c.timezone)).or_insert_with(|| {
+                        groups.push(CronGroup { expression: c.expression.clone(), timezone: c.timezone, members: Vec::new() });
+                        groups.len() - 1
+                    });
+                    groups[g].members.push(i);
+                    g
+                });
+                let record = records.remove(&spec.id).unwrap_or_else(|| CredentialRecord::new(&spec.id));
+                let live = live_view(&spec, &record, open.get(spec.id.as_str()).copied(), now);
+                Slot { spec, group, live: Mutex::new(live) }
+            })
+            .collect();
+        Self { slots, groups }
+    }
+}
+
+/// The live view of a credential, with its next heap wake-up.
+pub fn live_view(spec: &CredentialSpec, record: &CredentialRecord, open: Option<&RotationRecord>, now: i64) -> Live {
+    let wake = match (record.status, open) {
+        (Status::Failed, _) => None,
+        (_, Some(r)) if r.phase == Phase::Promoted => match (record.next_attempt_at, r.revoke_at) {
+            (Some(retry), Some(revoke)) => Some(retry.max(revoke)),
+            (retry, revoke) => retry.or(revoke).or(Some(now)),
+        },
+        // An unfinished rotation (a crash or shutdown interrupted it) resumes now, or at its retry.
+        (_, Some(_)) => Some(record.next_attempt_at.unwrap_or(now)),
+        (Status::Retrying, None) => record.next_attempt_at.or(Some(now)),
+        (_, None) => {
+            let last = record.issued_at.and_then(|t| Utc.timestamp_opt(t, 0).single());
+            match spec.schedule.due(last, Utc.timestamp_opt(now, 0).single().unwrap_or_else(Utc::now)) {
+                Due::At(t) => Some(t.timestamp()),
+                Due::NextCronFire => None,
+            }
+        }
+    };
+    Live { status: record.status, issued_at: record.issued_at, consecutive_failures: record.consecutive_failures, wake }
+}
+
+/// What the scheduling loop hears about.
+pub enum Msg {
+    /// A cron group fired at this instant.
+    CronFired(usize, DateTime<Utc>),
+    /// An engine run finished.
+    Done(usize, Result<(Outcome, CredentialRecord), String>),
+}
+
+/// Runs the schedule until `shutdown`.
+pub struct Scheduler {
+    table: Arc<Table>,
+    engine: Arc<Engine>,
+    max_concurrent: usize,
+    shutdown: CancellationToken,
+}
+
+/// A queued run: which slot, why, and for cron runs the fire time its window counts from.
+type Queued = (usize, Trigger, Option<DateTime<Utc>>);
+
+impl Scheduler {
+    /// Creates a scheduler over `table`.
+    pub fn new(table: Arc<Table>, engine: Arc<Engine>, max_concurrent: usize, shutdown: CancellationToken) -> Self {
+        Self { table, engine, max_concurrent, shutdown }
+    }
+
+    /// Registers the cron jobs. Returns the running cron scheduler and the channel its jobs
+    /// report to; call before announcing readiness.
+    pub async fn start_cron(&self) -> anyhow::Result<(JobScheduler, mpsc::Receiver<Msg>, mpsc::Sender<Msg>)> {
+        let (tx, rx) = mpsc::channel(1024);
+        let cron = JobScheduler::new().await?;
+        for (g, group) in self.table.groups.iter().enumerate() {
+            let tx = tx.clone();
+            let job = Job::new_async_tz(group.expression.as_str(), group.timezone, move |_, _| {
+                let tx = tx.clone();
+                Box::pin(async move {
+                    // The queue is bounded; a full one means the loop is gone (shutting down).
+                    let _ = tx.send(Msg::CronFired(g, Utc::now())).await;
+                })
+            })?;
+            cron.add(job).await?;
+        }
+        cron.start().await?;
+        Ok((cron, rx, tx))
+    }
+
+    /// The scheduling loop. Returns after shutdown once every in-flight run has finished or
+    /// parked its rotation.
+    pub async fn run(self, mut cron: JobScheduler, mut rx: mpsc::Receiver<Msg>, tx: mpsc::Sender<Msg>) {
+        let n = self.table.slots.len();
+        let mut heap: BinaryHeap<Reverse<(i64, usize, u64)>> = BinaryHeap::with_capacity(n);
+        let mut generation = vec![0u64; n];
+        let mut busy = vec![false; n];
+        let mut ready: VecDeque<Queued> = VecDeque::new();
+        let mut running = 0usize;
+        for (i, slot) in self.table.slots.iter().enumerate() {
+            if let Some(at) = lock(&slot.live).wake {
+                heap.push(Reverse((at, i, 0)));
+            }
+        }
+        info!(credentials = n, cron_groups = self.table.groups.len(), queued = heap.len(), "scheduler running");
+        let mut reconcile = tokio::time::interval_at(tokio::time::Instant::now() + RECONCILE_EVERY, RECONCILE_EVERY);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            while running < self.max_concurrent {
+                let Some((i, trigger, fire)) = ready.pop_front() else { break };
+                let spec = &self.table.slots[i].spec;
+                if let Some(fire) = fire.filter(|f| !spec.schedule.in_window(*f, Utc::now())) {
+                    info!(credential = %spec.id, fire = %fire, "rotation window missed; waiting for the next fire time");
+                    busy[i] = false;
+                    continue;
+                }
+                running += 1;
+                lock(&self.table.slots[i].live).status = Status::Rotating;
+                let (engine, table, tx) = (self.engine.clone(), self.table.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let result = engine.run(&table.slots[i].spec, trigger).await.map_err(|e| e.to_string());
+                    let _ = tx.send(Msg::Done(i, result)).await;
+                });
+            }
+            if self.shutdown.is_cancelled() && running == 0 {
+                break;
+            }
+            let next = heap.peek().map(|Reverse((at, _, _))| *at);
+            let sleep = next.map(|at| Duration::from_millis((at * 1000 - Utc::now().timestamp_millis()).max(0) as u64));
+            tokio::select! {
+                _ = self.shutdown.cancelled(), if !self.shutdown.is_cancelled() => {
+                    info!(running, "shutdown: letting in-flight rotations finish or park");
+                    ready.clear();
+                    let _ = cron.shutdown().await;
+                }
+                Some(msg) = rx.recv() => match msg {
+                    Msg::CronFired(g, fire) => {
+                        if self.shutdown.is_cancelled() { continue; }
+                        debug!(group = g, "cron fired");
+                        for &i in &self.table.groups[g].members {
+                            let live = *lock(&self.table.slots[i].live);
+                            if !busy[i] && live.status != Status::Failed {
+                                busy[i] = true;
+                                ready.push_back((i, Trigger::Schedule, Some(fire)));
+                            }
+                        }
+                    }
+                    Msg::Done(i, result) => {
+                        running -= 1;
+                        busy[i] = false;
+                        let wake = self.finished(i, result);
+                        generation[i] += 1;
+                        if let Some(at) = wake {
+                            heap.push(Reverse((at, i, generation[i])));
+                        }
+                    }
+                },
+                _ = sleep_for(sleep), if !self.shutdown.is_cancelled() => {
+                    let now = Utc::now().timestamp();
+                    while let Some(Reverse((at, i, g))) = heap.peek().copied() {
+                        if at > now { break; }
+                        heap.pop();
+                        if g != generation[i] || busy[i] { continue; }
+                        busy[i] = true;
+                        let trigger = if lock(&self.table.slots[i].live).status == Status::Retrying { Trigger::Retry } else { Trigger::Schedule };
+                        ready.push_back((i, trigger, None));
+                    }
+                }
+                _ = reconcile.tick(), if !self.shutdown.is_cancelled() => {
+                    match self.reconcile().await {
+                        Ok(wakes) => for (i, at) in wakes {
+                            generation[i] += 1;
+                            heap.push(Reverse((at, i, generation[i])));
+                        },
+                        Err(e) => warn!(error = %e, "reconcile with the state store failed"),
+                    }
+                }
+            }
+        }
+        info!("scheduler stopped");
+    }
+
+    /// Updates the live view after a run and returns the next heap wake-up.
+    fn finished(&self, i: usize, result: Result<(Outcome, CredentialRecord), String>) -> Option<i64> {
+        let slot = &self.table.slots[i];
+        let now = Utc::now().timestamp();
+        let (outcome, record) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // The state store failed: nothing durable changed; try again after a pause.
+                error!(credential = %slot.spec.id, error = %e, "rotation could not run");
+                let mut live = lock(&slot.live);
+                live.status = Status::Retrying;
+                live.wake = Some(now + BUSY_RETRY);
+                return live.wake;
+            }
+        };
+        let open_wake = match &outcome {
+            Outcome::Promoted { revoke_at, .. } | Outcome::InGrace { revoke_at, .. } => Some(Some(*revoke_at)),
+            Outcome::Busy { .. } => Some(Some(now + BUSY_RETRY)),
+            Outcome::Parked { .. } | Outcome::Stopped => Some(None),
+            Outcome::Completed { .. } | Outcome::Failed { .. } => None,
+        };
+        let mut live = live_view(&slot.spec, &record, None, now);
+        if let Some(wake) = open_wake {
+            live.wake = wake;
+        }
+        if let Outcome::Failed { .. } = outcome {
+            // A failure at or after promotion leaves the rotation open: retry it when due.
+            live.wake = record.next_attempt_at;
+        }
+        *lock(&slot.live) = live;
+        live.wake
+    }
+
+    /// Finds open rotations this process does not know about (started by `keyrotd rotate`) and
+    /// returns wake-ups for them.
+    async fn reconcile(&self) -> Result<Vec<(usize, i64)>, StateError> {
+        let open = self.engine.state().open_rotations().await?;
+        let index: HashMap<&str, usize> = self.table.slots.iter().enumerate().map(|(i, s)| (s.spec.id.as_str(), i)).collect();
+        let now = Utc::now().timestamp();
+        Ok(open
+            .iter()
+            .filter_map(|r| {
+                let &i = index.get(r.credential_id.as_str())?;
+                let want = if r.phase == Phase::Promoted { r.revoke_at.unwrap_or(now) } else { r.lease_until.max(now) };
+                let mut live = lock(&self.table.slots[i].live);
+                if live.wake.is_some_and(|w| w <= want) || live.status == Status::Failed {
+                    return None;
+                }
+                live.wake = Some(want);
+                Some((i, want))
+            })
+            .collect())
+    }
+}
+
+async fn sleep_for(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Locks a live view; a poisoned lock still holds plain data that is safe to read.
+pub fn lock(m: &Mutex<Live>) -> std::sync::MutexGuard<'_, Live> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,549 @@
+//! Durable state: schedule facts per credential, the rotation journal and its step log.
+//!
+//! Invariants:
+//! - no secret value is ever written here: only ids, times, phases, public attributes (key ids,
+//!   user names) and provider error messages, which carry no secret by contract;
+//! - at most one rotation per credential is open (not finished) at any time, enforced by the
+//!   database itself, so two processes (the daemon and `keyrotd rotate`) cannot both start one;
+//! - a rotation's phase is written *after* the step that reaches it has completed, so after a crash
+//!   the recorded phase is never ahead of reality.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use keyrotd_rotators::Attrs;
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// What a state backend failed at.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("state database: cannot create {path}: {source}")]
+    Create { path: String, source: std::io::Error },
+    #[error("state database: corrupt record: {0}")]
+    Corrupt(String),
+    #[error("state database task failed: {0}")]
+    Task(String),
+}
+
+/// Where a rotation is in the protocol. Stored as text; the order is the protocol's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Begun; the new credential may or may not exist at the provider.
+    Issuing,
+    /// Issued (attributes recorded); maybe not staged yet.
+    Issued,
+    /// Written to the store beside the current value.
+    Staged,
+    /// Accepted by the provider.
+    Activated,
+    /// Proven to work.
+    Verified,
+    /// Current in the store; the old credential waits for its grace period to end.
+    Promoted,
+    /// The old credential is revoked: the rotation is complete.
+    Done,
+    /// Undoing an unfinished rotation after a failure.
+    RollingBack,
+    /// Undone: the pending credential is gone and the current one is unchanged.
+    RolledBack,
+}
+
+impl Phase {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Issuing => "issuing",
+            Self::Issued => "issued",
+            Self::Staged => "staged",
+            Self::Activated => "activated",
+            Self::Verified => "verified",
+            Self::Promoted => "promoted",
+            Self::Done => "done",
+            Self::RollingBack => "rolling_back",
+            Self::RolledBack => "rolled_back",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, StateError> {
+        Ok(match s {
+            "issuing" => Self::Issuing,
+            "issued" => Self::Issued,
+            "staged" => Self::Staged,
+            "activated" => Self::Activated,
+            "verified" => Self::Verified,
+            "promoted" => Self::Promoted,
+            "done" => Self::Done,
+            "rolling_back" => Self::RollingBack,
+            "rolled_back" => Self::RolledBack,
+            other => return Err(StateError::Corrupt(format!("unknown phase `{other}`"))),
+        })
+    }
+
+    /// Whether the rotation is over.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Done | Self::RolledBack)
+    }
+}
+
+/// A credential's health as the daemon sees it; exported as `keyrotd_credential_status{state}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Waiting for its next rotation.
+    Idle,
+    /// A rotation is under way.
+    Rotating,
+    /// Promoted; the old credential is revoked when the grace period ends.
+    Grace,
+    /// The last attempt failed; a retry is scheduled.
+    Retrying,
+    /// Retries are exhausted: automation stopped until an operator rotates it by hand.
+    Failed,
+}
+
+impl Status {
+    /// Every status, in the order metrics list them.
+    pub const ALL: [Status; 5] = [Self::Idle, Self::Rotating, Self::Grace, Self::Retrying, Self::Failed];
+
+    /// The stored and exported name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Rotating => "rotating",
+            Self::Grace => "grace",
+            Self::Retrying => "retrying",
+            Self::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, StateError> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s).ok_or_else(|| StateError::Corrupt(format!("unknown status `{s}`")))
+    }
+}
+
+/// What the daemon remembers about one credential between rotations. Times are Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialRecord {
+    pub id: String,
+    pub status: Status,
+    /// When the current credential was promoted.
+    pub issued_at: Option<i64>,
+    pub consecutive_failures: u32,
+    /// When the next retry may start (status `retrying`).
+    pub next_attempt_at: Option<i64>,
+    /// The last failure, for `status` output (no secret by contract).
+    pub last_error: Option<String>,
+}
+
+impl CredentialRecord {
+    /// A credential the daemon has never rotated.
+    pub fn new(id: &str) -> Self {
+        Self { id: id.to_owned(), status: Status::Idle, issued_at: None, consecutive_failures: 0, next_attempt_at: None, last_error: None }
+    }
+}
+
+/// One rotation of one credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationRecord {
+    /// Also the idempotency token given to every step.
+    pub id: String,
+    pub credential_id: String,
+    /// Why it started: `schedule`, `manual`, `retry`, `initial`.
+    pub trigger: String,
+    pub started_at: i64,
+    pub phase: Phase,
+    /// Public attributes of the new credential, once issued.
+    pub new_attrs: Option<Attrs>,
+    /// Public attributes of the credential it replaces; `None` when there was none.
+    pub old_attrs: Option<Attrs>,
+    /// When the old credential is to be revoked (set at promotion).
+    pub revoke_at: Option<i64>,
+    /// The process driving it, while one does.
+    pub owner: Option<String>,
+    pub lease_until: i64,
+    pub error: Option<String>,
+    pub finished_at: Option<i64>,
+}
+
+/// One line of the step log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepRecord {
+    pub at_ms: i64,
+    pub step: String,
+    /// `start`, `ok`, `error` or `skip`.
+    pub event: String,
+    pub detail: Option<String>,
+}
+
+/// Another rotation of the same credential is open.
+#[derive(Debug, thiserror::Error)]
+#[error("rotation {} of `{}` is still open (phase {})", .0.id, .0.credential_id, .0.phase.as_str())]
+pub struct Busy(pub Box<RotationRecord>);
+
+/// The state backend. Today SQLite; a PostgreSQL backend for replicas fits the same calls.
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    /// Every credential record.
+    async fn credentials(&self) -> Result<Vec<CredentialRecord>, StateError>;
+    /// One credential record.
+    async fn credential(&self, id: &str) -> Result<Option<CredentialRecord>, StateError>;
+    /// Inserts or replaces a credential record.
+    async fn put_credential(&self, record: &CredentialRecord) -> Result<(), StateError>;
+    /// Inserts records for ids that have none (a new inventory), in one transaction.
+    async fn ensure_credentials(&self, ids: &[String]) -> Result<(), StateError>;
+    /// Every open rotation.
+    async fn open_rotations(&self) -> Result<Vec<RotationRecord>, StateError>;
+    /// The open rotation of a credential, if any.
+    async fn open_rotation(&self, credential_id: &str) -> Result<Option<RotationRecord>, StateError>;
+    /// Records a new rotation, unless the credential already has an open one.
+    async fn begin(&self, rotation: &RotationRecord) -> Result<Result<(), Busy>, StateError>;
+    /// Takes the lease of an open rotation if it is free, expired, already ours, or held by
+    /// `dead_owner` (a process known to be gone). Returns whether we hold it now.
+    async fn claim(&self, rotation_id: &str, owner: &str, lease_until: i64, now: i64, dead_owner: Option<&str>) -> Result<bool, StateError>;
+    /// Saves a rotation and, in the same transaction, its credential record.
+    async fn save(&self, rotation: &RotationRecord, credential: &CredentialRecord) -> Result<(), StateError>;
+    /// Appends to the step log.
+    async fn log_step(&self, rotation_id: &str, step: &str, event: &str, detail: Option<&str>) -> Result<(), StateError>;
+    /// Recent rotations, newest first, with their step logs.
+    async fn history(&self, credential_id: Option<&str>, limit: usize) -> Result<Vec<(RotationRecord, Vec<StepRecord>)>, StateError>;
+}
+
+/// The embedded SQLite backend.
+#[derive(Clone)]
+pub struct SqliteState {
+    conn: Arc<Mutex<Connection>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS credentials (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    issued_at INTEGER,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER,
+    last_error TEXT
+);
+CREATE TABLE IF NOT EXISTS rotations (
+    id TEXT PRIMARY KEY,
+    credential_id TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    new_attrs TEXT,
+    old_attrs TEXT,
+    revoke_at INTEGER,
+    owner TEXT,
+    lease_until INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    finished_at INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_open_rotation ON rotations(credential_id) WHERE finished_at IS NULL;
+CREATE INDEX IF NOT EXISTS rotations_by_credential ON rotations(credential_id, started_at);
+CREATE TABLE IF NOT EXISTS steps (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    rotation_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    step TEXT NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS steps_by_rotation ON steps(rotation_id, seq);
+";
+
+const ROTATION_COLUMNS: &str =
+    "id, credential_id, trigger, started_at, phase, new_attrs, old_attrs, revoke_at, owner, lease_until, error, finished_at";
+
+impl SqliteState {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StateError::Create { path: dir.display().to_string(), source })?;
+        }
+        let conn = Connection::open(path)?;
+        // WAL lets `keyrotd status` read while the daemon writes; FULL sync makes every journal
+        // write survive power loss, not only a process crash.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    /// Opens an existing database without changing it (for `keyrotd check`); `None` if absent.
+    pub fn open_read_only(path: &Path) -> Result<Option<Self>, StateError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(Some(Self { conn: Arc::new(Mutex::new(conn)) }))
+    }
+
+    /// Runs `f` on the connection off the async worker threads.
+    async fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StateError> + Send + 'static) -> Result<T, StateError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
+            // back), so a poisoned lock is safe to keep using.
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StateError::Task(e.to_string()))?
+    }
+}
+
+fn attrs_to_json(attrs: &Option<Attrs>) -> Option<String> {
+    attrs.as_ref().map(|a| serde_json::to_string(a).expect("a string map serializes"))
+}
+
+fn attrs_from_json(text: Option<String>) -> Result<Option<Attrs>, StateError> {
+    text.map(|t| serde_json::from_str(&t).map_err(|e| StateError::Corrupt(format!("attributes: {e}")))).transpose()
+}
+
+fn credential_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, Option<i64>, u32, Option<i64>, Option<String>)> {
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?))
+}
+
+fn credential_record(raw: (String, String, Option<i64>, u32, Option<i64>, Option<String>)) -> Result<CredentialRecord, StateError> {
+    let (id, status, issued_at, consecutive_failures, next_attempt_at, last_error) = raw;
+    Ok(CredentialRecord { id, status: Status::parse(&status)?, issued_at, consecutive_failures, next_attempt_at, last_error })
+}
+
+type RawRotation = (String, String, String, i64, String, Option<String>, Option<String>, Option<i64>, Option<String>, i64, Option<String>, Option<i64>);
+
+fn rotation_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRotation> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?))
+}
+
+fn rotation_record(raw: RawRotation) -> Result<RotationRecord, StateError> {
+    let (id, credential_id, trigger, started_at, phase, new_attrs, old_attrs, revoke_at, owner, lease_until, error, finished_at) = raw;
+    Ok(RotationRecord {
+        id,
+        credential_id,
+        trigger,
+        started_at,
+        phase: Phase::parse(&phase)?,
+        new_attrs: attrs_from_json(new_attrs)?,
+        old_attrs: attrs_from_json(old_attrs)?,
+        revoke_at,
+        owner,
+        lease_until,
+        error,
+        finished_at,
+    })
+}
+
+fn upsert_credential(conn: &Connection, c: &CredentialRecord) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO credentials (id, status, issued_at, consecutive_failures, next_attempt_at, last_error)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT(id) DO UPDATE SET status = ?2, issued_at = ?3, consecutive_failures = ?4, next_attempt_at = ?5, last_error = ?6",
+        params![c.id, c.status.as_str(), c.issued_at, c.consecutive_failures, c.next_attempt_at, c.last_error],
+    )?;
+    Ok(())
+}
+
+fn query_rotations(conn: &Connection, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<RotationRecord>, StateError> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {ROTATION_COLUMNS} FROM rotations {filter}"))?;
+    let rows = stmt.query_map(args, rotation_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().map(rotation_record).collect()
+}
+
+#[async_trait]
+impl StateStore for SqliteState {
+    async fn credentials(&self) -> Result<Vec<CredentialRecord>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT id, status, issued_at, consecutive_failures, next_attempt_at, last_error FROM credentials")?;
+            let rows = stmt.query_map([], credential_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter().map(credential_record).collect()
+        })
+        .await
+    }
+
+    async fn credential(&self, id: &str) -> Result<Option<CredentialRecord>, StateError> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT id, status, issued_at, consecutive_failures, next_attempt_at, last_error FROM credentials WHERE id = ?1",
+                [id],
+                credential_from_row,
+            )
+            .optional()?
+            .map(credential_record)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn put_credential(&self, record: &CredentialRecord) -> Result<(), StateError> {
+        let record = record.clone();
+        self.with(move |c| Ok(upsert_credential(c, &record)?)).await
+    }
+
+    async fn ensure_credentials(&self, ids: &[String]) -> Result<(), StateError> {
+        let ids = ids.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut stmt = tx.prepare("INSERT OR IGNORE INTO credentials (id, status) VALUES (?1, 'idle')")?;
+                for id in &ids {
+                    stmt.execute([id])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn open_rotations(&self) -> Result<Vec<RotationRecord>, StateError> {
+        self.with(|c| query_rotations(c, "WHERE finished_at IS NULL", &[])).await
+    }
+
+    async fn open_rotation(&self, credential_id: &str) -> Result<Option<RotationRecord>, StateError> {
+        let id = credential_id.to_owned();
+        self.with(move |c| Ok(query_rotations(c, "WHERE finished_at IS NULL AND credential_id = ?1", &[&id])?.pop())).await
+    }
+
+    async fn begin(&self, rotation: &RotationRecord) -> Result<Result<(), Busy>, StateError> {
+        let r = rotation.clone();
+        self.with(move |c| {
+            let inserted = c.execute(
+                &format!("INSERT INTO rotations ({ROTATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                params![
+                    r.id, r.credential_id, r.trigger, r.started_at, r.phase.as_str(), attrs_to_json(&r.new_attrs),
+                    attrs_to_json(&r.old_attrs), r.revoke_at, r.owner, r.lease_until, r.error, r.finished_at
+                ],
+            );
+            match inserted {
+                Ok(_) => Ok(Ok(())),
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    let open = query_rotations(c, "WHERE finished_at IS NULL AND credential_id = ?1", &[&r.credential_id])?
+                        .pop()
+                        .ok_or_else(|| StateError::Corrupt(format!("rotation id {} already used", r.id)))?;
+                    Ok(Err(Busy(Box::new(open))))
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    async fn claim(&self, rotation_id: &str, owner: &str, lease_until: i64, now: i64, dead_owner: Option<&str>) -> Result<bool, StateError> {
+        let (id, owner, dead) = (rotation_id.to_owned(), owner.to_owned(), dead_owner.map(str::to_owned));
+        self.with(move |c| {
+            let n = c.execute(
+                "UPDATE rotations SET owner = ?2, lease_until = ?3
+                 WHERE id = ?1 AND finished_at IS NULL
+                   AND (owner IS NULL OR owner = ?2 OR lease_until < ?4 OR owner = ?5)",
+                params![id, owner, lease_until, now, dead],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn save(&self, r: &RotationRecord, credential: &CredentialRecord) -> Result<(), StateError> {
+        let (r, credential) = (r.clone(), credential.clone());
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE rotations SET phase = ?2, new_attrs = ?3, old_attrs = ?4, revoke_at = ?5, owner = ?6,
+                   lease_until = ?7, error = ?8, finished_at = ?9 WHERE id = ?1",
+                params![
+                    r.id, r.phase.as_str(), attrs_to_json(&r.new_attrs), attrs_to_json(&r.old_attrs), r.revoke_at, r.owner,
+                    r.lease_until, r.error, r.finished_at
+                ],
+            )?;
+            upsert_credential(&tx, &credential)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn log_step(&self, rotation_id: &str, step: &str, event: &str, detail: Option<&str>) -> Result<(), StateError> {
+        let (id, step, event, detail) = (rotation_id.to_owned(), step.to_owned(), event.to_owned(), detail.map(str::to_owned));
+        let at_ms = chrono::Utc::now().timestamp_millis();
+        self.with(move |c| {
+            c.execute("INSERT INTO steps (rotation_id, at_ms, step, event, detail) VALUES (?1, ?2, ?3, ?4, ?5)", params![id, at_ms, step, event, detail])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn history(&self, credential_id: Option<&str>, limit: usize) -> Result<Vec<(RotationRecord, Vec<StepRecord>)>, StateError> {
+        let id = credential_id.map(str::to_owned);
+        self.with(move |c| {
+            let limit = limit as i64;
+            let rotations = match &id {
+                Some(id) => query_rotations(c, "WHERE credential_id = ?1 ORDER BY started_at DESC, id DESC LIMIT ?2", &[id, &limit])?,
+                None => query_rotations(c, "ORDER BY started_at DESC, id DESC LIMIT ?1", &[&limit])?,
+            };
+            let mut stmt = c.prepare_cached("SELECT at_ms, step, event, detail FROM steps WHERE rotation_id = ?1 ORDER BY seq")?;
+            rotations
+                .into_iter()
+                .map(|r| {
+                    let steps = stmt
+                        .query_map([&r.id], |row| Ok(StepRecord { at_ms: row.get(0)?, step: row.get(1)?, event: row.get(2)?, detail: row.get(3)? }))?
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    Ok((r, steps))
+                })
+                .collect()
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rotation(id: &str, cred: &str) -> RotationRecord {
+        RotationRecord {
+            id: id.into(),
+            credential_id: cred.into(),
+            trigger: "manual".into(),
+            started_at: 1,
+            phase: Phase::Issuing,
+            new_attrs: None,
+            old_attrs: Some(Attrs::from([("AccessKeyId".into(), "AKIA1".into())])),
+            revoke_at: None,
+            owner: Some("me".into()),
+            lease_until: 100,
+            error: None,
+            finished_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_one_open_rotation_per_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteState::open(&dir.path().join("s.db")).unwrap();
+        s.begin(&rotation("r1", "db")).await.unwrap().unwrap();
+        let busy = s.begin(&rotation("r2", "db")).await.unwrap().unwrap_err();
+        assert_eq!(busy.0.id, "r1");
+        s.begin(&rotation("r3", "other")).await.unwrap().unwrap();
+
+        let mut r1 = s.open_rotation("db").await.unwrap().unwrap();
+        assert_eq!(r1.old_attrs.as_ref().unwrap()["AccessKeyId"], "AKIA1");
+        r1.phase = Phase::Done;
+        r1.finished_at = Some(5);
+        s.save(&r1, &CredentialRecord::new("db")).await.unwrap();
+        s.begin(&rotation("r2", "db")).await.unwrap().unwrap();
+        assert_eq!(s.history(Some("db"), 10).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn leases_are_taken_only_when_free_expired_or_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteState::open(&dir.path().join("s.db")).unwrap();
+        s.begin(&rotation("r1", "db")).await.unwrap().unwrap();
+        assert!(!s.claim("r1", "you", 200, 50, None).await.unwrap(), "lease held by a live owner until 100");
+        assert!(s.claim("r1", "you", 200, 50, Some("me")).await.unwrap(), "the owner is known dead");
+        assert!(s.claim("r1", "me", 300, 201, None).await.unwrap(), "expired");
+    }
+}
