@@ -665,3 +665,62 @@ async fn starttls_is_required_never_downgraded() {
     shutdown.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn engine_events_raise_and_clear_conditions() {
+    use keyrotd::engine::{Event, EventSink};
+    let receiver = Receiver::start(&[]).await;
+    let config = config(&format!(
+        "[[channel]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}\"",
+        receiver.url
+    ));
+    let registry = Registry::new();
+    let shutdown = CancellationToken::new();
+    let (alerter, task) = Alerter::start(&config, &registry, shutdown.clone()).unwrap();
+    let sink: &dyn EventSink = &alerter;
+
+    sink.event(
+        "db",
+        Event::RotationFailed(true),
+        "rotation failed: verify refused",
+    );
+    sink.event(
+        "db",
+        Event::RotationFailed(true),
+        "rotation failed: verify refused",
+    );
+    sink.event("db", Event::AutomationStopped(true), "retries exhausted");
+    sink.event("db", Event::RevokeFailed(false), "old credential revoked");
+    sink.event(
+        "db",
+        Event::AutomationStopped(false),
+        "automation resumed by a manual rotation",
+    );
+    sink.event("db", Event::RotationFailed(false), "rotation succeeded");
+    eventually("four notifications", Duration::from_secs(5), || {
+        receiver.received().len() == 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let seen: Vec<(String, String)> = receiver
+        .received()
+        .iter()
+        .map(|r| {
+            (
+                r.body["condition"].as_str().unwrap().to_owned(),
+                r.body["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("rotation_failed", "firing"),
+        ("automation_stopped", "firing"),
+        ("automation_stopped", "resolved"),
+        ("rotation_failed", "resolved"),
+    ];
+    assert_eq!(seen, expected.map(|(c, s)| (c.to_owned(), s.to_owned())));
+
+    shutdown.cancel();
+    task.await.unwrap();
+}

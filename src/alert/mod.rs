@@ -666,6 +666,24 @@ impl Worker {
     }
 }
 
+/// The engine's events map onto conditions: `true` raises, `false` clears. Stale and near-max-age
+/// are not engine events: whoever tracks credential ages raises and clears them directly.
+impl crate::engine::EventSink for Alerter {
+    fn event(&self, credential: &str, event: crate::engine::Event, summary: &str) {
+        use crate::engine::Event;
+        let (condition, active) = match event {
+            Event::RotationFailed(active) => (Condition::RotationFailed, active),
+            Event::RevokeFailed(active) => (Condition::RevokeFailed, active),
+            Event::AutomationStopped(active) => (Condition::AutomationStopped, active),
+        };
+        if active {
+            self.raise(credential, condition, summary);
+        } else {
+            self.clear(credential, condition);
+        }
+    }
+}
+
 /// Formats an instant as RFC 3339 UTC with second precision, as in every payload.
 pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
