@@ -7,10 +7,12 @@
 //! - [`scheduler`]: decides when each credential needs the engine;
 //! - [`metrics`] and [`http`]: the Prometheus exposition and health endpoints;
 //! - [`daemon`]: `keyrotd run`, wiring everything to one shutdown signal;
-//! - [`cli`]: `check`, `status`, `rotate` and `history`.
+//! - [`cli`]: `check`, `status`, `rotate` and `history`;
+//! - [`alert`]: email and webhook notifications of credential conditions, without spam.
 //!
 //! The provider plugins (rotators and stores) live in the `keyrotd-rotators` crate.
 
+pub mod alert;
 pub mod cli;
 pub mod config;
 pub mod daemon;

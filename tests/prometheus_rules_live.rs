@@ -1,0 +1,264 @@
+//! The shipped rules in a real Prometheus server: it scrapes a real HTTP exposition of the
+//! contract metrics (served in-process here, with the metric names and labels `keyrotd run`
+//! exports) and the test asserts through Prometheus's HTTP API that the alerts fire for the
+//! broken credentials only, and go away once the metrics recover.
+//!
+//! This is the Prometheus half of issue 5's end-to-end test. The other half needs the engine:
+//! replace the in-process exposition with a spawned `keyrotd run` whose credential goes stale and
+//! whose rotation fails, and assert the SMTP sink and webhook receiver notifications as well.
+//!
+//! The rules' `for:` durations (marked `# TUNE`) are rewritten to 0s in a copy, so the test takes
+//! seconds; everything else is the shipped file. Needs `prometheus` (Debian package).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus::{GaugeVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use serde_json::Value;
+
+/// The contract gauges, per credential.
+struct Exposition {
+    registry: Registry,
+    issued: GaugeVec,
+    max_age: GaugeVec,
+    next: GaugeVec,
+    status: IntGaugeVec,
+    failures: IntGaugeVec,
+}
+
+const LABELS: &[&str] = &["credential", "rotator"];
+
+impl Exposition {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let gauge = |name: &str| {
+            let g = GaugeVec::new(Opts::new(name, "test"), LABELS).unwrap();
+            registry.register(Box::new(g.clone())).unwrap();
+            g
+        };
+        let issued = gauge("keyrotd_credential_issued_timestamp_seconds");
+        let max_age = gauge("keyrotd_credential_max_age_seconds");
+        let next = gauge("keyrotd_credential_next_rotation_timestamp_seconds");
+        let status = IntGaugeVec::new(
+            Opts::new("keyrotd_credential_status", "test"),
+            &["credential", "rotator", "state"],
+        )
+        .unwrap();
+        registry.register(Box::new(status.clone())).unwrap();
+        let failures = IntGaugeVec::new(
+            Opts::new("keyrotd_credential_consecutive_failures", "test"),
+            LABELS,
+        )
+        .unwrap();
+        registry.register(Box::new(failures.clone())).unwrap();
+        Self {
+            registry,
+            issued,
+            max_age,
+            next,
+            status,
+            failures,
+        }
+    }
+
+    /// Sets one credential's series: issued `age` seconds ago, next rotation at `next_in` seconds
+    /// from now (negative: in the past), in `state`, after `failures` consecutive failures.
+    fn set(&self, credential: &str, age: f64, next_in: f64, state: &str, failures: i64) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let l = [credential, "random"];
+        self.issued.with_label_values(&l).set(now - age);
+        self.max_age.with_label_values(&l).set(3600.0);
+        self.next.with_label_values(&l).set(now + next_in);
+        for s in ["idle", "rotating", "grace", "retrying", "failed"] {
+            self.status
+                .with_label_values(&[credential, "random", s])
+                .set(i64::from(s == state));
+        }
+        self.failures.with_label_values(&l).set(failures);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real Prometheus server; killed on drop.
+struct PrometheusServer {
+    url: String,
+    _child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl PrometheusServer {
+    async fn start(targets: &[String]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("prometheus/keyrotd.rules.yml");
+        let rules = std::fs::read_to_string(shipped).unwrap();
+        let fast: String = rules
+            .lines()
+            .map(|l| match l.split_once("for: ") {
+                Some((indent, rest)) if rest.contains("# TUNE") => format!("{indent}for: 0s"),
+                _ => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(
+            fast.matches("for: 0s").count(),
+            5,
+            "every alert's `for:` is marked # TUNE"
+        );
+        std::fs::write(dir.path().join("rules.yml"), fast).unwrap();
+        let targets = targets
+            .iter()
+            .map(|t| format!("'{t}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        std::fs::write(
+            dir.path().join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: ['rules.yml']\n\
+                 scrape_configs:\n  - job_name: keyrotd\n    static_configs:\n      - targets: [{targets}]\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = tokio::process::Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start prometheus ({e}); install it: apt-get install -y prometheus")
+            });
+        let server = Self {
+            url: format!("http://127.0.0.1:{port}"),
+            _child: child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = reqwest::get(format!("{}/-/ready", server.url)).await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus did not become ready; see its log"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        server
+    }
+
+    /// Firing alerts as (alertname, credential or instance).
+    async fn firing(&self) -> Vec<(String, String)> {
+        let body: Value = reqwest::get(format!("{}/api/v1/alerts", self.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut out: Vec<(String, String)> = body["data"]["alerts"]
+            .as_array()
+            .expect("alerts array")
+            .iter()
+            .filter(|a| a["state"] == "firing")
+            .map(|a| {
+                let l = &a["labels"];
+                let who = l["credential"]
+                    .as_str()
+                    .or(l["instance"].as_str())
+                    .unwrap_or("")
+                    .to_owned();
+                (l["alertname"].as_str().unwrap().to_owned(), who)
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    async fn wait_for_firing(&self, expected: &[(&str, &str)], what: &str) {
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let firing = self.firing().await;
+            if firing == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: expected firing {expected:?}, Prometheus has {firing:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn shipped_rules_fire_and_resolve_in_a_real_prometheus() {
+    let exposition = Arc::new(Exposition::new());
+    exposition.set("healthy", 600.0, 3000.0, "idle", 0);
+    exposition.set("db", 7200.0, -7200.0, "idle", 0); // stale and overdue
+    exposition.set("api", 600.0, 3000.0, "failed", 3); // failed, failing
+
+    let served = Arc::clone(&exposition);
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let served = Arc::clone(&served);
+            async move {
+                TextEncoder::new()
+                    .encode_to_string(&served.registry.gather())
+                    .unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    // A second keyrotd target nobody serves: up == 0.
+    let down = format!("127.0.0.1:{}", free_port());
+
+    let prometheus = PrometheusServer::start(&[target, down.clone()]).await;
+    prometheus
+        .wait_for_firing(
+            &[
+                ("KeyrotdAbsent", &down),
+                ("KeyrotdCredentialFailed", "api"),
+                ("KeyrotdCredentialStale", "db"),
+                ("KeyrotdRotationFailing", "api"),
+                ("KeyrotdRotationOverdue", "db"),
+            ],
+            "broken credentials",
+        )
+        .await;
+
+    // Recovery: db rotated, api fixed by hand. Only the missing target still alerts.
+    exposition.set("db", 5.0, 3600.0, "idle", 0);
+    exposition.set("api", 5.0, 3600.0, "idle", 0);
+    prometheus
+        .wait_for_firing(&[("KeyrotdAbsent", &down)], "after recovery")
+        .await;
+}
