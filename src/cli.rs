@@ -19,7 +19,8 @@ use crate::state::{CredentialRecord, SqliteState, StateStore};
 /// Exit status: the operation failed (a rotation failed, a credential is busy).
 pub const EXIT_FAILED: u8 = 1;
 
-fn time(t: Option<i64>) -> String {
+/// A Unix time for people: `2026-01-31 03:00:00Z`, or `-`.
+pub fn time(t: Option<i64>) -> String {
     t.and_then(|t| Utc.timestamp_opt(t, 0).single())
         .map_or_else(
             || "-".into(),

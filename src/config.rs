@@ -16,6 +16,7 @@ use keyrotd_rotators::{RotatorConfig, StoreConfig};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::alert::AlertsConfig;
 use crate::schedule::{parse_duration, CronSchedule, Schedule};
 
 /// The validated inventory.
@@ -27,6 +28,8 @@ pub struct Inventory {
     pub daemon: DaemonSettings,
     /// Every `[[credential]]`, in file order.
     pub credentials: Vec<CredentialSpec>,
+    /// The `[alerts]` table (no channels: alerting off).
+    pub alerts: AlertsConfig,
 }
 
 /// The `[daemon]` table.
@@ -154,6 +157,7 @@ struct RawInventory {
     defaults: RawDefaults,
     #[serde(default, rename = "credential")]
     credentials: Vec<RawCredential>,
+    alerts: Option<Spanned<AlertsConfig>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -324,10 +328,22 @@ impl Validator<'_> {
                 credentials.push(spec);
             }
         }
+        let alerts = match raw.alerts {
+            None => AlertsConfig::default(),
+            Some(alerts) => {
+                let span = alerts.span();
+                let alerts = alerts.into_inner();
+                if let Err(e) = alerts.validate() {
+                    self.error_at(Some(span), "alerts", e);
+                }
+                alerts
+            }
+        };
         Inventory {
             path: self.file.to_owned(),
             daemon,
             credentials,
+            alerts,
         }
     }
 

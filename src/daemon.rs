@@ -9,8 +9,9 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::alert::Alerter;
 use crate::config::{Inventory, StateUrl};
-use crate::engine::Engine;
+use crate::engine::{Engine, EventSink};
 use crate::http::{serve, Endpoint};
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, Table};
@@ -45,16 +46,26 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     let records = state.credentials().await?;
     let open = state.open_rotations().await?;
     let table = Arc::new(Table::new(inventory.credentials, records, &open));
+    // Alert delivery drains after the scheduler stops, so it gets its own token.
+    let alerts_shutdown = CancellationToken::new();
+    let (alerter, alert_task) = Alerter::start(
+        &inventory.alerts,
+        &metrics.registry,
+        alerts_shutdown.clone(),
+    )?;
+    let events: Option<Arc<dyn EventSink>> = Some(Arc::new(alerter));
     let engine = Arc::new(Engine::new(
         state,
         metrics.engine.clone(),
-        None,
+        events.clone(),
         shutdown.clone(),
     ));
     let scheduler = Scheduler::new(
         table.clone(),
         engine,
         inventory.daemon.max_concurrent_rotations,
+        events,
+        inventory.alerts.warn_before,
         shutdown.clone(),
     );
     let (cron, rx, tx) = scheduler.start_cron().await?;
@@ -70,6 +81,8 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     tokio::spawn(signals(shutdown.clone()));
     scheduler.run(cron, rx, tx).await;
     shutdown.cancel();
+    alerts_shutdown.cancel();
+    let _ = alert_task.await;
     let _ = http.await;
     info!("keyrotd stopped");
     Ok(())

@@ -176,6 +176,10 @@ pub enum Event {
     RevokeFailed(bool),
     /// Retries are exhausted (`true`) or automation resumed (`false`).
     AutomationStopped(bool),
+    /// The credential is past its max age (`true`) or was renewed (`false`). Raised by the scheduler.
+    Stale(bool),
+    /// The credential is within `warn_before` of its max age (`true`) or was renewed (`false`).
+    NearMaxAge(bool),
 }
 
 /// Receives [`Event`]s; the alerting module implements it.

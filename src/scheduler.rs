@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::CredentialSpec;
-use crate::engine::{Engine, Outcome, Trigger};
+use crate::engine::{Engine, Event, EventSink, Outcome, Trigger};
 use crate::schedule::Due;
 use crate::state::{CredentialRecord, Phase, RotationRecord, StateError, Status};
 
@@ -163,6 +163,62 @@ pub struct Scheduler {
     engine: Arc<Engine>,
     max_concurrent: usize,
     shutdown: CancellationToken,
+    ages: AgeWatch,
+}
+
+/// Raises and clears the age conditions (near max age, stale) at their deadlines.
+struct AgeWatch {
+    events: Option<Arc<dyn EventSink>>,
+    warn_before: i64,
+    /// Per credential: what is raised now (bit 0 near max age, bit 1 stale).
+    raised: Vec<u8>,
+}
+
+const NEAR: u8 = 1;
+const STALE: u8 = 2;
+
+impl AgeWatch {
+    /// Brings slot `i`'s age conditions up to date; returns the next deadline worth waking for.
+    fn check(&mut self, i: usize, slot: &Slot, now: i64) -> Option<i64> {
+        let events = self.events.as_ref()?;
+        let issued = lock(&slot.live).issued_at?;
+        let stale_at = issued + slot.spec.max_age.as_secs() as i64;
+        let near_at = stale_at - self.warn_before;
+        let want = if now >= stale_at {
+            STALE
+        } else if now >= near_at {
+            NEAR
+        } else {
+            0
+        };
+        let had = self.raised[i];
+        let id = &slot.spec.id;
+        for (bit, event) in [
+            (NEAR, Event::NearMaxAge as fn(bool) -> Event),
+            (STALE, Event::Stale),
+        ] {
+            match (had & bit != 0, want & bit != 0) {
+                (false, true) => {
+                    let summary = if bit == STALE {
+                        format!(
+                            "credential `{id}` is past its max age of {}",
+                            crate::config::human(slot.spec.max_age)
+                        )
+                    } else {
+                        format!(
+                            "credential `{id}` reaches its max age at {}",
+                            crate::cli::time(Some(stale_at))
+                        )
+                    };
+                    events.event(id, event(true), &summary);
+                }
+                (true, false) => events.event(id, event(false), "credential renewed"),
+                _ => {}
+            }
+        }
+        self.raised[i] = want;
+        [near_at, stale_at].into_iter().find(|t| *t > now)
+    }
 }
 
 /// A queued run: which slot, why, and for cron runs the fire time its window counts from.
@@ -174,13 +230,21 @@ impl Scheduler {
         table: Arc<Table>,
         engine: Arc<Engine>,
         max_concurrent: usize,
+        events: Option<Arc<dyn EventSink>>,
+        warn_before: Duration,
         shutdown: CancellationToken,
     ) -> Self {
+        let ages = AgeWatch {
+            events,
+            warn_before: warn_before.as_secs() as i64,
+            raised: vec![0; table.slots.len()],
+        };
         Self {
             table,
             engine,
             max_concurrent,
             shutdown,
+            ages,
         }
     }
 
@@ -209,12 +273,19 @@ impl Scheduler {
     /// The scheduling loop. Returns after shutdown once every in-flight run has finished or
     /// parked its rotation.
     pub async fn run(
-        self,
+        mut self,
         mut cron: JobScheduler,
         mut rx: mpsc::Receiver<Msg>,
         tx: mpsc::Sender<Msg>,
     ) {
         let n = self.table.slots.len();
+        let mut age_heap: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
+        let now = Utc::now().timestamp();
+        for (i, slot) in self.table.slots.iter().enumerate() {
+            if let Some(at) = self.ages.check(i, slot, now) {
+                age_heap.push(Reverse((at, i)));
+            }
+        }
         let mut heap: BinaryHeap<Reverse<(i64, usize, u64)>> = BinaryHeap::with_capacity(n);
         let mut generation = vec![0u64; n];
         let mut busy = vec![false; n];
@@ -262,7 +333,13 @@ impl Scheduler {
             if self.shutdown.is_cancelled() && running == 0 {
                 break;
             }
-            let next = heap.peek().map(|Reverse((at, _, _))| *at);
+            let next_age = age_heap.peek().map(|Reverse((at, _))| *at);
+            let next = heap
+                .peek()
+                .map(|Reverse((at, _, _))| *at)
+                .into_iter()
+                .chain(next_age)
+                .min();
             let sleep = next.map(|at| {
                 Duration::from_millis((at * 1000 - Utc::now().timestamp_millis()).max(0) as u64)
             });
@@ -292,10 +369,20 @@ impl Scheduler {
                         if let Some(at) = wake {
                             heap.push(Reverse((at, i, generation[i])));
                         }
+                        if let Some(at) = self.ages.check(i, &self.table.slots[i], Utc::now().timestamp()) {
+                            age_heap.push(Reverse((at, i)));
+                        }
                     }
                 },
                 _ = sleep_for(sleep), if !self.shutdown.is_cancelled() => {
                     let now = Utc::now().timestamp();
+                    while let Some(Reverse((at, i))) = age_heap.peek().copied() {
+                        if at > now { break; }
+                        age_heap.pop();
+                        if let Some(next) = self.ages.check(i, &self.table.slots[i], now) {
+                            age_heap.push(Reverse((next, i)));
+                        }
+                    }
                     while let Some(Reverse((at, i, g))) = heap.peek().copied() {
                         if at > now { break; }
                         heap.pop();

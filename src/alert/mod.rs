@@ -666,8 +666,7 @@ impl Worker {
     }
 }
 
-/// The engine's events map onto conditions: `true` raises, `false` clears. Stale and near-max-age
-/// are not engine events: whoever tracks credential ages raises and clears them directly.
+/// The engine's and scheduler's events map onto conditions: `true` raises, `false` clears.
 impl crate::engine::EventSink for Alerter {
     fn event(&self, credential: &str, event: crate::engine::Event, summary: &str) {
         use crate::engine::Event;
@@ -675,6 +674,8 @@ impl crate::engine::EventSink for Alerter {
             Event::RotationFailed(active) => (Condition::RotationFailed, active),
             Event::RevokeFailed(active) => (Condition::RevokeFailed, active),
             Event::AutomationStopped(active) => (Condition::AutomationStopped, active),
+            Event::Stale(active) => (Condition::Stale, active),
+            Event::NearMaxAge(active) => (Condition::NearMaxAge, active),
         };
         if active {
             self.raise(credential, condition, summary);
