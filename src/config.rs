@@ -67,6 +67,8 @@ pub struct CredentialSpec {
     pub grace: Duration,
     /// What happens when a rotation fails.
     pub retry: RetryPolicy,
+    /// Line and column of the credential's `rotator` table, for later error messages.
+    pub place: (usize, usize),
 }
 
 /// Retries with exponential backoff and jitter; after `max_attempts` consecutive failures the
@@ -248,6 +250,32 @@ pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
         Ok(inventory)
     } else {
         Err(ConfigErrors(v.errors))
+    }
+}
+
+/// Checks that every secret the inventory references is there (variables set, files readable),
+/// without reading any of them. Run by `check`, `run` and `rotate`; not by `status` and
+/// `history`, which an operator may run from a shell that lacks the daemon's environment.
+pub fn check_references(inventory: &Inventory) -> Result<(), ConfigErrors> {
+    let errors: Vec<ConfigError> = inventory
+        .credentials
+        .iter()
+        .flat_map(|c| c.rotator.secret_refs().into_iter().map(move |r| (c, r)))
+        .filter_map(|(c, r)| {
+            let e = r.check_available().err()?;
+            Some(ConfigError {
+                file: inventory.path.clone(),
+                line: c.place.0,
+                column: c.place.1,
+                field: format!("credential[{}].rotator", c.id),
+                message: format!("secret reference `{r}`: {e}"),
+            })
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
     }
 }
 
@@ -527,6 +555,7 @@ impl Validator<'_> {
             );
             return None;
         }
+        let place = line_column(self.text, rotator_span.start);
         Some(CredentialSpec {
             id,
             rotator,
@@ -535,6 +564,7 @@ impl Validator<'_> {
             max_age,
             grace,
             retry,
+            place,
         })
     }
 

@@ -88,6 +88,32 @@ impl<'de> serde::Deserialize<'de> for SecretRef {
 }
 
 impl SecretRef {
+    /// Checks that the referenced secret is there (the variable is set, the file opens) without
+    /// reading it, so `keyrotd check` can report a missing one before any rotation needs it.
+    pub fn check_available(&self) -> Result<(), RefError> {
+        let open = |path: &std::path::Path| {
+            std::fs::File::open(path)
+                .map(drop)
+                .map_err(|e| RefError::FileUnreadable {
+                    path: path.display().to_string(),
+                    kind: e.kind().to_string(),
+                })
+        };
+        match self {
+            Self::Env(name) => match std::env::var_os(name) {
+                Some(v) if !v.is_empty() => Ok(()),
+                Some(_) => Err(RefError::EmptyValue(self.to_string())),
+                None => Err(RefError::EnvMissing(name.clone())),
+            },
+            Self::File(path) => open(path),
+            Self::SystemdCredential(name) => {
+                let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
+                    .ok_or_else(|| RefError::NoCredentialsDirectory(name.clone()))?;
+                open(&PathBuf::from(dir).join(name))
+            }
+        }
+    }
+
     /// Reads the referenced secret.
     pub fn resolve(&self) -> Result<SecretString, RefError> {
         let value = match self {
