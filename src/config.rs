@@ -267,7 +267,10 @@ impl Validator<'_> {
                 self.error_at(Some(cred.id.span()), &format!("{field}.id"), format!("`{id}` must be 1-128 characters of A-Z a-z 0-9 . _ -"));
                 continue;
             }
-            if let Some(first_line) = seen.insert(id.clone(), line_column(self.text, cred.id.span().start).0) {
+            // Remember the offset, not the line: counting lines here for every credential made
+            // loading quadratic in the inventory's size.
+            if let Some(first) = seen.insert(id.clone(), cred.id.span().start) {
+                let first_line = line_column(self.text, first).0;
                 self.error_at(Some(cred.id.span()), &format!("{field}.id"), format!("duplicate id `{id}` (first defined on line {first_line})"));
                 continue;
             }
