@@ -169,7 +169,7 @@ fn main() {
         verdict(ready <= READY_TARGET, "< 2 s")
     );
     if let Some(ms) = daemon_ready_ms {
-        let _ = writeln!(report, "    (daemon's own ready_ms {ms}: from its start to ready, excluding exec and TOML read)");
+        let _ = writeln!(report, "    (daemon's own ready_ms {ms}: run() start to ready; inventory loading comes before it)");
     }
     let _ = writeln!(
         report,

@@ -5,6 +5,7 @@
 //! tokio-cron-scheduler requires. An interval (`rotate_every`) counts from the last successful
 //! rotation, like AWS Secrets Manager's `rate(...)`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -19,7 +20,9 @@ pub struct CronSchedule {
     pub expression: String,
     /// The timezone the expression is evaluated in.
     pub timezone: Tz,
-    cron: Cron,
+    /// Shared: a parsed `Cron` takes about 6 KB (croner keeps a bitmap per field, years
+    /// included), and large inventories reuse a handful of schedules.
+    cron: Arc<Cron>,
 }
 
 impl PartialEq for CronSchedule {
@@ -45,7 +48,7 @@ impl CronSchedule {
         // An expression that never fires (`0 0 30 2 *`) would leave the credential unrotated forever.
         cron.find_next_occurrence(&Utc::now().with_timezone(&timezone), false)
             .map_err(|_| "cron expression never fires".to_owned())?;
-        Ok(Self { expression, timezone, cron })
+        Ok(Self { expression, timezone, cron: Arc::new(cron) })
     }
 
     /// The first fire time strictly after `after`.
