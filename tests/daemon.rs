@@ -386,3 +386,37 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(Path::new(env!("CARGO_BIN_EXE_keyrotd")).exists());
 }
+
+#[test]
+fn revocation_is_durable_across_a_restart_during_grace() {
+    let s = Setup::new("rotate_every = \"1h\"\nmax_age = \"2h\"\ngrace = \"6s\"");
+    let started = std::time::Instant::now();
+    assert!(cli(&s.config(), &["rotate", "db"]).status.success());
+    assert_eq!(s.status()["state"], "grace");
+    // The first rotation promoted; no daemon ran during grace. Start one after a kill -9.
+    let mut daemon = s.start(&[]);
+    daemon.kill9();
+    let daemon = s.start(&[]);
+    // Times in the journal are whole seconds: revocation may come up to a second early.
+    if started.elapsed() < Duration::from_secs(4) {
+        assert_eq!(
+            s.status()["state"],
+            "grace",
+            "not revoked before the grace period ends"
+        );
+    }
+    let revoked = wait_until(Duration::from_secs(10), || s.status()["state"] == "idle");
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "revoked after grace, not before"
+    );
+    assert!(revoked, "{}\n{}", s.status(), daemon.log_text());
+    let history =
+        String::from_utf8_lossy(&cli(&s.config(), &["history", "db"]).stdout).into_owned();
+    let finished = history
+        .lines()
+        .find(|l| l.contains("  db  done"))
+        .expect("a finished rotation");
+    assert!(finished.contains("trigger=manual"), "{history}");
+    assert!(!s.out_files().contains(&"db.json.previous".to_string()));
+}
