@@ -603,11 +603,8 @@ impl Engine {
         job.rotation.revoke_at = Some(revoke_at);
         job.rotation.error = None;
         job.record.issued_at = Some(now);
-        job.record.status = Status::Grace;
-        job.record.next_attempt_at = None;
-        job.record.last_error = None;
         let was_failing = job.record.consecutive_failures > 0;
-        job.record.consecutive_failures = 0;
+        job.record.succeed(Status::Grace);
         self.save(job).await?;
         self.metrics.rotations.with_label_values(&["success"]).inc();
         info!(credential = %job.spec.id, rotation = %job.rotation.id, grace = %human(job.spec.grace), "new credential promoted");
@@ -633,10 +630,7 @@ impl Engine {
         job.rotation.phase = Phase::Done;
         job.rotation.finished_at = Some(Utc::now().timestamp());
         job.rotation.owner = None;
-        job.record.status = Status::Idle;
-        job.record.consecutive_failures = 0;
-        job.record.next_attempt_at = None;
-        job.record.last_error = None;
+        job.record.succeed(Status::Idle);
         self.save(job).await?;
         info!(credential = %job.spec.id, rotation = %job.rotation.id, "old credential revoked; rotation complete");
         if had_failures {

@@ -150,6 +150,14 @@ pub struct CredentialRecord {
 }
 
 impl CredentialRecord {
+    /// Records a successful step: `status`, no failures, no retry pending.
+    pub fn succeed(&mut self, status: Status) {
+        self.status = status;
+        self.consecutive_failures = 0;
+        self.next_attempt_at = None;
+        self.last_error = None;
+    }
+
     /// A credential the daemon has never rotated.
     pub fn new(id: &str) -> Self {
         Self {
