@@ -980,4 +980,26 @@ max_age = "2d"
             "{e:?}"
         );
     }
+    #[test]
+    fn no_prefix_or_byte_flip_of_the_example_inventory_panics() {
+        let example = include_str!("../config.toml");
+        for end in (0..example.len()).filter(|i| example.is_char_boundary(*i)) {
+            let _ = parse(Path::new("config.toml"), &example[..end]);
+        }
+        let bytes = example.as_bytes();
+        for (i, replacement) in (0..bytes.len())
+            .step_by(3)
+            .zip([b'"', b'[', b'=', b'\n', b'0', b'#', b']'].iter().cycle())
+        {
+            let mut mutated = bytes.to_vec();
+            mutated[i] = *replacement;
+            if let Ok(text) = std::str::from_utf8(&mutated) {
+                let _ = parse(Path::new("config.toml"), text);
+            }
+        }
+        assert!(
+            parse(Path::new("config.toml"), example).is_ok(),
+            "the shipped example is valid"
+        );
+    }
 }
