@@ -584,7 +584,7 @@ fn failing_rotation(s: &Setup, dsn: &str, expect: &[&str], current_still_logs_in
             .is_some_and(|e| expect.iter().all(|w| e.contains(w))),
         "{status}"
     );
-    let mut secrets = vec![v0.password];
+    let mut secrets = vec![v0.password.clone()];
     // A pending value the failed rotation left behind is a generated password too.
     for f in files.iter().filter(|f| f.contains(".pending.")) {
         if let Some(v) = read_store(&s.out().join(f)) {
@@ -592,6 +592,47 @@ fn failing_rotation(s: &Setup, dsn: &str, expect: &[&str], current_still_logs_in
         }
     }
     s.assert_no_leak(&secrets, &[err.clone(), status.to_string()]);
+    recovers_once_fixed(s, &v0);
+}
+
+/// With the admin DSN fixed, manual rotations finish the interrupted rollback (removing its
+/// pending value) and then rotate; the store's value logs in throughout.
+fn recovers_once_fixed(s: &Setup, v0: &Value) {
+    let out = s.cli(&["rotate", "db"]);
+    eprintln!(
+        "rotate after the fix: {:?}: {}",
+        out.status.code(),
+        error_or_ok(&out)
+    );
+    assert!(
+        out.status.success(),
+        "one manual rotation finishes the old rollback and rotates: {}",
+        stderr(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("finished rolling back the earlier rotation"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v1 = s.current().unwrap();
+    assert_ne!(v1.password, v0.password);
+    assert_eq!(login(&v1.username, &v1.password), Ok(()));
+    assert_eq!(
+        s.out_files(),
+        ["db.json", "db.json.keyrotd"],
+        "no leftovers"
+    );
+    assert_eq!(s.status()["state"], "idle");
+}
+
+fn error_or_ok(out: &Output) -> String {
+    stderr(out)
+        .lines()
+        .rfind(|l| l.starts_with("error:"))
+        .map_or_else(
+            || String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            str::to_owned,
+        )
 }
 
 #[test]
@@ -638,7 +679,10 @@ fn missing_target_role_fails_with_42704_and_changes_nothing() {
         status["last_error"].as_str().unwrap().contains("42704"),
         "{status}"
     );
-    s.assert_no_leak(&[v0.password], &[err.clone(), status.to_string()]);
+    s.assert_no_leak(&[v0.password.clone()], &[err.clone(), status.to_string()]);
+    // Re-create the role (with an unknown password): the next rotations recover.
+    fresh_role("e2e_gone");
+    recovers_once_fixed(&s, &v0);
 }
 
 #[test]
