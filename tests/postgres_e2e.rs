@@ -679,8 +679,11 @@ fn missing_target_role_fails_with_42704_and_changes_nothing() {
         status["last_error"].as_str().unwrap().contains("42704"),
         "{status}"
     );
-    s.assert_no_leak(&[v0.password.clone()], &[err.clone(), status.to_string()]);
-    // Re-create the role (with an unknown password): the next rotations recover.
+    s.assert_no_leak(
+        std::slice::from_ref(&v0.password),
+        &[err.clone(), status.to_string()],
+    );
+    // Re-create the role (with a password keyrotd does not know): the next rotation recovers.
     fresh_role("e2e_gone");
     recovers_once_fixed(&s, &v0);
 }
