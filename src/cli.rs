@@ -14,7 +14,7 @@ use crate::daemon::open_state;
 use crate::engine::{Engine, Outcome, Trigger};
 use crate::metrics::Metrics;
 use crate::scheduler::live_view;
-use crate::state::{CredentialRecord, Phase, SqliteState, StateStore};
+use crate::state::{CredentialRecord, SqliteState, StateStore};
 
 /// Exit status: the operation failed (a rotation failed, a credential is busy).
 pub const EXIT_FAILED: u8 = 1;
@@ -179,26 +179,8 @@ pub async fn rotate(inventory: &Inventory, id: &str, dry_run: bool) -> anyhow::R
         .ensure_credentials(std::slice::from_ref(&spec.id))
         .await?;
     let metrics = Metrics::new()?;
-    // A rollback left unfinished by an earlier failure (its undo step failed too) is finished
-    // first; if that closes it, the credential is then rotated as asked, rather than exiting 1
-    // with the earlier rotation's (now stale) error.
-    let leftover = state
-        .open_rotation(&spec.id)
-        .await?
-        .filter(|r| r.phase == Phase::RollingBack);
-    let engine = Engine::new(
-        state.clone(),
-        metrics.engine,
-        None,
-        CancellationToken::new(),
-    );
-    let (mut outcome, _) = engine.run(spec, Trigger::Manual).await?;
-    if let (Some(leftover), Outcome::Failed { rotation, .. }) = (&leftover, &outcome) {
-        if *rotation == leftover.id && state.open_rotation(&spec.id).await?.is_none() {
-            println!("{id}: finished rolling back the earlier rotation {rotation}");
-            outcome = engine.run(spec, Trigger::Manual).await?.0;
-        }
-    }
+    let engine = Engine::new(state, metrics.engine, None, CancellationToken::new());
+    let (outcome, _) = engine.run(spec, Trigger::Manual).await?;
     let (code, message) = match outcome {
         Outcome::Promoted { rotation, revoke_at } => {
             (0, format!("{id}: rotation {rotation} promoted; the old credential is revoked at {} by the daemon", time(Some(revoke_at))))

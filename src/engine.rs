@@ -336,6 +336,7 @@ impl Engine {
         if rotation.phase < Phase::Promoted {
             record.status = Status::Rotating;
         }
+        let finishing_rollback = rotation.phase == Phase::RollingBack;
         let mut job = Job {
             spec,
             rotator,
@@ -348,6 +349,12 @@ impl Engine {
         // Make the new status visible (to `keyrotd status`) before any step runs.
         self.save(&mut job).await?;
         let outcome = self.drive(&mut job).await?;
+        if finishing_rollback && job.rotation.phase == Phase::RolledBack {
+            // That run only closed an earlier failure; the rotation the caller asked for (a
+            // retry, a manual rotation) is still to do.
+            info!(credential = %spec.id, rotation = %job.rotation.id, "finished rolling back the earlier rotation; starting a new one");
+            return Box::pin(self.run_with(spec, job.rotator, job.store, trigger)).await;
+        }
         Ok((outcome, job.record))
     }
 

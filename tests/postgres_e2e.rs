@@ -610,9 +610,9 @@ fn recovers_once_fixed(s: &Setup, v0: &Value) {
         stderr(&out)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("finished rolling back the earlier rotation"),
+        stderr(&out).contains("finished rolling back the earlier rotation"),
         "{}",
-        String::from_utf8_lossy(&out.stdout)
+        stderr(&out)
     );
     let v1 = s.current().unwrap();
     assert_ne!(v1.password, v0.password);
