@@ -13,6 +13,7 @@ use crate::alert::Alerter;
 use crate::config::{Inventory, StateUrl};
 use crate::engine::{Engine, EventSink};
 use crate::http::{serve, Endpoint};
+use crate::instrument::MeteredState;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, Table};
 use crate::state::{SqliteState, StateStore};
@@ -40,7 +41,9 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     };
     let http = serve(inventory.daemon.listen, endpoint.clone(), shutdown.clone()).await?;
 
-    let state = open_state(&inventory)?;
+    // The inventory was parsed and validated just before `run` was called.
+    metrics.config.loaded();
+    let state = MeteredState::wrap(open_state(&inventory)?, metrics.state.clone());
     let ids: Vec<String> = inventory.credentials.iter().map(|c| c.id.clone()).collect();
     state.ensure_credentials(&ids).await?;
     let records = state.credentials().await?;

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{human, CredentialSpec};
+use crate::instrument::{CallMetrics, TimedRotator, TimedStore};
 use crate::state::{Busy, CredentialRecord, Phase, RotationRecord, StateError, StateStore, Status};
 
 /// How long a rotation's lease lasts; renewed at every step.
@@ -132,6 +133,8 @@ pub struct StepError {
 pub struct EngineMetrics {
     pub rotations: IntCounterVec,
     pub step_seconds: HistogramVec,
+    /// Provider and store call latency.
+    pub calls: CallMetrics,
 }
 
 impl EngineMetrics {
@@ -163,6 +166,7 @@ impl EngineMetrics {
         Ok(Self {
             rotations,
             step_seconds,
+            calls: CallMetrics::register(registry)?,
         })
     }
 }
@@ -256,6 +260,8 @@ impl Engine {
         store: Arc<dyn Store>,
         trigger: Trigger,
     ) -> Result<(Outcome, CredentialRecord), EngineError> {
+        let rotator = TimedRotator::wrap(rotator, &self.metrics.calls);
+        let store = TimedStore::wrap(store, &self.metrics.calls);
         let mut record = self
             .state
             .credential(&spec.id)

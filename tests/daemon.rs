@@ -171,6 +171,15 @@ fn run_rotates_on_schedule_exports_metrics_and_leaks_no_secret() {
         "keyrotd_rotations_total{result=\"success\"}",
         "keyrotd_rotation_step_duration_seconds_bucket{step=\"verify\"",
         "keyrotd_build_info{version=",
+        "keyrotd_provider_call_duration_seconds_count{operation=\"issue\",rotator=\"random\"}",
+        "keyrotd_provider_call_duration_seconds_bucket{operation=\"verify\",rotator=\"random\"",
+        "keyrotd_store_call_duration_seconds_count{operation=\"promote\",store=\"file\"}",
+        "keyrotd_store_call_duration_seconds_count{operation=\"release_previous\",store=\"file\"}",
+        "keyrotd_state_store_up 1",
+        "keyrotd_state_store_errors_total 0",
+        "keyrotd_config_last_reload_success_timestamp_seconds ",
+        "keyrotd_config_last_reload_successful 1",
+        "keyrotd_config_reloads_total{result=\"failure\"} 0",
     ] {
         assert!(metrics.contains(name), "missing {name} in:\n{metrics}");
     }
