@@ -1,11 +1,14 @@
 //! The *when*: decides which credential needs the engine next and runs it, within the global
 //! concurrency limit.
 //!
-//! Two sources of wake-ups, neither of which polls:
+//! Two sources of wake-ups, neither of which scans the inventory:
 //! - cron schedules go to tokio-cron-scheduler, one job per distinct (expression, timezone), not
 //!   one per credential: a fire enqueues every credential of its group;
 //! - everything else (intervals, overdue rotations, retries, revocations after grace) waits in a
 //!   due-time heap; the loop sleeps until the earliest entry.
+//!
+//! Besides, every 2 s it asks the state store one cheap question (SQLite's `data_version`): has
+//! another process (`keyrotd rotate`) committed? Only a change costs a re-read of the records.
 //!
 //! Invariants: a credential is queued or running at most once in this process (the state store
 //! stops other processes); at most `max_concurrent_rotations` engine runs are in flight; a rotation
@@ -27,9 +30,6 @@ use crate::engine::{Engine, Event, EventSink, Outcome, Trigger};
 use crate::schedule::Due;
 use crate::state::{CredentialRecord, Phase, RotationRecord, StateError, Status};
 
-/// How often the scheduler looks for rotations other processes (`keyrotd rotate`) started, so it
-/// can revoke them on time. A cheap indexed query, not a busy loop.
-const RECONCILE_EVERY: Duration = Duration::from_secs(60);
 /// How long to wait before looking again at a credential another process is rotating.
 const BUSY_RETRY: i64 = 60;
 /// How often the scheduler asks the state store whether another process (`keyrotd rotate`)
@@ -306,11 +306,6 @@ impl Scheduler {
             queued = heap.len(),
             "scheduler running"
         );
-        let mut reconcile = tokio::time::interval_at(
-            tokio::time::Instant::now() + RECONCILE_EVERY,
-            RECONCILE_EVERY,
-        );
-        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watch =
             tokio::time::interval_at(tokio::time::Instant::now() + WATCH_EVERY, WATCH_EVERY);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -424,15 +419,6 @@ impl Scheduler {
                         Err(e) => warn!(error = %e, "re-reading credential records failed"),
                     }
                 }
-                _ = reconcile.tick(), if !self.shutdown.is_cancelled() => {
-                    match self.reconcile().await {
-                        Ok(wakes) => for (i, at) in wakes {
-                            generation[i] += 1;
-                            heap.push(Reverse((at, i, generation[i])));
-                        },
-                        Err(e) => warn!(error = %e, "reconcile with the state store failed"),
-                    }
-                }
             }
         }
         info!("scheduler stopped");
@@ -540,37 +526,6 @@ impl Scheduler {
             changed.push((i, live.wake));
         }
         Ok(changed)
-    }
-
-    /// Finds open rotations this process does not know about (started by `keyrotd rotate`) and
-    /// returns wake-ups for them.
-    async fn reconcile(&self) -> Result<Vec<(usize, i64)>, StateError> {
-        let open = self.engine.state().open_rotations().await?;
-        let index: HashMap<&str, usize> = self
-            .table
-            .slots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.spec.id.as_str(), i))
-            .collect();
-        let now = Utc::now().timestamp();
-        Ok(open
-            .iter()
-            .filter_map(|r| {
-                let &i = index.get(r.credential_id.as_str())?;
-                let want = if r.phase == Phase::Promoted {
-                    r.revoke_at.unwrap_or(now)
-                } else {
-                    r.lease_until.max(now)
-                };
-                let mut live = lock(&self.table.slots[i].live);
-                if live.wake.is_some_and(|w| w <= want) || live.status == Status::Failed {
-                    return None;
-                }
-                live.wake = Some(want);
-                Some((i, want))
-            })
-            .collect())
     }
 }
 
