@@ -46,6 +46,8 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     let state = MeteredState::wrap(open_state(&inventory)?, metrics.state.clone());
     let ids: Vec<String> = inventory.credentials.iter().map(|c| c.id.clone()).collect();
     state.ensure_credentials(&ids).await?;
+    // Read before the records: a commit by another process after this point shows as a change.
+    let data_version = state.external_version().await?;
     let records = state.credentials().await?;
     let open = state.open_rotations().await?;
     let table = Arc::new(Table::new(inventory.credentials, records, &open));
@@ -83,7 +85,7 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
         "keyrotd ready"
     );
     tokio::spawn(signals(shutdown.clone()));
-    scheduler.run(cron, rx, tx).await;
+    scheduler.run(cron, rx, tx, data_version).await;
     shutdown.cancel();
     alerts_shutdown.cancel();
     let _ = alert_task.await;

@@ -276,11 +276,13 @@ impl Scheduler {
 
     /// The scheduling loop. Returns after shutdown once every in-flight run has finished or
     /// parked its rotation.
+    /// `data_version` is the state store's change counter read before the table was built.
     pub async fn run(
         mut self,
         mut cron: JobScheduler,
         mut rx: mpsc::Receiver<Msg>,
         tx: mpsc::Sender<Msg>,
+        data_version: i64,
     ) {
         let n = self.table.slots.len();
         let mut age_heap: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
@@ -309,8 +311,7 @@ impl Scheduler {
         let mut watch =
             tokio::time::interval_at(tokio::time::Instant::now() + WATCH_EVERY, WATCH_EVERY);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // None until the first look: the records may have changed since the table was built.
-        let mut seen_version: Option<i64> = None;
+        let mut seen_version = data_version;
 
         loop {
             while running < self.max_concurrent {
@@ -401,10 +402,10 @@ impl Scheduler {
                         Ok(v) => v,
                         Err(e) => { warn!(error = %e, "asking the state store for changes failed"); continue; }
                     };
-                    if seen_version == Some(version) { continue; }
+                    if seen_version == version { continue; }
                     match self.refresh(&busy).await {
                         Ok(changed) => {
-                            seen_version = Some(version);
+                            seen_version = version;
                             let now = Utc::now().timestamp();
                             for (i, wake) in changed {
                                 generation[i] += 1;
