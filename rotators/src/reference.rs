@@ -119,7 +119,7 @@ fn parse_aws_sm(reference: &str, rest: &str) -> Result<SecretRef, RefError> {
         why,
     };
     let (secret_id, field) = match rest.split_once('#') {
-        Some((id, field)) if field.is_empty() => {
+        Some((id, "")) => {
             return Err(invalid(format!(
                 "`#` must be followed by a field name (or drop it to read `{id}` whole)"
             )))
