@@ -1,1 +1,472 @@
-fn main() {}
+//! The scale bench: `cargo bench --bench scale`.
+//!
+//! Prints figures against the scale targets of the core-daemon issue; it is not a pass/fail test.
+//! It generates an inventory of N credentials (env `KEYROTD_BENCH_CREDENTIALS`, default 100,000)
+//! in a temporary directory, seeds the state database so that none of them is due, spawns the
+//! release `keyrotd run`, and measures:
+//!
+//! - the wall time until `/readyz` answers 200, then until a full `/metrics` scrape has been read;
+//! - the size and fetch time of that scrape;
+//! - idle CPU over `KEYROTD_BENCH_IDLE_SECS` (default 30) seconds, from `/proc/PID/stat`;
+//! - RSS (`VmRSS`) and peak RSS (`VmHWM`) after ready, after the scrape and after the idle period;
+//! - how long the daemon takes to exit after SIGTERM.
+//!
+//! Linux only (it reads `/proc`).
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::Datelike;
+
+/// Ready (loaded, validated, scheduled, serving /metrics) within this long.
+const READY_TARGET: Duration = Duration::from_secs(2);
+/// Idle CPU, in percent of one core.
+const IDLE_CPU_TARGET: f64 = 0.2;
+/// Resident memory, in MiB.
+const RSS_TARGET_MIB: f64 = 100.0;
+
+/// Interval-based credentials cycle through these (`rotate_every`, `max_age`).
+const INTERVALS: [(&str, &str); 3] = [("30d", "40d"), ("60d", "70d"), ("90d", "100d")];
+/// Distinct cron schedules shared by the cron-based credentials.
+const CRON_GROUPS: usize = 10;
+/// Out of every 10 credentials, this many use a cron schedule; the rest an interval.
+const CRON_SHARE: usize = 4;
+
+fn main() {
+    let n = env_number("KEYROTD_BENCH_CREDENTIALS", 100_000);
+    let idle_secs = env_number("KEYROTD_BENCH_IDLE_SECS", 30) as u64;
+    let binary = locate_binary();
+    let dir = tempfile::Builder::new()
+        .prefix("keyrotd-scale-")
+        .tempdir()
+        .expect("creating a temp dir");
+    let port = free_port();
+
+    println!(
+        "keyrotd scale bench: {n} credentials, binary {}",
+        binary.display()
+    );
+    let t = Instant::now();
+    let (config, ids) = write_inventory(dir.path(), n, port);
+    let config_bytes = fs::metadata(&config).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "  inventory: {} ({:.1} MiB) written in {:.2} s",
+        config.display(),
+        mib(config_bytes),
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    seed_state(&dir.path().join("state.db"), &ids);
+    println!(
+        "  state: {} credential records seeded (none due) in {:.2} s",
+        ids.len(),
+        t.elapsed().as_secs_f64()
+    );
+
+    let log_path = dir.path().join("daemon.log");
+    let log = fs::File::create(&log_path).expect("creating the daemon log");
+    let started = Instant::now();
+    let mut child = Command::new(&binary)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("KEYROTD_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawning keyrotd");
+    let pid = child.id();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+
+    // Ready: /readyz answers 200.
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            fail(
+                &mut child,
+                &log_path,
+                &format!("keyrotd exited during start-up ({status})"),
+            );
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            fail(&mut child, &log_path, "keyrotd was not ready after 300 s");
+        }
+        if get(addr, "/readyz").is_ok_and(|r| r.status == 200) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ready = started.elapsed();
+    let rss_ready = memory(pid);
+
+    // Serving: a full /metrics scrape.
+    let t = Instant::now();
+    let scrape = match get(addr, "/metrics") {
+        Ok(scrape) => scrape,
+        Err(e) => fail(&mut child, &log_path, &format!("GET /metrics failed: {e}")),
+    };
+    let fetch = t.elapsed();
+    let scraped = started.elapsed();
+    if scrape.status != 200 {
+        fail(
+            &mut child,
+            &log_path,
+            &format!("GET /metrics answered {}", scrape.status),
+        );
+    }
+    let body = String::from_utf8_lossy(&scrape.body);
+    let series = body
+        .lines()
+        .filter(|l| l.starts_with("keyrotd_credential_max_age_seconds{"))
+        .count();
+    let lines = body.lines().count();
+    let rss_scrape = memory(pid);
+
+    // Idle: let the start-up and the scrape settle, then count CPU ticks.
+    std::thread::sleep(Duration::from_secs(1));
+    let tck = clock_ticks();
+    let (ticks_before, t) = (cpu_ticks(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let (ticks_after, window) = (cpu_ticks(pid), t.elapsed());
+    let idle_cpu = (ticks_after - ticks_before) as f64 / tck as f64 / window.as_secs_f64() * 100.0;
+    let rss_idle = memory(pid);
+    let threads = proc_status_field(pid, "Threads:").unwrap_or_default();
+
+    // Shutdown on SIGTERM.
+    let t = Instant::now();
+    terminate(&child);
+    let exit = wait_for_exit(&mut child, Duration::from_secs(60));
+    let shutdown = t.elapsed();
+
+    let daemon_ready_ms = fs::read_to_string(&log_path).ok().and_then(|log| {
+        log.lines()
+            .find(|l| l.contains("keyrotd ready"))
+            .and_then(|l| field_after(l, "ready_ms="))
+            .map(str::to_owned)
+    });
+
+    let peak = [rss_ready, rss_scrape, rss_idle]
+        .iter()
+        .map(|m| m.hwm_kib)
+        .max()
+        .unwrap_or(0);
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "\nresults ({n} credentials, {} cron groups, {} cores)",
+        CRON_GROUPS,
+        cores()
+    );
+    let _ = writeln!(
+        report,
+        "  /readyz 200 after        {:>8.3} s   {}",
+        ready.as_secs_f64(),
+        verdict(ready <= READY_TARGET, "< 2 s")
+    );
+    if let Some(ms) = daemon_ready_ms {
+        let _ = writeln!(report, "    (daemon's own ready_ms {ms}: run() start to ready; inventory loading comes before it)");
+    }
+    let _ = writeln!(
+        report,
+        "  first full /metrics at  {:>8.3} s   {}",
+        scraped.as_secs_f64(),
+        verdict(scraped <= READY_TARGET, "< 2 s")
+    );
+    let _ = writeln!(
+        report,
+        "  /metrics fetch          {:>8.3} s   {:.1} MiB, {lines} lines, {series} credentials in max_age family",
+        fetch.as_secs_f64(),
+        mib(scrape.body.len() as u64)
+    );
+    let _ = writeln!(
+        report,
+        "  idle CPU                {:>8.3} %   of one core over {:.1} s ({} ticks at {tck} Hz) {}",
+        idle_cpu,
+        window.as_secs_f64(),
+        ticks_after - ticks_before,
+        verdict(idle_cpu < IDLE_CPU_TARGET, "< 0.2 %")
+    );
+    for (label, m) in [
+        ("RSS after ready", rss_ready),
+        ("RSS after /metrics", rss_scrape),
+        ("RSS after idle", rss_idle),
+    ] {
+        let _ = writeln!(
+            report,
+            "  {label:<23} {:>8.1} MiB (VmHWM peak {:.1} MiB) {}",
+            m.rss_kib as f64 / 1024.0,
+            m.hwm_kib as f64 / 1024.0,
+            verdict((m.rss_kib as f64 / 1024.0) < RSS_TARGET_MIB, "< 100 MB")
+        );
+    }
+    let _ = writeln!(
+        report,
+        "  peak RSS (VmHWM)        {:>8.1} MiB     {}",
+        peak as f64 / 1024.0,
+        verdict((peak as f64 / 1024.0) < RSS_TARGET_MIB, "< 100 MB")
+    );
+    let _ = writeln!(report, "  threads                 {threads:>8}");
+    let _ = writeln!(
+        report,
+        "  SIGTERM to exit         {:>8.3} s   ({exit})",
+        shutdown.as_secs_f64()
+    );
+    print!("{report}");
+}
+
+/// Resident memory of a process, in KiB.
+#[derive(Clone, Copy, Default)]
+struct Memory {
+    rss_kib: u64,
+    hwm_kib: u64,
+}
+
+fn memory(pid: u32) -> Memory {
+    let kib = |field| {
+        proc_status_field(pid, field)
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    Memory {
+        rss_kib: kib("VmRSS:"),
+        hwm_kib: kib("VmHWM:"),
+    }
+}
+
+fn proc_status_field(pid: u32, field: &str) -> Option<String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.trim().to_owned())
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading /proc/PID/stat");
+    // The command name (field 2) is parenthesised and may contain spaces: count from after it.
+    let rest = &stat[stat.rfind(')').expect("a /proc/PID/stat line") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 (utime) and 15 (stime) of the line; `rest` starts at field 3.
+    fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0)
+}
+
+fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Writes the inventory and returns its path and the credential ids.
+fn write_inventory(dir: &Path, n: usize, port: u16) -> (PathBuf, Vec<String>) {
+    let stores = dir.join("store");
+    fs::create_dir_all(&stores).expect("creating the store dir");
+    // Monthly schedules on days other than today and tomorrow, so none fires during the bench.
+    let today = chrono::Utc::now().day();
+    let days: Vec<u32> = (1..=28)
+        .filter(|d| *d != today && *d != today % 28 + 1)
+        .take(CRON_GROUPS)
+        .collect();
+    let path = dir.join("inventory.toml");
+    let mut out = BufWriter::new(fs::File::create(&path).expect("creating the inventory"));
+    let mut ids = Vec::with_capacity(n);
+    writeln!(
+        out,
+        "[daemon]\nstate = \"sqlite:{}\"\nlisten = \"127.0.0.1:{port}\"\nmax_concurrent_rotations = 4\n\n\
+         [defaults]\ngrace = \"1h\"\nretry = {{ max_attempts = 5, backoff = \"30s\", max_backoff = \"1h\" }}\n",
+        dir.join("state.db").display()
+    )
+    .unwrap();
+    for i in 0..n {
+        let id = format!("svc-{i:06}-token");
+        write!(
+            out,
+            "\n[[credential]]\nid = \"{id}\"\nrotator = {{ kind = \"random\", length = 32, alphabet = \"base64url\" }}\n\
+             store = {{ kind = \"file\", path = \"{}\" }}\n",
+            stores.join(&id).display()
+        )
+        .unwrap();
+        if i % 10 < CRON_SHARE {
+            let day = days[(i / 10) % days.len()];
+            writeln!(out, "schedule = \"17 2 {day} * *\"\nmax_age = \"35d\"").unwrap();
+        } else {
+            let (every, max_age) = INTERVALS[i % INTERVALS.len()];
+            writeln!(out, "rotate_every = \"{every}\"\nmax_age = \"{max_age}\"").unwrap();
+        }
+        ids.push(id);
+    }
+    out.flush().expect("writing the inventory");
+    (path, ids)
+}
+
+/// Creates the state database with the daemon's own schema and records every credential as
+/// rotated within the last day, in one transaction, so nothing is due at start-up.
+fn seed_state(path: &Path, ids: &[String]) {
+    drop(keyrotd::state::SqliteState::open(path).expect("creating the state database"));
+    let mut conn = rusqlite::Connection::open(path).expect("opening the state database");
+    let now = chrono::Utc::now().timestamp();
+    let tx = conn.transaction().expect("a transaction");
+    {
+        let mut insert = tx
+            .prepare("INSERT INTO credentials (id, status, issued_at) VALUES (?1, 'idle', ?2)")
+            .expect("preparing");
+        for (i, id) in ids.iter().enumerate() {
+            insert
+                .execute(rusqlite::params![id, now - (i as i64 % 86_400)])
+                .expect("inserting a credential");
+        }
+    }
+    tx.commit().expect("committing the seed");
+}
+
+/// The release `keyrotd` next to this bench (`target/release/deps/scale-*` -> `target/release/`),
+/// built if missing.
+fn locate_binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_keyrotd")
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+    {
+        return path;
+    }
+    let exe = std::env::current_exe().expect("the bench's own path");
+    let release = exe
+        .ancestors()
+        .find(|d| d.file_name().is_some_and(|n| n == "release"))
+        .map(Path::to_path_buf);
+    let candidate = release
+        .unwrap_or_else(|| {
+            exe.parent()
+                .and_then(Path::parent)
+                .unwrap_or(Path::new("."))
+                .to_path_buf()
+        })
+        .join("keyrotd");
+    if !candidate.exists() {
+        println!("building {} ...", candidate.display());
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--bin", "keyrotd"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build");
+        assert!(
+            status.success(),
+            "cargo build --release --bin keyrotd failed"
+        );
+    }
+    candidate
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+struct Response {
+    status: u16,
+    body: Vec<u8>,
+}
+
+/// A plain HTTP/1.0 GET: the server closes the connection after the body.
+fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no header end"))?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad status line"))?;
+    Ok(Response {
+        status,
+        body: raw[split + 4..].to_vec(),
+    })
+}
+
+fn terminate(child: &Child) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    const SIGTERM: i32 = 15;
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child, not yet reaped.
+    let rc = unsafe { kill(child.id() as i32, SIGTERM) };
+    assert_eq!(rc, 0, "kill(SIGTERM) failed");
+}
+
+fn wait_for_exit(child: &mut Child, limit: Duration) -> String {
+    let t = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.to_string(),
+            Ok(None) if t.elapsed() < limit => std::thread::sleep(Duration::from_millis(2)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return format!("did not exit within {} s; killed", limit.as_secs());
+            }
+        }
+    }
+}
+
+fn field_after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let rest = &line[line.find(key)? + key.len()..];
+    rest.split_whitespace().next()
+}
+
+fn verdict(met: bool, target: &str) -> String {
+    format!("[{} target {target}]", if met { "MET" } else { "MISSED" })
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn env_number(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .replace('_', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v} is not a number")),
+        Err(_) => default,
+    }
+}
+
+/// Stops the daemon, shows the end of its log (the temp dir is kept for inspection) and exits.
+fn fail(child: &mut Child, log: &Path, message: &str) -> ! {
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!(
+        "error: {message} (inventory and log kept in {})",
+        log.parent().unwrap_or(log).display()
+    );
+    if let Ok(text) = fs::read_to_string(log) {
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        eprintln!(
+            "last daemon log lines:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    std::process::exit(1);
+}

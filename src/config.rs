@@ -67,6 +67,8 @@ pub struct CredentialSpec {
     pub grace: Duration,
     /// What happens when a rotation fails.
     pub retry: RetryPolicy,
+    /// Line and column of the credential's `rotator` table, for later error messages.
+    pub place: (usize, usize),
 }
 
 /// Retries with exponential backoff and jitter; after `max_attempts` consecutive failures the
@@ -220,41 +222,191 @@ pub fn load(path: &Path) -> Result<Inventory, ConfigErrors> {
 }
 
 /// Parses and validates inventory text; `path` is used for messages and relative state paths.
+///
+/// Each `[[credential]]` section is parsed on its own, so a 100,000-credential inventory never
+/// exists as one TOML tree (which would take several times the file's size in memory). The rest
+/// of the document is parsed with the credential sections blanked out, which keeps every line
+/// and column where it was.
 pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
+    let sections = credential_sections(text);
+    let head = blank_sections(text, &sections);
     let mut v = Validator {
         file: path,
-        text,
+        text: &head,
+        first_line: 1,
         errors: Vec::new(),
+        seen: HashMap::with_capacity(sections.len()),
+        gaps: HashMap::new(),
+        crons: HashMap::new(),
+        now: Utc::now(),
     };
-    let parsed = toml::Deserializer::parse(text)
-        .map_err(|e| ("(document)".to_owned(), e))
-        .and_then(|de| {
-            serde_path_to_error::deserialize(de).map_err(|e| (e.path().to_string(), e.into_inner()))
-        });
-    let raw: RawInventory = match parsed {
-        Ok(raw) => raw,
-        Err((field, e)) => {
-            let field = if field == "." {
-                "(document)".to_owned()
-            } else {
-                field
-            };
-            v.error_at(e.span(), &field, e.message().trim());
-            return Err(ConfigErrors(v.errors));
+    let Some(raw) = v.deserialize::<RawInventory>(&head, None) else {
+        return Err(ConfigErrors(v.errors));
+    };
+    let daemon = v.daemon(raw.daemon);
+    let defaults = v.defaults(&raw.defaults);
+    let alerts = v.alerts(raw.alerts);
+    let mut credentials = Vec::with_capacity(sections.len() + raw.credentials.len());
+    let mut index = 0;
+    for cred in raw.credentials {
+        if let Some(spec) = v.credential(&defaults, cred, index) {
+            credentials.push(spec);
         }
-    };
-    let inventory = v.inventory(raw);
+        index += 1;
+    }
+    for section in &sections {
+        v.text = &text[section.bytes.clone()];
+        v.first_line = section.first_line;
+        let parsed = v.deserialize::<OneCredential>(v.text, Some(index));
+        for cred in parsed.into_iter().flat_map(|one| one.credential) {
+            if let Some(spec) = v.credential(&defaults, cred, index) {
+                credentials.push(spec);
+            }
+        }
+        index += 1;
+    }
     if v.errors.is_empty() {
-        Ok(inventory)
+        Ok(Inventory {
+            path: path.to_owned(),
+            daemon,
+            credentials,
+            alerts,
+        })
     } else {
         Err(ConfigErrors(v.errors))
     }
 }
 
+/// One `[[credential]]` section parsed on its own.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OneCredential {
+    credential: Vec<RawCredential>,
+}
+
+/// A `[[credential]]` section: its bytes (header included) and the line it starts on.
+struct Section {
+    bytes: std::ops::Range<usize>,
+    first_line: usize,
+}
+
+/// Finds the `[[credential]]` sections: from a `[[credential]]` header to the next header that
+/// is not one of its sub-tables (`[credential.rotator]`). Headers inside multi-line strings do
+/// not count.
+fn credential_sections(text: &str) -> Vec<Section> {
+    let mut sections: Vec<Section> = Vec::new();
+    let mut open = false;
+    let mut in_string: Option<&str> = None;
+    let mut offset = 0;
+    for (number, line) in text.split_inclusive('\n').enumerate() {
+        if in_string.is_none() && line.trim_start().starts_with('[') {
+            let header: String = line
+                .split('#')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect();
+            let is_credential = header == "[[credential]]";
+            let is_sub = header.starts_with("[credential.") || header.starts_with("[[credential.");
+            if open && (is_credential || !is_sub) {
+                sections.last_mut().expect("an open section").bytes.end = offset;
+                open = false;
+            }
+            if is_credential {
+                open = true;
+                sections.push(Section {
+                    bytes: offset..offset,
+                    first_line: number + 1,
+                });
+            }
+        }
+        for delimiter in ["\"\"\"", "'''"] {
+            if line.matches(delimiter).count() % 2 == 1 {
+                in_string = match in_string {
+                    None => Some(delimiter),
+                    Some(d) if d == delimiter => None,
+                    other => other,
+                };
+            }
+        }
+        offset += line.len();
+    }
+    if open {
+        sections.last_mut().expect("an open section").bytes.end = offset;
+    }
+    sections
+}
+
+/// `text` with the sections replaced by spaces, newlines kept, so positions stay the same.
+fn blank_sections(text: &str, sections: &[Section]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for section in sections {
+        out.push_str(&text[at..section.bytes.start]);
+        out.extend(
+            text[section.bytes.clone()]
+                .chars()
+                .map(|c| if c == '\n' { '\n' } else { ' ' }),
+        );
+        at = section.bytes.end;
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
+/// Checks that every secret the inventory references is there (variables set, files readable),
+/// without reading any of them. Run by `check`, `run` and `rotate`; not by `status` and
+/// `history`, which an operator may run from a shell that lacks the daemon's environment.
+pub fn check_references(inventory: &Inventory) -> Result<(), ConfigErrors> {
+    let errors: Vec<ConfigError> = inventory
+        .credentials
+        .iter()
+        .flat_map(|c| c.rotator.secret_refs().into_iter().map(move |r| (c, r)))
+        .filter_map(|(c, r)| {
+            let e = r.check_available().err()?;
+            Some(ConfigError {
+                file: inventory.path.clone(),
+                line: c.place.0,
+                column: c.place.1,
+                field: format!("credential[{}].rotator", c.id),
+                message: format!("secret reference `{r}`: {e}"),
+            })
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// `[defaults]`, validated once where it is written.
+struct Defaults {
+    rotate_every: Option<Duration>,
+    max_age: Option<Duration>,
+    grace: Option<Duration>,
+    window: Option<Duration>,
+    timezone: Option<Tz>,
+    retry: Option<RawRetry>,
+    /// Whether `[defaults]` had errors (reported already); credentials then stop quietly.
+    broken: bool,
+}
+
 struct Validator<'a> {
     file: &'a Path,
+    /// The document being validated: the whole file with sections blanked, or one section.
     text: &'a str,
+    /// The file line `text` starts on.
+    first_line: usize,
     errors: Vec<ConfigError>,
+    /// Credential ids seen so far, and the line each was defined on.
+    seen: HashMap<String, usize>,
+    /// Longest gap of each distinct cron schedule.
+    gaps: HashMap<(String, Tz), Duration>,
+    /// Each distinct (expression, timezone) parsed once: a parsed cron is kilobytes.
+    crons: HashMap<(String, Tz), Result<CronSchedule, String>>,
+    now: chrono::DateTime<Utc>,
 }
 
 impl Validator<'_> {
@@ -265,7 +417,10 @@ impl Validator<'_> {
         message: impl Into<String>,
     ) {
         let (line, column) = match span {
-            Some(span) => line_column(self.text, span.start),
+            Some(span) => {
+                let (line, column) = line_column(self.text, span.start);
+                (line + self.first_line - 1, column)
+            }
             None => (0, 0),
         };
         self.errors.push(ConfigError {
@@ -275,6 +430,33 @@ impl Validator<'_> {
             field: field.to_owned(),
             message: message.into(),
         });
+    }
+
+    /// Deserializes `text`, recording the error with its path. `section` renames the
+    /// `credential[0]` of a lone section to its index in the file.
+    fn deserialize<T: serde::de::DeserializeOwned>(
+        &mut self,
+        text: &str,
+        section: Option<usize>,
+    ) -> Option<T> {
+        let parsed = toml::Deserializer::parse(text)
+            .map_err(|e| ("(document)".to_owned(), e))
+            .and_then(|de| {
+                serde_path_to_error::deserialize(de)
+                    .map_err(|e| (e.path().to_string(), e.into_inner()))
+            });
+        match parsed {
+            Ok(raw) => Some(raw),
+            Err((field, e)) => {
+                let field = match (field.as_str(), section) {
+                    (".", _) => "(document)".to_owned(),
+                    (f, Some(i)) => f.replacen("credential[0]", &format!("credential[{i}]"), 1),
+                    (f, None) => f.to_owned(),
+                };
+                self.error_at(e.span(), &field, e.message().trim());
+                None
+            }
+        }
     }
 
     fn duration(&mut self, value: &Spanned<String>, field: &str) -> Option<Duration> {
@@ -291,60 +473,73 @@ impl Validator<'_> {
         }
     }
 
-    fn inventory(&mut self, raw: RawInventory) -> Inventory {
-        let daemon = self.daemon(raw.daemon);
-        let mut credentials = Vec::with_capacity(raw.credentials.len());
-        let mut seen: HashMap<String, usize> = HashMap::with_capacity(raw.credentials.len());
-        let mut gaps: HashMap<(String, Tz), Duration> = HashMap::new();
-        let now = Utc::now();
-        for (index, cred) in raw.credentials.into_iter().enumerate() {
-            let id = cred.id.get_ref().clone();
-            let field = format!("credential[{index}]");
-            if !valid_id(&id) {
-                self.error_at(
-                    Some(cred.id.span()),
-                    &format!("{field}.id"),
-                    format!("`{id}` must be 1-128 characters of A-Z a-z 0-9 . _ -"),
-                );
-                continue;
-            }
-            if let Some(first_line) =
-                seen.insert(id.clone(), line_column(self.text, cred.id.span().start).0)
-            {
-                self.error_at(
-                    Some(cred.id.span()),
-                    &format!("{field}.id"),
-                    format!("duplicate id `{id}` (first defined on line {first_line})"),
-                );
-                continue;
-            }
-            if let Some(spec) = self.credential(
-                &raw.defaults,
-                cred,
-                &format!("credential[{id}]"),
-                &mut gaps,
-                now,
-            ) {
-                credentials.push(spec);
+    /// Parses a duration that may be zero (a grace period).
+    fn duration_or_zero(&mut self, value: &Spanned<String>, field: &str) -> Option<Duration> {
+        match parse_duration(value.get_ref()) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.error_at(Some(value.span()), field, e);
+                None
             }
         }
-        let alerts = match raw.alerts {
-            None => AlertsConfig::default(),
-            Some(alerts) => {
-                let span = alerts.span();
-                let alerts = alerts.into_inner();
-                if let Err(e) = alerts.validate() {
-                    self.error_at(Some(span), "alerts", e);
-                }
-                alerts
-            }
+    }
+
+    fn timezone(&mut self, value: &Spanned<String>, field: &str) -> Option<Tz> {
+        let tz = value.get_ref().parse::<Tz>().ok();
+        if tz.is_none() {
+            self.error_at(
+                Some(value.span()),
+                field,
+                format!(
+                    "unknown timezone `{}` (expected an IANA name like Europe/Paris)",
+                    value.get_ref()
+                ),
+            );
+        }
+        tz
+    }
+
+    fn defaults(&mut self, raw: &RawDefaults) -> Defaults {
+        let before = self.errors.len();
+        let mut d = Defaults {
+            rotate_every: raw
+                .rotate_every
+                .as_ref()
+                .and_then(|s| self.duration(s, "defaults.rotate_every")),
+            max_age: raw
+                .max_age
+                .as_ref()
+                .and_then(|s| self.duration(s, "defaults.max_age")),
+            grace: raw
+                .grace
+                .as_ref()
+                .and_then(|s| self.duration_or_zero(s, "defaults.grace")),
+            window: raw
+                .window
+                .as_ref()
+                .and_then(|s| self.duration(s, "defaults.window")),
+            timezone: raw
+                .timezone
+                .as_ref()
+                .and_then(|s| self.timezone(s, "defaults.timezone")),
+            retry: raw.retry.clone(),
+            broken: false,
         };
-        Inventory {
-            path: self.file.to_owned(),
-            daemon,
-            credentials,
-            alerts,
+        self.retry(d.retry.as_ref(), None, "defaults");
+        d.broken = self.errors.len() > before;
+        d
+    }
+
+    fn alerts(&mut self, raw: Option<Spanned<AlertsConfig>>) -> AlertsConfig {
+        let Some(alerts) = raw else {
+            return AlertsConfig::default();
+        };
+        let span = alerts.span();
+        let alerts = alerts.into_inner();
+        if let Err(e) = alerts.validate() {
+            self.error_at(Some(span), "alerts", e);
         }
+        alerts
     }
 
     fn daemon(&mut self, raw: RawDaemon) -> DaemonSettings {
@@ -405,14 +600,30 @@ impl Validator<'_> {
 
     fn credential(
         &mut self,
-        defaults: &RawDefaults,
+        defaults: &Defaults,
         raw: RawCredential,
-        field: &str,
-        gaps: &mut HashMap<(String, Tz), Duration>,
-        now: chrono::DateTime<Utc>,
+        index: usize,
     ) -> Option<CredentialSpec> {
+        let id = raw.id.get_ref().clone();
+        if !valid_id(&id) {
+            self.error_at(
+                Some(raw.id.span()),
+                &format!("credential[{index}].id"),
+                format!("`{id}` must be 1-128 characters of A-Z a-z 0-9 . _ -"),
+            );
+            return None;
+        }
+        let line = line_column(self.text, raw.id.span().start).0 + self.first_line - 1;
+        if let Some(first_line) = self.seen.insert(id.clone(), line) {
+            self.error_at(
+                Some(raw.id.span()),
+                &format!("credential[{index}].id"),
+                format!("duplicate id `{id}` (first defined on line {first_line})"),
+            );
+            return None;
+        }
+        let field = format!("credential[{id}]");
         let errors_before = self.errors.len();
-        let id = raw.id.into_inner();
         let (rotator_span, rotator) = (raw.rotator.span(), raw.rotator.into_inner());
         if let Err(e) = rotator.validate() {
             self.error_at(Some(rotator_span.clone()), &format!("{field}.rotator"), e);
@@ -421,51 +632,41 @@ impl Validator<'_> {
         if let Err(e) = store.validate() {
             self.error_at(Some(store_span), &format!("{field}.store"), e);
         }
-
-        let tz_raw = raw.timezone.as_ref().or(defaults.timezone.as_ref());
-        let timezone = match tz_raw {
-            None => Tz::UTC,
-            Some(tz) => tz.get_ref().parse::<Tz>().unwrap_or_else(|_| {
-                self.error_at(
-                    Some(tz.span()),
-                    &format!("{field}.timezone"),
-                    format!(
-                        "unknown timezone `{}` (expected an IANA name like Europe/Paris)",
-                        tz.get_ref()
-                    ),
-                );
-                Tz::UTC
-            }),
+        let timezone = match &raw.timezone {
+            Some(tz) => self
+                .timezone(tz, &format!("{field}.timezone"))
+                .unwrap_or(Tz::UTC),
+            None => defaults.timezone.unwrap_or(Tz::UTC),
         };
-        let cron =
-            raw.schedule
-                .as_ref()
-                .and_then(|s| match CronSchedule::parse(s.get_ref(), timezone) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        self.error_at(Some(s.span()), &format!("{field}.schedule"), e);
-                        None
-                    }
-                });
-        let every_raw = raw.rotate_every.as_ref().or(defaults.rotate_every.as_ref());
-        let every = every_raw.and_then(|s| self.duration(s, &format!("{field}.rotate_every")));
-        let window = raw
-            .window
-            .as_ref()
-            .or(defaults.window.as_ref())
-            .and_then(|s| self.duration(s, &format!("{field}.window")));
-        if raw.schedule.is_none() && every_raw.is_none() {
+        let cron = raw.schedule.as_ref().and_then(|s| {
+            let parsed = self
+                .crons
+                .entry((s.get_ref().clone(), timezone))
+                .or_insert_with(|| CronSchedule::parse(s.get_ref(), timezone))
+                .clone();
+            parsed
+                .map_err(|e| self.error_at(Some(s.span()), &format!("{field}.schedule"), e))
+                .ok()
+        });
+        let every = match &raw.rotate_every {
+            Some(s) => self.duration(s, &format!("{field}.rotate_every")),
+            None => defaults.rotate_every,
+        };
+        let window = match &raw.window {
+            Some(s) => self.duration(s, &format!("{field}.window")),
+            None => defaults.window,
+        };
+        let has_schedule = raw.schedule.is_some() || raw.rotate_every.is_some();
+        if !has_schedule && defaults.rotate_every.is_none() && !defaults.broken {
             self.error_at(
                 Some(rotator_span.clone()),
-                field,
+                &field,
                 "needs `schedule` (cron) or `rotate_every` (here or in [defaults])",
             );
         }
-
-        let max_age_raw = raw.max_age.as_ref().or(defaults.max_age.as_ref());
-        let max_age = match max_age_raw {
+        let max_age = match &raw.max_age {
             Some(s) => self.duration(s, &format!("{field}.max_age")),
-            None => {
+            None if defaults.max_age.is_none() && !defaults.broken => {
                 self.error_at(
                     Some(rotator_span.clone()),
                     &format!("{field}.max_age"),
@@ -473,21 +674,14 @@ impl Validator<'_> {
                 );
                 None
             }
+            None => defaults.max_age,
         };
-        let grace_raw = raw.grace.as_ref().or(defaults.grace.as_ref());
-        let grace = match grace_raw {
-            Some(s) => match parse_duration(s.get_ref()) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    self.error_at(Some(s.span()), &format!("{field}.grace"), e);
-                    None
-                }
-            },
-            None => Some(Duration::from_secs(3600)),
+        let grace = match &raw.grace {
+            Some(s) => self.duration_or_zero(s, &format!("{field}.grace")),
+            None => Some(defaults.grace.unwrap_or(Duration::from_secs(3600))),
         };
-        let retry = self.retry(defaults.retry.as_ref(), raw.retry.as_ref(), field);
-
-        if self.errors.len() > errors_before {
+        let retry = self.retry(defaults.retry.as_ref(), raw.retry.as_ref(), &field);
+        if self.errors.len() > errors_before || defaults.broken {
             return None;
         }
         let (max_age, grace) = (max_age?, grace?);
@@ -496,28 +690,41 @@ impl Validator<'_> {
             every,
             window,
         };
-        // Credentials share a handful of schedules: compute each cron's period once.
         let period = match &schedule.cron {
             Some(c) => {
-                let gap = *gaps
+                let now = self.now;
+                let gap = *self
+                    .gaps
                     .entry((c.expression.clone(), c.timezone))
                     .or_insert_with(|| c.longest_gap(now));
                 gap.min(every.unwrap_or(Duration::MAX))
             }
-            None => schedule.period(now),
+            None => schedule.period(self.now),
         };
-        let max_age_span = max_age_raw.map(|s| s.span());
+        // Errors about values inherited from [defaults] point at the credential.
+        let max_age_span = raw
+            .max_age
+            .as_ref()
+            .map_or(rotator_span.clone(), |s| s.span());
         if max_age <= period {
             self.error_at(
-                max_age_span,
+                Some(max_age_span),
                 &format!("{field}.max_age"),
-                format!("{} is not longer than the rotation period ({}): the credential would go stale between rotations", human(max_age), human(period)),
+                format!(
+                    "{} is not longer than the rotation period ({}): the credential would go stale between rotations",
+                    human(max_age),
+                    human(period)
+                ),
             );
             return None;
         }
         if grace >= period {
+            let span = raw
+                .grace
+                .as_ref()
+                .map_or(rotator_span.clone(), |s| s.span());
             self.error_at(
-                grace_raw.map(|s| s.span()).or(max_age_span),
+                Some(span),
                 &format!("{field}.grace"),
                 format!(
                     "{} must be shorter than the rotation period ({})",
@@ -527,6 +734,7 @@ impl Validator<'_> {
             );
             return None;
         }
+        let place = line_column(self.text, rotator_span.start);
         Some(CredentialSpec {
             id,
             rotator,
@@ -535,6 +743,7 @@ impl Validator<'_> {
             max_age,
             grace,
             retry,
+            place: (place.0 + self.first_line - 1, place.1),
         })
     }
 
@@ -722,5 +931,75 @@ store = { kind = "file", path = "/tmp/x/weekly" }
             assert!(!errors(text).is_empty(), "{text:?} should fail");
         }
         assert!(errors("[[credential]]\nid = \"a\"\nrotator = { kind = \"nope\" }\nstore = { kind = \"file\", path = \"/x\" }")[0].contains("nope"));
+    }
+    #[test]
+    fn sections_allow_sub_tables_tables_after_credentials_and_headers_in_strings() {
+        let text = r#"
+[[credential]]
+id = "a"
+rotate_every = "1d"
+max_age = "2d"
+[credential.rotator]
+kind = "random"
+[credential.store]
+kind = "file"
+path = "/tmp/x/a"
+
+[defaults]
+grace = "1h"
+
+[[credential]]
+id = "b"
+rotator = { kind = "random" }
+store = { kind = "file", path = "/tmp/x/b" }
+rotate_every = "1d"
+max_age = "2d"
+"#;
+        let inv = parse(Path::new("inv.toml"), text).unwrap();
+        let ids: Vec<&str> = inv.credentials.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(inv.credentials[1].place, (17, 11));
+
+        // A header inside a multi-line string does not start a section.
+        let with_note = text.replace("id = \"b\"", "id = \"b\"\nnote = '''\n[[credential]]\n'''");
+        let e = errors(&with_note);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("inv.toml:17:1: credential[1].note: unknown field"),
+            "{}",
+            e[0]
+        );
+        let late = text.replace(
+            "rotate_every = \"1d\"\nmax_age = \"2d\"\n",
+            "rotate_every = \"1d\"\nmax_age = \"2 fortnights\"\n",
+        );
+        let e = errors(&late);
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("inv.toml:20:11: credential[b].max_age:")),
+            "{e:?}"
+        );
+    }
+    #[test]
+    fn no_prefix_or_byte_flip_of_the_example_inventory_panics() {
+        let example = include_str!("../config.toml");
+        for end in (0..example.len()).filter(|i| example.is_char_boundary(*i)) {
+            let _ = parse(Path::new("config.toml"), &example[..end]);
+        }
+        let bytes = example.as_bytes();
+        for (i, replacement) in (0..bytes.len())
+            .step_by(3)
+            .zip([b'"', b'[', b'=', b'\n', b'0', b'#', b']'].iter().cycle())
+        {
+            let mut mutated = bytes.to_vec();
+            mutated[i] = *replacement;
+            if let Ok(text) = std::str::from_utf8(&mutated) {
+                let _ = parse(Path::new("config.toml"), text);
+            }
+        }
+        assert!(
+            parse(Path::new("config.toml"), example).is_ok(),
+            "the shipped example is valid"
+        );
     }
 }

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{human, CredentialSpec};
+use crate::instrument::{CallMetrics, TimedRotator, TimedStore};
 use crate::state::{Busy, CredentialRecord, Phase, RotationRecord, StateError, StateStore, Status};
 
 /// How long a rotation's lease lasts; renewed at every step.
@@ -132,6 +133,8 @@ pub struct StepError {
 pub struct EngineMetrics {
     pub rotations: IntCounterVec,
     pub step_seconds: HistogramVec,
+    /// Provider and store call latency.
+    pub calls: CallMetrics,
 }
 
 impl EngineMetrics {
@@ -163,6 +166,7 @@ impl EngineMetrics {
         Ok(Self {
             rotations,
             step_seconds,
+            calls: CallMetrics::register(registry)?,
         })
     }
 }
@@ -256,6 +260,8 @@ impl Engine {
         store: Arc<dyn Store>,
         trigger: Trigger,
     ) -> Result<(Outcome, CredentialRecord), EngineError> {
+        let rotator = TimedRotator::wrap(rotator, &self.metrics.calls);
+        let store = TimedStore::wrap(store, &self.metrics.calls);
         let mut record = self
             .state
             .credential(&spec.id)
@@ -336,6 +342,7 @@ impl Engine {
         if rotation.phase < Phase::Promoted {
             record.status = Status::Rotating;
         }
+        let finishing_rollback = rotation.phase == Phase::RollingBack;
         let mut job = Job {
             spec,
             rotator,
@@ -348,6 +355,12 @@ impl Engine {
         // Make the new status visible (to `keyrotd status`) before any step runs.
         self.save(&mut job).await?;
         let outcome = self.drive(&mut job).await?;
+        if finishing_rollback && job.rotation.phase == Phase::RolledBack {
+            // That run only closed an earlier failure; the rotation the caller asked for (a
+            // retry, a manual rotation) is still to do.
+            info!(credential = %spec.id, rotation = %job.rotation.id, "finished rolling back the earlier rotation; starting a new one");
+            return Box::pin(self.run_with(spec, job.rotator, job.store, trigger)).await;
+        }
         Ok((outcome, job.record))
     }
 
@@ -603,11 +616,8 @@ impl Engine {
         job.rotation.revoke_at = Some(revoke_at);
         job.rotation.error = None;
         job.record.issued_at = Some(now);
-        job.record.status = Status::Grace;
-        job.record.next_attempt_at = None;
-        job.record.last_error = None;
         let was_failing = job.record.consecutive_failures > 0;
-        job.record.consecutive_failures = 0;
+        job.record.succeed(Status::Grace);
         self.save(job).await?;
         self.metrics.rotations.with_label_values(&["success"]).inc();
         info!(credential = %job.spec.id, rotation = %job.rotation.id, grace = %human(job.spec.grace), "new credential promoted");
@@ -633,10 +643,7 @@ impl Engine {
         job.rotation.phase = Phase::Done;
         job.rotation.finished_at = Some(Utc::now().timestamp());
         job.rotation.owner = None;
-        job.record.status = Status::Idle;
-        job.record.consecutive_failures = 0;
-        job.record.next_attempt_at = None;
-        job.record.last_error = None;
+        job.record.succeed(Status::Idle);
         self.save(job).await?;
         info!(credential = %job.spec.id, rotation = %job.rotation.id, "old credential revoked; rotation complete");
         if had_failures {

@@ -5,7 +5,8 @@
 //! - [`state`]: the durable journal (SQLite) behind the [`state::StateStore`] trait;
 //! - [`engine`]: the rotation protocol (issue, stage, activate, verify, promote, revoke);
 //! - [`scheduler`]: decides when each credential needs the engine;
-//! - [`metrics`] and [`http`]: the Prometheus exposition and health endpoints;
+//! - [`metrics`] and [`http`]: the Prometheus exposition and health endpoints; [`instrument`]:
+//!   metered wrappers around the plugins and the state store;
 //! - [`daemon`]: `keyrotd run`, wiring everything to one shutdown signal;
 //! - [`cli`]: `check`, `status`, `rotate` and `history`;
 //! - [`alert`]: email and webhook notifications of credential conditions, without spam.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod http;
+pub mod instrument;
 pub mod metrics;
 pub mod schedule;
 pub mod scheduler;

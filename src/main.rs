@@ -76,6 +76,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    if matches!(
+        args.command,
+        Command::Run | Command::Check | Command::Rotate { .. }
+    ) {
+        if let Err(errors) = config::check_references(&inventory) {
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

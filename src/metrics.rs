@@ -12,9 +12,12 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 use chrono::Utc;
-use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use crate::engine::EngineMetrics;
+use crate::instrument::StateMetrics;
 use crate::scheduler::{lock, Live, Table};
 use crate::state::Status;
 
@@ -26,6 +29,56 @@ const CHUNK: usize = 2000;
 pub struct Metrics {
     pub registry: Registry,
     pub engine: EngineMetrics,
+    pub state: StateMetrics,
+    pub config: ConfigMetrics,
+}
+
+/// How the inventory was loaded. The daemon has no reload yet (SIGHUP is not handled): the
+/// load at start-up sets the timestamp, and `keyrotd_config_reloads_total` stays at 0 until
+/// reloading exists.
+#[derive(Clone)]
+pub struct ConfigMetrics {
+    pub last_success: Gauge,
+    pub last_successful: IntGauge,
+    pub reloads: IntCounterVec,
+}
+
+impl ConfigMetrics {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let last_success = Gauge::new(
+            "keyrotd_config_last_reload_success_timestamp_seconds",
+            "When the inventory was last loaded successfully (Unix time); start-up counts.",
+        )?;
+        let last_successful = IntGauge::new(
+            "keyrotd_config_last_reload_successful",
+            "1 if the last attempt to load the inventory succeeded.",
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "keyrotd_config_reloads_total",
+                "Inventory reloads after start-up, by result (success, failure).",
+            ),
+            &["result"],
+        )?;
+        for result in ["success", "failure"] {
+            reloads.with_label_values(&[result]);
+        }
+        registry.register(Box::new(last_success.clone()))?;
+        registry.register(Box::new(last_successful.clone()))?;
+        registry.register(Box::new(reloads.clone()))?;
+        Ok(Self {
+            last_success,
+            last_successful,
+            reloads,
+        })
+    }
+
+    /// Records a successful load now.
+    pub fn loaded(&self) {
+        self.last_success
+            .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+        self.last_successful.set(1);
+    }
 }
 
 impl Metrics {
@@ -42,7 +95,14 @@ impl Metrics {
         )?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         registry.register(Box::new(build))?;
-        Ok(Self { registry, engine })
+        let state = StateMetrics::register(&registry)?;
+        let config = ConfigMetrics::register(&registry)?;
+        Ok(Self {
+            registry,
+            engine,
+            state,
+            config,
+        })
     }
 
     /// The registry part of the exposition.

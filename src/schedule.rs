@@ -5,6 +5,7 @@
 //! tokio-cron-scheduler requires. An interval (`rotate_every`) counts from the last successful
 //! rotation, like AWS Secrets Manager's `rate(...)`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -19,7 +20,9 @@ pub struct CronSchedule {
     pub expression: String,
     /// The timezone the expression is evaluated in.
     pub timezone: Tz,
-    cron: Cron,
+    /// Shared: a parsed `Cron` takes about 6 KB (croner keeps a bitmap per field, years
+    /// included), and large inventories reuse a handful of schedules.
+    cron: Arc<Cron>,
 }
 
 impl PartialEq for CronSchedule {
@@ -48,7 +51,7 @@ impl CronSchedule {
         Ok(Self {
             expression,
             timezone,
-            cron,
+            cron: Arc::new(cron),
         })
     }
 

@@ -32,6 +32,10 @@ use crate::state::{CredentialRecord, Phase, RotationRecord, StateError, Status};
 const RECONCILE_EVERY: Duration = Duration::from_secs(60);
 /// How long to wait before looking again at a credential another process is rotating.
 const BUSY_RETRY: i64 = 60;
+/// How often the scheduler asks the state store whether another process (`keyrotd rotate`)
+/// committed anything. The question is one `PRAGMA data_version` (shared memory in WAL mode);
+/// only a change costs a read of the credential records.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
 
 /// What the daemon knows of one credential now; read by metrics and updated after each run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,6 +311,11 @@ impl Scheduler {
             RECONCILE_EVERY,
         );
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch =
+            tokio::time::interval_at(tokio::time::Instant::now() + WATCH_EVERY, WATCH_EVERY);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // None until the first look: the records may have changed since the table was built.
+        let mut seen_version: Option<i64> = None;
 
         loop {
             while running < self.max_concurrent {
@@ -392,6 +401,29 @@ impl Scheduler {
                         ready.push_back((i, trigger, None));
                     }
                 }
+                _ = watch.tick(), if !self.shutdown.is_cancelled() => {
+                    let version = match self.engine.state().external_version().await {
+                        Ok(v) => v,
+                        Err(e) => { warn!(error = %e, "asking the state store for changes failed"); continue; }
+                    };
+                    if seen_version == Some(version) { continue; }
+                    match self.refresh(&busy).await {
+                        Ok(changed) => {
+                            seen_version = Some(version);
+                            let now = Utc::now().timestamp();
+                            for (i, wake) in changed {
+                                generation[i] += 1;
+                                if let Some(at) = wake {
+                                    heap.push(Reverse((at, i, generation[i])));
+                                }
+                                if let Some(at) = self.ages.check(i, &self.table.slots[i], now) {
+                                    age_heap.push(Reverse((at, i)));
+                                }
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "re-reading credential records failed"),
+                    }
+                }
                 _ = reconcile.tick(), if !self.shutdown.is_cancelled() => {
                     match self.reconcile().await {
                         Ok(wakes) => for (i, at) in wakes {
@@ -443,6 +475,71 @@ impl Scheduler {
         }
         *lock(&slot.live) = live;
         live.wake
+    }
+
+    /// Another process changed the state database (`keyrotd rotate`, which also restarts a failed
+    /// credential): re-reads the records and updates the live view of every idle slot whose
+    /// record differs. Clears the failure alerts a successful manual rotation ended, since that
+    /// process has no alerter. Returns the changed slots with their next heap wake-up.
+    async fn refresh(&self, busy: &[bool]) -> Result<Vec<(usize, Option<i64>)>, StateError> {
+        let state = self.engine.state();
+        let records = state.credentials().await?;
+        let open = state.open_rotations().await?;
+        let open: HashMap<&str, &RotationRecord> =
+            open.iter().map(|r| (r.credential_id.as_str(), r)).collect();
+        let index: HashMap<&str, usize> = self
+            .table
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.spec.id.as_str(), i))
+            .collect();
+        let now = Utc::now().timestamp();
+        let mut changed = Vec::new();
+        for record in &records {
+            let Some(&i) = index.get(record.id.as_str()) else {
+                continue;
+            };
+            if busy[i] {
+                // Queued or running here: its run's result updates the view.
+                continue;
+            }
+            let slot = &self.table.slots[i];
+            let old = *lock(&slot.live);
+            if (old.status, old.issued_at, old.consecutive_failures)
+                == (record.status, record.issued_at, record.consecutive_failures)
+            {
+                continue;
+            }
+            let live = live_view(
+                &slot.spec,
+                record,
+                open.get(record.id.as_str()).copied(),
+                now,
+            );
+            *lock(&slot.live) = live;
+            info!(credential = %record.id, status = record.status.as_str(), "credential changed by another process");
+            if let Some(events) = &self.ages.events {
+                let id = &slot.spec.id;
+                if old.status == Status::Failed && record.status != Status::Failed {
+                    events.event(
+                        id,
+                        Event::AutomationStopped(false),
+                        "automation resumed by a manual rotation",
+                    );
+                }
+                // Clearing a condition that is not active sends nothing, so no need to know
+                // whether a failure alert was raised before.
+                if record.consecutive_failures == 0
+                    && matches!(record.status, Status::Idle | Status::Grace)
+                {
+                    events.event(id, Event::RotationFailed(false), "rotation succeeded");
+                    events.event(id, Event::RevokeFailed(false), "old credential revoked");
+                }
+            }
+            changed.push((i, live.wake));
+        }
+        Ok(changed)
     }
 
     /// Finds open rotations this process does not know about (started by `keyrotd rotate`) and

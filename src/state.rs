@@ -150,6 +150,14 @@ pub struct CredentialRecord {
 }
 
 impl CredentialRecord {
+    /// Records a successful step: `status`, no failures, no retry pending.
+    pub fn succeed(&mut self, status: Status) {
+        self.status = status;
+        self.consecutive_failures = 0;
+        self.next_attempt_at = None;
+        self.last_error = None;
+    }
+
     /// A credential the daemon has never rotated.
     pub fn new(id: &str) -> Self {
         Self {
@@ -251,6 +259,10 @@ pub trait StateStore: Send + Sync {
         credential_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(RotationRecord, Vec<StepRecord>)>, StateError>;
+    /// A number that changes whenever another process (`keyrotd rotate`) commits a change, and
+    /// stays the same after this process's own writes. Cheap: the daemon polls it to notice
+    /// manual rotations within seconds instead of re-reading every record.
+    async fn external_version(&self) -> Result<i64, StateError>;
 }
 
 /// The embedded SQLite backend.
@@ -531,6 +543,13 @@ impl StateStore for SqliteState {
 
     async fn open_rotations(&self) -> Result<Vec<RotationRecord>, StateError> {
         self.with(|c| query_rotations(c, "WHERE finished_at IS NULL", &[]))
+            .await
+    }
+
+    async fn external_version(&self) -> Result<i64, StateError> {
+        // SQLite's data_version is per connection and moves only on other connections' commits;
+        // every call of this process shares one connection. In WAL mode it reads shared memory.
+        self.with(|c| Ok(c.query_row("PRAGMA data_version", [], |r| r.get(0))?))
             .await
     }
 

@@ -53,6 +53,7 @@ fn every_contract_alert_is_shipped_and_tested() {
         "KeyrotdCredentialFailed",
         "KeyrotdRotationOverdue",
         "KeyrotdAbsent",
+        "KeyrotdStateStoreDown",
     ] {
         assert!(
             rules.contains(&format!("- alert: {alert}")),

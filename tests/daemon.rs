@@ -171,6 +171,15 @@ fn run_rotates_on_schedule_exports_metrics_and_leaks_no_secret() {
         "keyrotd_rotations_total{result=\"success\"}",
         "keyrotd_rotation_step_duration_seconds_bucket{step=\"verify\"",
         "keyrotd_build_info{version=",
+        "keyrotd_provider_call_duration_seconds_count{operation=\"issue\",rotator=\"random\"}",
+        "keyrotd_provider_call_duration_seconds_bucket{operation=\"verify\",rotator=\"random\"",
+        "keyrotd_store_call_duration_seconds_count{operation=\"promote\",store=\"file\"}",
+        "keyrotd_store_call_duration_seconds_count{operation=\"release_previous\",store=\"file\"}",
+        "keyrotd_state_store_up 1",
+        "keyrotd_state_store_errors_total 0",
+        "keyrotd_config_last_reload_success_timestamp_seconds ",
+        "keyrotd_config_last_reload_successful 1",
+        "keyrotd_config_reloads_total{result=\"failure\"} 0",
     ] {
         assert!(metrics.contains(name), "missing {name} in:\n{metrics}");
     }
@@ -385,4 +394,38 @@ fn usage_errors_exit_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(Path::new(env!("CARGO_BIN_EXE_keyrotd")).exists());
+}
+
+#[test]
+fn revocation_is_durable_across_a_restart_during_grace() {
+    let s = Setup::new("rotate_every = \"1h\"\nmax_age = \"2h\"\ngrace = \"6s\"");
+    let started = std::time::Instant::now();
+    assert!(cli(&s.config(), &["rotate", "db"]).status.success());
+    assert_eq!(s.status()["state"], "grace");
+    // The first rotation promoted; no daemon ran during grace. Start one after a kill -9.
+    let mut daemon = s.start(&[]);
+    daemon.kill9();
+    let daemon = s.start(&[]);
+    // Times in the journal are whole seconds: revocation may come up to a second early.
+    if started.elapsed() < Duration::from_secs(4) {
+        assert_eq!(
+            s.status()["state"],
+            "grace",
+            "not revoked before the grace period ends"
+        );
+    }
+    let revoked = wait_until(Duration::from_secs(10), || s.status()["state"] == "idle");
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "revoked after grace, not before"
+    );
+    assert!(revoked, "{}\n{}", s.status(), daemon.log_text());
+    let history =
+        String::from_utf8_lossy(&cli(&s.config(), &["history", "db"]).stdout).into_owned();
+    let finished = history
+        .lines()
+        .find(|l| l.contains("  db  done"))
+        .expect("a finished rotation");
+    assert!(finished.contains("trigger=manual"), "{history}");
+    assert!(!s.out_files().contains(&"db.json.previous".to_string()));
 }

@@ -160,6 +160,7 @@ impl Fixture {
                 backoff: Duration::from_secs(1),
                 max_backoff: Duration::from_secs(2),
             },
+            place: (1, 1),
         };
         Self {
             dir,

@@ -3,9 +3,9 @@
 //! exports) and the test asserts through Prometheus's HTTP API that the alerts fire for the
 //! broken credentials only, and go away once the metrics recover.
 //!
-//! This is the Prometheus half of issue 5's end-to-end test. The other half needs the engine:
-//! replace the in-process exposition with a spawned `keyrotd run` whose credential goes stale and
-//! whose rotation fails, and assert the SMTP sink and webhook receiver notifications as well.
+//! tests/alerts_e2e.rs runs the same rules against a spawned `keyrotd run` (with the SMTP sink and
+//! a webhook receiver); this test covers what a live daemon cannot easily show, such as an overdue
+//! rotation and a target that is down while another one is up.
 //!
 //! The rules' `for:` durations (marked `# TUNE`) are rewritten to 0s in a copy, so the test takes
 //! seconds; everything else is the shipped file. Needs `prometheus` (Debian package).
@@ -112,7 +112,7 @@ impl PrometheusServer {
             .join("\n");
         assert_eq!(
             fast.matches("for: 0s").count(),
-            5,
+            fast.matches("- alert: ").count(),
             "every alert's `for:` is marked # TUNE"
         );
         std::fs::write(dir.path().join("rules.yml"), fast).unwrap();

@@ -14,6 +14,7 @@ use crate::file::{FileConfig, FileStore};
 use crate::http::{HttpConfig, HttpRotator};
 use crate::postgres::{PostgresConfig, PostgresRotator};
 use crate::random::{RandomConfig, RandomRotator};
+use crate::reference::SecretRef;
 use crate::{Rotator, Store};
 
 /// A credential's `rotator` table.
@@ -59,6 +60,15 @@ impl RotatorConfig {
             Self::AwsIamAccessKey(c) => c.validate().map(drop),
             Self::PostgresPassword(c) => c.validate(),
             Self::Http(c) => c.validate(),
+        }
+    }
+
+    /// The secret references this rotator reads (for `keyrotd check`).
+    pub fn secret_refs(&self) -> Vec<&SecretRef> {
+        match self {
+            Self::Random(_) | Self::AwsIamAccessKey(_) => vec![],
+            Self::PostgresPassword(c) => vec![&c.admin_dsn],
+            Self::Http(c) => vec![&c.auth],
         }
     }
 

@@ -167,6 +167,34 @@ impl SecretRef {
         }
     }
 
+    /// Checks that the referenced secret is there (the variable is set, the file opens) without
+    /// reading it, so `keyrotd check` can report a missing one before any rotation needs it.
+    /// An `aws-sm:` reference needs AWS: it passes here and is checked when it is resolved.
+    pub fn check_available(&self) -> Result<(), RefError> {
+        let open = |path: &std::path::Path| {
+            std::fs::File::open(path)
+                .map(drop)
+                .map_err(|e| RefError::FileUnreadable {
+                    path: path.display().to_string(),
+                    kind: e.kind().to_string(),
+                })
+        };
+        match self {
+            Self::Env(name) => match std::env::var_os(name) {
+                Some(v) if !v.is_empty() => Ok(()),
+                Some(_) => Err(RefError::EmptyValue(self.to_string())),
+                None => Err(RefError::EnvMissing(name.clone())),
+            },
+            Self::File(path) => open(path),
+            Self::SystemdCredential(name) => {
+                let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
+                    .ok_or_else(|| RefError::NoCredentialsDirectory(name.clone()))?;
+                open(&PathBuf::from(dir).join(name))
+            }
+            Self::AwsSecretsManager { .. } => Ok(()),
+        }
+    }
+
     /// Reads the referenced secret when that needs no network: `env:`, `file:` and
     /// `credential:`. An `aws-sm:` reference is [`RefError::NeedsAsync`].
     pub fn resolve(&self) -> Result<SecretString, RefError> {

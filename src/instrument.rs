@@ -1,0 +1,349 @@
+//! Metered wrappers around the plugins and the state store, so the engine's code stays about the
+//! protocol:
+//!
+//! - [`TimedRotator`] and [`TimedStore`] time every provider call into
+//!   `keyrotd_provider_call_duration_seconds{rotator,operation}` and
+//!   `keyrotd_store_call_duration_seconds{store,operation}`; `operation` is the trait method's
+//!   name, so label values stay bounded (kinds × methods);
+//! - [`MeteredState`] sets `keyrotd_state_store_up` from the result of every state call (the
+//!   scheduler asks the store for changes every few seconds, so it stays fresh while idle) and
+//!   counts failures in `keyrotd_state_store_errors_total`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use keyrotd_rotators::{Attrs, Credential, ProviderError, Rotator, StepContext, Store};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntGauge, Registry};
+
+use crate::state::{Busy, CredentialRecord, RotationRecord, StateError, StateStore, StepRecord};
+
+/// Buckets for provider and store calls: from a local file write to a slow cloud API.
+const CALL_BUCKETS: [f64; 10] = [0.001, 0.005, 0.025, 0.1, 0.25, 1.0, 2.5, 10.0, 30.0, 120.0];
+
+/// The call-latency histograms.
+#[derive(Clone)]
+pub struct CallMetrics {
+    provider: HistogramVec,
+    store: HistogramVec,
+}
+
+impl CallMetrics {
+    /// Creates and registers the histograms.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let provider = HistogramVec::new(
+            HistogramOpts::new(
+                "keyrotd_provider_call_duration_seconds",
+                "Duration of rotator calls, by rotator kind and operation (issue, activate, verify, abandon, revoke).",
+            )
+            .buckets(CALL_BUCKETS.to_vec()),
+            &["rotator", "operation"],
+        )?;
+        let store = HistogramVec::new(
+            HistogramOpts::new(
+                "keyrotd_store_call_duration_seconds",
+                "Duration of store calls, by store kind and operation (current, stage, pending, promote, discard, release_previous).",
+            )
+            .buckets(CALL_BUCKETS.to_vec()),
+            &["store", "operation"],
+        )?;
+        registry.register(Box::new(provider.clone()))?;
+        registry.register(Box::new(store.clone()))?;
+        Ok(Self { provider, store })
+    }
+}
+
+async fn timed<T>(histogram: &HistogramVec, labels: [&str; 2], call: impl Future<Output = T>) -> T {
+    let started = Instant::now();
+    let result = call.await;
+    histogram
+        .with_label_values(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+/// A rotator whose calls are timed.
+pub struct TimedRotator {
+    inner: Arc<dyn Rotator>,
+    metrics: CallMetrics,
+}
+
+impl TimedRotator {
+    /// Wraps `inner`.
+    pub fn wrap(inner: Arc<dyn Rotator>, metrics: &CallMetrics) -> Arc<dyn Rotator> {
+        Arc::new(Self {
+            inner,
+            metrics: metrics.clone(),
+        })
+    }
+
+    async fn time<T>(&self, operation: &str, call: impl Future<Output = T>) -> T {
+        timed(&self.metrics.provider, [self.inner.kind(), operation], call).await
+    }
+}
+
+#[async_trait]
+impl Rotator for TimedRotator {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn secret_field(&self) -> &str {
+        self.inner.secret_field()
+    }
+
+    async fn issue(
+        &self,
+        ctx: StepContext<'_>,
+        current: Option<&Credential>,
+    ) -> Result<Credential, ProviderError> {
+        self.time("issue", self.inner.issue(ctx, current)).await
+    }
+
+    async fn activate(
+        &self,
+        ctx: StepContext<'_>,
+        new: &Credential,
+        current: Option<&Credential>,
+    ) -> Result<(), ProviderError> {
+        self.time("activate", self.inner.activate(ctx, new, current))
+            .await
+    }
+
+    async fn verify(&self, ctx: StepContext<'_>, new: &Credential) -> Result<(), ProviderError> {
+        self.time("verify", self.inner.verify(ctx, new)).await
+    }
+
+    async fn abandon(
+        &self,
+        ctx: StepContext<'_>,
+        issued: Option<&Attrs>,
+        current: Option<&Credential>,
+    ) -> Result<(), ProviderError> {
+        self.time("abandon", self.inner.abandon(ctx, issued, current))
+            .await
+    }
+
+    async fn revoke(&self, ctx: StepContext<'_>, old: &Attrs) -> Result<(), ProviderError> {
+        self.time("revoke", self.inner.revoke(ctx, old)).await
+    }
+}
+
+/// A store whose calls are timed.
+pub struct TimedStore {
+    inner: Arc<dyn Store>,
+    metrics: CallMetrics,
+}
+
+impl TimedStore {
+    /// Wraps `inner`.
+    pub fn wrap(inner: Arc<dyn Store>, metrics: &CallMetrics) -> Arc<dyn Store> {
+        Arc::new(Self {
+            inner,
+            metrics: metrics.clone(),
+        })
+    }
+
+    async fn time<T>(&self, operation: &str, call: impl Future<Output = T>) -> T {
+        timed(&self.metrics.store, [self.inner.kind(), operation], call).await
+    }
+}
+
+#[async_trait]
+impl Store for TimedStore {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    async fn current(&self, ctx: StepContext<'_>) -> Result<Option<Credential>, ProviderError> {
+        self.time("current", self.inner.current(ctx)).await
+    }
+
+    async fn stage(&self, ctx: StepContext<'_>, new: &Credential) -> Result<(), ProviderError> {
+        self.time("stage", self.inner.stage(ctx, new)).await
+    }
+
+    async fn pending(&self, ctx: StepContext<'_>) -> Result<Option<Credential>, ProviderError> {
+        self.time("pending", self.inner.pending(ctx)).await
+    }
+
+    async fn promote(&self, ctx: StepContext<'_>) -> Result<(), ProviderError> {
+        self.time("promote", self.inner.promote(ctx)).await
+    }
+
+    async fn discard(&self, ctx: StepContext<'_>) -> Result<(), ProviderError> {
+        self.time("discard", self.inner.discard(ctx)).await
+    }
+
+    async fn release_previous(&self, ctx: StepContext<'_>) -> Result<(), ProviderError> {
+        self.time("release_previous", self.inner.release_previous(ctx))
+            .await
+    }
+}
+
+/// The state store's health metrics.
+#[derive(Clone)]
+pub struct StateMetrics {
+    up: IntGauge,
+    errors: IntCounter,
+}
+
+impl StateMetrics {
+    /// Creates and registers the metrics; `up` starts at 0 until a call succeeds.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let up = IntGauge::new(
+            "keyrotd_state_store_up",
+            "1 if the last call to the state store succeeded, 0 if it failed.",
+        )?;
+        let errors = IntCounter::new(
+            "keyrotd_state_store_errors_total",
+            "Failed calls to the state store.",
+        )?;
+        registry.register(Box::new(up.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        Ok(Self { up, errors })
+    }
+
+    fn record<T>(&self, result: Result<T, StateError>) -> Result<T, StateError> {
+        match &result {
+            Ok(_) => self.up.set(1),
+            Err(_) => {
+                self.up.set(0);
+                self.errors.inc();
+            }
+        }
+        result
+    }
+}
+
+/// A state store whose calls update [`StateMetrics`].
+pub struct MeteredState {
+    inner: Arc<dyn StateStore>,
+    metrics: StateMetrics,
+}
+
+impl MeteredState {
+    /// Wraps `inner`.
+    pub fn wrap(inner: Arc<dyn StateStore>, metrics: StateMetrics) -> Arc<dyn StateStore> {
+        Arc::new(Self { inner, metrics })
+    }
+}
+
+#[async_trait]
+impl StateStore for MeteredState {
+    async fn credentials(&self) -> Result<Vec<CredentialRecord>, StateError> {
+        self.metrics.record(self.inner.credentials().await)
+    }
+
+    async fn credential(&self, id: &str) -> Result<Option<CredentialRecord>, StateError> {
+        self.metrics.record(self.inner.credential(id).await)
+    }
+
+    async fn put_credential(&self, record: &CredentialRecord) -> Result<(), StateError> {
+        self.metrics.record(self.inner.put_credential(record).await)
+    }
+
+    async fn ensure_credentials(&self, ids: &[String]) -> Result<(), StateError> {
+        self.metrics
+            .record(self.inner.ensure_credentials(ids).await)
+    }
+
+    async fn open_rotations(&self) -> Result<Vec<RotationRecord>, StateError> {
+        self.metrics.record(self.inner.open_rotations().await)
+    }
+
+    async fn open_rotation(
+        &self,
+        credential_id: &str,
+    ) -> Result<Option<RotationRecord>, StateError> {
+        self.metrics
+            .record(self.inner.open_rotation(credential_id).await)
+    }
+
+    async fn begin(&self, rotation: &RotationRecord) -> Result<Result<(), Busy>, StateError> {
+        self.metrics.record(self.inner.begin(rotation).await)
+    }
+
+    async fn claim(
+        &self,
+        rotation_id: &str,
+        owner: &str,
+        lease_until: i64,
+        now: i64,
+        dead_owner: Option<&str>,
+    ) -> Result<bool, StateError> {
+        self.metrics.record(
+            self.inner
+                .claim(rotation_id, owner, lease_until, now, dead_owner)
+                .await,
+        )
+    }
+
+    async fn save(
+        &self,
+        rotation: &RotationRecord,
+        credential: &CredentialRecord,
+    ) -> Result<(), StateError> {
+        self.metrics
+            .record(self.inner.save(rotation, credential).await)
+    }
+
+    async fn log_step(
+        &self,
+        rotation_id: &str,
+        step: &str,
+        event: &str,
+        detail: Option<&str>,
+    ) -> Result<(), StateError> {
+        self.metrics
+            .record(self.inner.log_step(rotation_id, step, event, detail).await)
+    }
+
+    async fn history(
+        &self,
+        credential_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(RotationRecord, Vec<StepRecord>)>, StateError> {
+        self.metrics
+            .record(self.inner.history(credential_id, limit).await)
+    }
+
+    async fn external_version(&self) -> Result<i64, StateError> {
+        self.metrics.record(self.inner.external_version().await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::SqliteState;
+
+    #[tokio::test]
+    async fn state_health_follows_each_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        SqliteState::open(&path).unwrap();
+        let registry = Registry::new();
+        let metrics = StateMetrics::register(&registry).unwrap();
+        // A read-only connection: reads work, writes fail like a broken disk would.
+        let read_only: Arc<dyn StateStore> =
+            Arc::new(SqliteState::open_read_only(&path).unwrap().unwrap());
+        let state = MeteredState::wrap(read_only, metrics.clone());
+        assert_eq!(metrics.up.get(), 0, "unknown until the first call");
+
+        state.credentials().await.unwrap();
+        assert_eq!((metrics.up.get(), metrics.errors.get()), (1, 0));
+        state
+            .put_credential(&CredentialRecord::new("db"))
+            .await
+            .unwrap_err();
+        assert_eq!((metrics.up.get(), metrics.errors.get()), (0, 1));
+        state.external_version().await.unwrap();
+        assert_eq!((metrics.up.get(), metrics.errors.get()), (1, 1));
+    }
+}

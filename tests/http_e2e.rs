@@ -1,0 +1,551 @@
+//! The `http` rotator through the real `keyrotd` binary, against a small key API served by the
+//! test itself on loopback (axum, in a background thread with its own runtime). The API issues
+//! keys, answers a whoami with a key, revokes keys and then rejects them; faults (429 with
+//! Retry-After, 5xx, malformed answers, a verify that rejects every key) are queued per server.
+
+mod support;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use serde_json::{json, Value};
+
+use support::*;
+
+const ADMIN_TOKEN: &str = "e2e-admin-token-5f1c0ffee";
+
+/// A canned answer to the next issue request instead of the real one.
+#[derive(Clone)]
+enum Fault {
+    Status(u16, Option<u64>),
+    /// A key is created, but the answer is this text (`ID` replaced by its id).
+    Body(&'static str),
+}
+
+#[derive(Default)]
+struct Api {
+    next: u32,
+    /// key id -> (secret, revoked)
+    keys: BTreeMap<String, (String, bool)>,
+    bodies: Vec<Value>,
+    issue_faults: VecDeque<Fault>,
+    issue_calls: u32,
+    /// Whoami rejects every key (the provider has not propagated it, say).
+    reject_verify: bool,
+}
+
+type Shared = Arc<Mutex<Api>>;
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::to_owned)
+}
+
+fn answer(status: u16, body: Value) -> Response {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+fn random_hex() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    format!(
+        "{:016x}{:016x}",
+        RandomState::new().hash_one(Instant::now()),
+        RandomState::new().hash_one(std::process::id())
+    )
+}
+
+async fn issue(State(api): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let mut api = api.lock().unwrap();
+    api.issue_calls += 1;
+    if bearer(&headers).as_deref() != Some(ADMIN_TOKEN) {
+        return answer(401, json!({"error": "bad admin token"}));
+    }
+    if let Some(fault) = api.issue_faults.pop_front() {
+        return match fault {
+            Fault::Status(status, retry_after) => {
+                let mut r = Response::builder().status(status);
+                if let Some(s) = retry_after {
+                    r = r.header("retry-after", s.to_string());
+                }
+                r.body(Body::from("slow down")).unwrap()
+            }
+            Fault::Body(text) => {
+                api.next += 1;
+                let id = format!("k{}", api.next);
+                api.keys
+                    .insert(id.clone(), (format!("lost-{}", random_hex()), false));
+                Response::builder()
+                    .status(201)
+                    .body(Body::from(text.replace("ID", &id)))
+                    .unwrap()
+            }
+        };
+    }
+    api.next += 1;
+    let id = format!("k{}", api.next);
+    let secret = format!("sk-{id}-{}", random_hex());
+    api.keys.insert(id.clone(), (secret.clone(), false));
+    api.bodies
+        .push(serde_json::from_slice(&body).unwrap_or(Value::Null));
+    answer(201, json!({"key": {"id": id, "secret": secret}}))
+}
+
+async fn whoami(State(api): State<Shared>, headers: HeaderMap) -> Response {
+    let api = api.lock().unwrap();
+    let token = bearer(&headers).unwrap_or_default();
+    if api.reject_verify {
+        return answer(401, json!({"ok": false}));
+    }
+    match api
+        .keys
+        .iter()
+        .find(|(_, (secret, revoked))| *secret == token && !revoked)
+    {
+        Some((id, _)) => answer(200, json!({"ok": true, "id": id})),
+        None => answer(401, json!({"ok": false})),
+    }
+}
+
+async fn revoke(State(api): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let mut api = api.lock().unwrap();
+    if bearer(&headers).as_deref() != Some(ADMIN_TOKEN) {
+        return answer(401, json!({"error": "bad admin token"}));
+    }
+    match api.keys.get_mut(&id) {
+        Some((_, revoked)) if !*revoked => {
+            *revoked = true;
+            Response::builder().status(204).body(Body::empty()).unwrap()
+        }
+        _ => answer(404, json!({"error": "no such key"})),
+    }
+}
+
+/// Starts the API on 127.0.0.1 in a thread of its own; returns its state and port.
+fn serve() -> (Shared, u16) {
+    let api: Shared = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let state = api.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let app = Router::new()
+                .route("/v1/keys", post(issue))
+                .route("/v1/keys/{id}", delete(revoke))
+                .route("/v1/whoami", get(whoami))
+                .with_state(state);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap().port()).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    (api, rx.recv().unwrap())
+}
+
+/// A whoami with `key`, as a consumer of the key would make it: the HTTP status.
+fn whoami_status(port: u16, key: &str) -> u16 {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /v1/whoami HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    raw.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// An inventory with one `http` credential `billing` in a JSON file store, and its API.
+struct Setup {
+    dir: tempfile::TempDir,
+    port: u16,
+    api: Shared,
+    api_port: u16,
+}
+
+impl Setup {
+    fn new(timing: &str) -> Self {
+        let (api, api_port) = serve();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let token = dir.path().join("token");
+        std::fs::write(&token, format!("{ADMIN_TOKEN}\n")).unwrap();
+        let base = format!("http://127.0.0.1:{api_port}");
+        let text = format!(
+            r#"[daemon]
+state = "sqlite:state/keyrotd.db"
+listen = "127.0.0.1:{port}"
+
+[[credential]]
+id = "billing"
+store = {{ kind = "file", path = "{out}", format = "json" }}
+{timing}
+
+[credential.rotator]
+kind = "http"
+auth = "file:{token}"
+secret_pointer = "/key/secret"
+id_pointer = "/key/id"
+max_retries = 3
+max_retry_after_secs = 5
+timeout_secs = 5
+
+[credential.rotator.issue]
+method = "POST"
+url = "{base}/v1/keys"
+body = {{ name = "keyrotd-{{{{credential_id}}}}", replaces = "{{{{old_id}}}}" }}
+
+[credential.rotator.verify]
+url = "{base}/v1/whoami"
+expect_status = 200
+expect_pointer = "/id"
+expect_value = "{{{{new_id}}}}"
+
+[credential.rotator.revoke]
+method = "DELETE"
+url = "{base}/v1/keys/{{{{old_id}}}}"
+"#,
+            out = dir.path().join("out/key.json").display(),
+            token = token.display(),
+        );
+        std::fs::write(dir.path().join("config.toml"), text).unwrap();
+        Self {
+            dir,
+            port,
+            api,
+            api_port,
+        }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.config(), args)
+    }
+
+    /// The store's (key id, key).
+    fn current(&self) -> Option<(String, String)> {
+        let text = std::fs::read_to_string(self.out().join("key.json")).ok()?;
+        let v: Value = serde_json::from_str(&text).expect("the store file is complete JSON");
+        Some((
+            v["key_id"].as_str().expect("a key_id field").to_owned(),
+            v["api_key"].as_str().expect("an api_key field").to_owned(),
+        ))
+    }
+
+    fn out_files(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.out())
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success(), "status: {}", stderr(&out));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()[0].clone()
+    }
+
+    fn history(&self) -> String {
+        String::from_utf8_lossy(&self.cli(&["history", "billing"]).stdout).into_owned()
+    }
+
+    fn revoked(&self, id: &str) -> bool {
+        self.api.lock().unwrap().keys[id].1
+    }
+
+    /// No key the API ever issued, nor the admin token, appears in logs, the state database or
+    /// the CLI's output: only in the store's own files (and the token in its file).
+    fn assert_no_leak(&self, extra: &[String]) {
+        let mut everything = all_bytes(
+            self.dir.path(),
+            &[self.out(), self.dir.path().join("token")],
+        );
+        everything.extend(self.history().as_bytes());
+        everything.extend(self.status().to_string().as_bytes());
+        for e in extra {
+            everything.extend(e.as_bytes());
+        }
+        assert!(self.dir.path().join("state/keyrotd.db").exists());
+        let secrets: Vec<String> = self
+            .api
+            .lock()
+            .unwrap()
+            .keys
+            .values()
+            .map(|(s, _)| s.clone())
+            .collect();
+        assert!(!secrets.is_empty());
+        for secret in secrets.iter().map(String::as_str).chain([ADMIN_TOKEN]) {
+            assert!(
+                !contains(&everything, secret),
+                "a key or the admin token leaked into logs, state or CLI output"
+            );
+        }
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn error_line(out: &Output) -> String {
+    let err = stderr(out);
+    err.lines()
+        .rfind(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("an error line in:\n{err}"))
+        .to_owned()
+}
+
+const MANUAL: &str = "rotate_every = \"1h\"\nmax_age = \"2h\"\ngrace = \"0s\"";
+
+#[test]
+fn rotate_issues_verifies_and_revokes_the_old_key() {
+    let s = Setup::new(MANUAL);
+    let first = s.cli(&["rotate", "billing"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let (id1, key1) = s.current().unwrap();
+    assert_eq!(id1, "k1");
+    assert_eq!(whoami_status(s.api_port, &key1), 200);
+
+    let second = s.cli(&["rotate", "billing"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    let (id2, key2) = s.current().unwrap();
+    assert_eq!(id2, "k2");
+    assert!(s.revoked("k1"), "the old key is revoked");
+    assert!(!s.revoked("k2"), "the new key is live");
+    assert_eq!(
+        whoami_status(s.api_port, &key1),
+        401,
+        "the revoked key is rejected by the API"
+    );
+    assert_eq!(whoami_status(s.api_port, &key2), 200);
+    assert_eq!(
+        s.api.lock().unwrap().bodies,
+        [
+            json!({"name": "keyrotd-billing", "replaces": ""}),
+            json!({"name": "keyrotd-billing", "replaces": "k1"})
+        ]
+    );
+    assert_eq!(s.status()["state"], "idle");
+    assert_eq!(s.history().matches("  billing  done").count(), 2);
+    assert_eq!(s.out_files(), ["key.json", "key.json.keyrotd"]);
+    s.assert_no_leak(&[stderr(&first), stderr(&second)]);
+}
+
+#[test]
+fn verify_failure_rolls_back_revokes_the_issued_key_and_keeps_the_store() {
+    let s = Setup::new(MANUAL);
+    assert!(s.cli(&["rotate", "billing"]).status.success());
+    let before = std::fs::read(s.out().join("key.json")).unwrap();
+    let (_, key1) = s.current().unwrap();
+
+    s.api.lock().unwrap().reject_verify = true;
+    let out = s.cli(&["rotate", "billing"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let line = error_line(&out);
+    eprintln!("verify failure as reported: {line}");
+    for want in ["credential `billing`", "step verify failed", "401"] {
+        assert!(line.contains(want), "want `{want}` in: {line}");
+    }
+    assert!(
+        s.revoked("k2"),
+        "the issued key was revoked by the rollback"
+    );
+    assert!(!s.revoked("k1"), "the current key was left alone");
+    assert_eq!(
+        std::fs::read(s.out().join("key.json")).unwrap(),
+        before,
+        "the store is unchanged"
+    );
+    assert_eq!(
+        s.out_files(),
+        ["key.json", "key.json.keyrotd"],
+        "the pending key was discarded"
+    );
+    assert!(
+        s.history().contains("  billing  rolled_back"),
+        "{}",
+        s.history()
+    );
+    let status = s.status();
+    assert_eq!(status["consecutive_failures"], 1, "{status}");
+    s.api.lock().unwrap().reject_verify = false;
+    assert_eq!(
+        whoami_status(s.api_port, &key1),
+        200,
+        "consumers keep working"
+    );
+    s.assert_no_leak(&[stderr(&out), status.to_string()]);
+}
+
+#[test]
+fn throttling_and_server_errors_are_retried_then_succeed() {
+    let s = Setup::new(MANUAL);
+    s.api
+        .lock()
+        .unwrap()
+        .issue_faults
+        .push_back(Fault::Status(429, Some(1)));
+    let started = Instant::now();
+    let out = s.cli(&["rotate", "billing"]);
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        took >= Duration::from_secs(1),
+        "Retry-After: 1 was honoured ({took:?})"
+    );
+    assert_eq!(s.api.lock().unwrap().issue_calls, 2);
+    assert_eq!(s.current().unwrap().0, "k1");
+
+    s.api
+        .lock()
+        .unwrap()
+        .issue_faults
+        .extend([Fault::Status(503, None), Fault::Status(500, None)]);
+    let out = s.cli(&["rotate", "billing"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(s.api.lock().unwrap().issue_calls, 5, "two 5xx then success");
+    assert_eq!(s.current().unwrap().0, "k2");
+    assert!(s.revoked("k1"));
+
+    // Throttled for longer than max_retry_after_secs: fails at once, transient, store unchanged.
+    s.api
+        .lock()
+        .unwrap()
+        .issue_faults
+        .push_back(Fault::Status(429, Some(3600)));
+    let before = std::fs::read(s.out().join("key.json")).unwrap();
+    let out = s.cli(&["rotate", "billing"]);
+    assert_eq!(out.status.code(), Some(1));
+    let line = error_line(&out);
+    eprintln!("long throttle as reported: {line}");
+    for want in [
+        "credential `billing`",
+        "step issue failed",
+        "Retry-After",
+        "429",
+    ] {
+        assert!(line.contains(want), "want `{want}` in: {line}");
+    }
+    assert_eq!(std::fs::read(s.out().join("key.json")).unwrap(), before);
+    assert_eq!(s.status()["state"], "retrying");
+    s.assert_no_leak(&[]);
+}
+
+#[test]
+fn malformed_answers_fail_clearly_and_change_nothing() {
+    let s = Setup::new(MANUAL);
+    assert!(s.cli(&["rotate", "billing"]).status.success());
+    let before = std::fs::read(s.out().join("key.json")).unwrap();
+
+    s.api
+        .lock()
+        .unwrap()
+        .issue_faults
+        .push_back(Fault::Body(r#"{"key": {"id": "ID"}}"#));
+    let out = s.cli(&["rotate", "billing"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let line = error_line(&out);
+    eprintln!("missing secret as reported: {line}");
+    for want in [
+        "credential `billing`",
+        "step issue failed",
+        "/key/secret",
+        "malformed",
+        "key k2 was revoked",
+    ] {
+        assert!(line.contains(want), "want `{want}` in: {line}");
+    }
+    assert!(s.revoked("k2"), "the unusable key was revoked");
+    assert_eq!(std::fs::read(s.out().join("key.json")).unwrap(), before);
+
+    s.api
+        .lock()
+        .unwrap()
+        .issue_faults
+        .push_back(Fault::Body("<html>oops</html>"));
+    let out = s.cli(&["rotate", "billing"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let line = error_line(&out);
+    eprintln!("not JSON as reported: {line}");
+    for want in ["credential `billing`", "step issue failed", "not JSON"] {
+        assert!(line.contains(want), "want `{want}` in: {line}");
+    }
+    assert!(!stderr(&out).contains("oops"), "the body is not quoted");
+    assert_eq!(std::fs::read(s.out().join("key.json")).unwrap(), before);
+    assert_eq!(s.out_files(), ["key.json", "key.json.keyrotd"]);
+    assert!(!s.revoked("k1"), "the current key still works");
+    s.assert_no_leak(&[]);
+}
+
+#[test]
+fn run_rotates_on_schedule_and_revokes_each_old_key_after_grace() {
+    let s = Setup::new("rotate_every = \"2s\"\nmax_age = \"10s\"\ngrace = \"1s\"");
+    let log = s.dir.path().join("daemon.log");
+    let mut daemon = Daemon::start(&s.config(), s.port, &log, &[]);
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let four = wait_until(Duration::from_secs(60), || {
+        if let Some(v) = s.current() {
+            if seen.last() != Some(&v) {
+                seen.push(v);
+            }
+        }
+        seen.len() >= 4
+    });
+    assert!(four, "seen {}: {}", seen.len(), daemon.log_text());
+    // Every replaced key is revoked once its grace period is over; the published one stays live.
+    let n = seen.len();
+    assert!(
+        wait_until(Duration::from_secs(10), || seen[..n - 1]
+            .iter()
+            .all(|(id, _)| s.revoked(id))),
+        "{:?}",
+        s.api.lock().unwrap().keys.keys().collect::<Vec<_>>()
+    );
+    let metrics = http_get(s.port, "/metrics").unwrap().1;
+    let status = s.status();
+    assert_eq!(daemon.terminate(Duration::from_secs(10)).code(), Some(0));
+    let (id, key) = s.current().unwrap();
+    assert!(!s.revoked(&id));
+    assert_eq!(whoami_status(s.api_port, &key), 200);
+    for (_, old) in &seen[..n - 1] {
+        assert_eq!(
+            whoami_status(s.api_port, old),
+            401,
+            "a replaced key is rejected"
+        );
+    }
+    s.assert_no_leak(&[metrics, status.to_string()]);
+}

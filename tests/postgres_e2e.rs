@@ -1,0 +1,703 @@
+//! The `postgres_password` rotator through the real `keyrotd` binary, against the throwaway
+//! cluster tests/backends/30-postgres.sh starts: single and alternating rotations end to end, a
+//! consumer that keeps re-reading the store under alternating rotation, kill -9 mid-rotation and
+//! resume, and the admin DSN wrong, the target role missing and the database down.
+//!
+//! Every test makes its own roles through the admin connection, so tests run in parallel.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// The variable the inventories name (`admin_dsn = "env:..."`); set on each keyrotd process only.
+const DSN_VAR: &str = "KEYROTD_E2E_PG_ADMIN_DSN";
+
+fn admin_dsn() -> String {
+    backend_env("KEYROTD_TEST_PG_ADMIN_DSN")
+}
+
+fn pg_port() -> u16 {
+    backend_env("KEYROTD_TEST_PG_PORT")
+        .parse()
+        .expect("KEYROTD_TEST_PG_PORT is a port")
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Runs SQL as the cluster's superuser.
+fn admin_exec(sql: &str) {
+    block_on(async {
+        let config: tokio_postgres::Config = admin_dsn().parse().expect("admin DSN parses");
+        let (client, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("admin login");
+        tokio::spawn(connection);
+        client.batch_execute(sql).await.expect("admin SQL");
+    })
+}
+
+/// Drops and re-creates `role` with a known starting password.
+fn fresh_role(role: &str) {
+    admin_exec(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN PASSWORD 'start-{role}'"
+    ));
+}
+
+/// Logs in as a consumer would. `Err` carries the SQLSTATE, or the error text when there is none.
+fn login(user: &str, password: &str) -> Result<(), String> {
+    block_on(async {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(pg_port())
+            .user(user)
+            .password(password)
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(5));
+        match config.connect(tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                client
+                    .simple_query("SELECT 1")
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e
+                .code()
+                .map(|c| c.code().to_owned())
+                .unwrap_or_else(|| e.to_string())),
+        }
+    })
+}
+
+/// A consumer's view of the store: (username, password).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Value {
+    username: String,
+    password: String,
+}
+
+/// One inventory with one `postgres_password` credential `db` in a JSON file store.
+struct Setup {
+    dir: tempfile::TempDir,
+    port: u16,
+    dsn: String,
+}
+
+impl Setup {
+    /// `rotator` is the inside of the rotator's inline table after `kind` and `admin_dsn`.
+    fn new(rotator: &str, timing: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let text = format!(
+            "[daemon]\nstate = \"sqlite:state/keyrotd.db\"\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [[credential]]\nid = \"db\"\n\
+             rotator = {{ kind = \"postgres_password\", admin_dsn = \"env:{DSN_VAR}\", {rotator} }}\n\
+             store = {{ kind = \"file\", path = \"{}\", format = \"json\" }}\n{timing}\n",
+            dir.path().join("out/db.json").display()
+        );
+        std::fs::write(dir.path().join("config.toml"), text).unwrap();
+        Self {
+            dir,
+            port,
+            dsn: admin_dsn(),
+        }
+    }
+
+    fn single(role: &str, timing: &str) -> Self {
+        fresh_role(role);
+        Self::new(
+            &format!(
+                "strategy = \"single\", role = \"{role}\", sslmode = \"disable\", probe_query = \"SELECT 1\""
+            ),
+            timing,
+        )
+    }
+
+    fn alternating(a: &str, b: &str, timing: &str) -> Self {
+        fresh_role(a);
+        fresh_role(b);
+        Self::new(
+            &format!(
+                "strategy = \"alternating\", roles = [\"{a}\", \"{b}\"], sslmode = \"disable\""
+            ),
+            timing,
+        )
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+
+    /// `keyrotd --config CONFIG ARGS...` with the admin DSN in its environment.
+    fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with_dsn(&self.dsn, args)
+    }
+
+    fn cli_with_dsn(&self, dsn: &str, args: &[&str]) -> Output {
+        keyrotd()
+            .arg("--config")
+            .arg(self.config())
+            .args(args)
+            .env(DSN_VAR, dsn)
+            .output()
+            .expect("spawn keyrotd")
+    }
+
+    fn start(&self, log: &str) -> Daemon {
+        Daemon::start(
+            &self.config(),
+            self.port,
+            &self.dir.path().join(log),
+            &[(DSN_VAR, &self.dsn)],
+        )
+    }
+
+    fn current(&self) -> Option<Value> {
+        read_store(&self.out().join("db.json"))
+    }
+
+    fn out_files(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.out())
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success(), "status: {}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()[0].clone()
+    }
+
+    fn history(&self) -> String {
+        String::from_utf8_lossy(&self.cli(&["history", "db"]).stdout).into_owned()
+    }
+
+    /// Asserts that no generated password appears in logs, the state database, the CLI's
+    /// output or the server's statement log: only in the store's own files.
+    fn assert_no_leak(&self, secrets: &[String], extra: &[String]) {
+        let mut everything = all_bytes(self.dir.path(), &[self.out()]);
+        everything.extend(self.history().as_bytes());
+        everything.extend(self.status().to_string().as_bytes());
+        for e in extra {
+            everything.extend(e.as_bytes());
+        }
+        assert!(
+            self.dir.path().join("state/keyrotd.db").exists(),
+            "the state database was scanned"
+        );
+        let server_log = std::fs::read(backend_env("KEYROTD_TEST_PG_LOG")).unwrap_or_default();
+        assert!(!server_log.is_empty(), "the server log was scanned");
+        for secret in secrets {
+            assert!(
+                !contains(&everything, secret),
+                "a generated password leaked into logs, state or CLI output"
+            );
+            assert!(
+                !contains(&server_log, secret),
+                "a generated password is in PostgreSQL's statement log"
+            );
+        }
+    }
+}
+
+fn read_store(path: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).expect("the store file is always complete JSON");
+    Some(Value {
+        username: v["username"].as_str().expect("a username field").to_owned(),
+        password: v["password"].as_str().expect("a password field").to_owned(),
+    })
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn single_rotate_sets_a_password_that_logs_in_and_refuses_the_old_one() {
+    let s = Setup::single(
+        "e2e_single",
+        "rotate_every = \"1h\"\nmax_age = \"2h\"\ngrace = \"0s\"",
+    );
+    let first = s.cli(&["rotate", "db"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let v1 = s.current().expect("the store holds the first password");
+    assert_eq!(v1.username, "e2e_single");
+    assert_eq!(login("e2e_single", &v1.password), Ok(()));
+    assert_eq!(
+        login("e2e_single", "start-e2e_single").unwrap_err(),
+        "28P01",
+        "the starting password is refused"
+    );
+
+    let second = s.cli(&["rotate", "db"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(String::from_utf8_lossy(&second.stdout).contains("complete"));
+    let v2 = s.current().unwrap();
+    assert_ne!(v2.password, v1.password);
+    assert_eq!(login("e2e_single", &v2.password), Ok(()));
+    assert_eq!(
+        login("e2e_single", &v1.password).unwrap_err(),
+        "28P01",
+        "the old password is refused with invalid_password"
+    );
+    assert_eq!(s.status()["state"], "idle");
+    assert_eq!(
+        s.out_files(),
+        ["db.json", "db.json.keyrotd"],
+        "no leftovers"
+    );
+    let history = s.history();
+    assert_eq!(history.matches("  db  done").count(), 2, "{history}");
+
+    s.assert_no_leak(
+        &[v1.password, v2.password],
+        &[stderr(&first), stderr(&second)],
+    );
+}
+
+#[test]
+fn single_rotate_over_tls_with_the_test_ca() {
+    fresh_role("e2e_tls");
+    let s = Setup::new(
+        &format!(
+            "strategy = \"single\", role = \"e2e_tls\", sslmode = \"require\", sslrootcert = \"{}\"",
+            backend_env("KEYROTD_TEST_PG_CA")
+        ),
+        "rotate_every = \"1h\"\nmax_age = \"2h\"\ngrace = \"0s\"",
+    );
+    let out = s.cli(&["rotate", "db"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = s.current().unwrap();
+    assert_eq!(login("e2e_tls", &v.password), Ok(()));
+}
+
+/// `keyrotd run` rotating every 2 s with a 1 s grace, while a consumer keeps re-reading the store
+/// and logging in with what it finds. The target is zero failed connection attempts.
+#[test]
+fn alternating_run_never_cuts_a_rereading_consumer_off() {
+    let s = Setup::alternating(
+        "e2e_alt_a",
+        "e2e_alt_b",
+        "rotate_every = \"2s\"\nmax_age = \"10s\"\ngrace = \"1s\"",
+    );
+    let mut daemon = s.start("daemon.log");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // (attempts, failures with what was used and the error)
+    let results: Arc<Mutex<(u32, Vec<String>)>> = Arc::default();
+    let client = {
+        let (stop, results, store) = (stop.clone(), results.clone(), s.out().join("db.json"));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Some(v) = read_store(&store) else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let started = Instant::now();
+                let result = login(&v.username, &v.password);
+                let mut r = results.lock().unwrap();
+                r.0 += 1;
+                if let Err(e) = result {
+                    r.1.push(format!(
+                        "{} failed after {:?}: {e}",
+                        v.username,
+                        started.elapsed()
+                    ));
+                }
+            }
+        })
+    };
+
+    let mut seen: Vec<Value> = Vec::new();
+    let started = Instant::now();
+    let six_values = wait_until(Duration::from_secs(120), || {
+        if let Some(v) = s.current() {
+            if seen.last() != Some(&v) {
+                seen.push(v);
+            }
+        }
+        seen.len() >= 6
+    });
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    client.join().unwrap();
+    assert!(
+        six_values,
+        "values seen: {}; log:\n{}",
+        seen.len(),
+        daemon.log_text()
+    );
+    let (attempts, failures) = results.lock().unwrap().clone();
+    eprintln!(
+        "alternating via the binary: {} rotations in {elapsed:?}, {attempts} connection attempts, {} failed: {failures:?}",
+        seen.len() - 1,
+        failures.len()
+    );
+    assert!(attempts >= 10, "the consumer kept connecting: {attempts}");
+    assert!(
+        failures.is_empty(),
+        "{} of {attempts} connection attempts failed: {failures:?}",
+        failures.len()
+    );
+    // The published role alternates.
+    for pair in seen.windows(2) {
+        assert_ne!(pair[0].username, pair[1].username, "roles alternate");
+    }
+    let status = s.status();
+    let metrics = http_get(s.port, "/metrics")
+        .map(|(_, m)| m)
+        .unwrap_or_default();
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).code(), Some(0));
+
+    // The last value works; every value replaced by a later activation of its role, or scrambled
+    // at revoke, is refused.
+    let n = seen.len();
+    assert_eq!(login(&seen[n - 1].username, &seen[n - 1].password), Ok(()));
+    for old in &seen[..n - 2] {
+        assert_eq!(
+            login(&old.username, &old.password).unwrap_err(),
+            "28P01",
+            "an old password of {} is refused",
+            old.username
+        );
+    }
+    let secrets: Vec<String> = seen.iter().map(|v| v.password.clone()).collect();
+    s.assert_no_leak(&secrets, &[status.to_string(), metrics]);
+}
+
+/// Rotates once so there is a current value to protect, kills a second `keyrotd rotate` with
+/// kill -9 at `point`, then lets `keyrotd run` finish or roll back the rotation.
+fn crash_and_resume(s: &Setup, point: &str) -> Vec<String> {
+    let first = s.cli(&["rotate", "db"]);
+    assert!(first.status.success(), "{point}: {}", stderr(&first));
+    let v0 = s.current().unwrap();
+    assert_eq!(login(&v0.username, &v0.password), Ok(()), "{point}");
+
+    let log = s.dir.path().join(format!("crashed-{point}.log"));
+    let mut crashed = keyrotd()
+        .arg("--config")
+        .arg(s.config())
+        .args(["rotate", "db"])
+        .env(DSN_VAR, &s.dsn)
+        .env("KEYROTD_FAILPOINT", point)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let reached = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("failpoint")
+    });
+    assert!(
+        reached,
+        "{point}: failpoint not reached:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    crashed.kill().unwrap(); // SIGKILL
+    crashed.wait().unwrap();
+
+    let after_crash = s.current().expect("a current value survives the crash");
+    if !point.starts_with("promote:") || point == "promote:start" {
+        assert_eq!(
+            after_crash, v0,
+            "{point}: nothing was promoted before the crash"
+        );
+    }
+    // For the record: does the consumer's value work while the rotation hangs unfinished?
+    let during = login(&after_crash.username, &after_crash.password);
+    eprintln!("{point}: while crashed, the store's value logs in: {during:?}");
+
+    let log_name = format!("daemon-{point}.log");
+    let mut daemon = s.start(&log_name);
+    let settled = wait_until(Duration::from_secs(40), || {
+        let h = s.history();
+        h.lines().filter(|l| l.contains("  db  ")).count() == 2
+            && h.lines()
+                .filter(|l| l.contains("  db  done") || l.contains("  db  rolled_back"))
+                .count()
+                == 2
+            && s.status()["state"] == "idle"
+    });
+    assert!(
+        settled,
+        "{point}: not resumed: {} files {:?}\n{}\n{}",
+        s.status(),
+        s.out_files(),
+        s.history(),
+        daemon.log_text()
+    );
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).code(), Some(0));
+    assert!(
+        daemon.log_text().contains("resuming rotation"),
+        "{point}: {}",
+        daemon.log_text()
+    );
+
+    let v1 = s.current().unwrap();
+    assert_eq!(
+        login(&v1.username, &v1.password),
+        Ok(()),
+        "{point}: the store's password always logs in afterwards"
+    );
+    let history = s.history();
+    if v1 != v0 {
+        assert_eq!(
+            history.matches("  db  done").count(),
+            2,
+            "{point}: {history}"
+        );
+        // Single: replaced in place. Alternating with grace 0: the old role was scrambled.
+        assert_eq!(
+            login(&v0.username, &v0.password).unwrap_err(),
+            "28P01",
+            "{point}: the old password is refused"
+        );
+    }
+    assert_eq!(
+        s.out_files(),
+        ["db.json", "db.json.keyrotd"],
+        "{point}: no leftovers"
+    );
+    eprintln!(
+        "{point}: {} ({})",
+        if v1 != v0 { "completed" } else { "rolled back" },
+        v1.username
+    );
+    let mut secrets = vec![v0.password, v1.password];
+    secrets.dedup();
+    secrets
+}
+
+const CRASH_POINTS: [&str; 9] = [
+    "issue:ok",
+    "stage:ok",
+    "activate:start",
+    "activate:done",
+    "activate:ok",
+    "verify:done",
+    "verify:ok",
+    "promote:done",
+    "promote:ok",
+];
+
+#[test]
+fn single_kill_9_mid_rotation_then_run_completes_and_the_store_logs_in() {
+    for point in CRASH_POINTS {
+        let role = format!("e2e_crash_s_{}", point.replace(':', "_"));
+        let s = Setup::single(
+            &role,
+            "rotate_every = \"1h\"\nmax_age = \"2h\"\ngrace = \"0s\"",
+        );
+        let secrets = crash_and_resume(&s, point);
+        s.assert_no_leak(&secrets, &[]);
+    }
+}
+
+#[test]
+fn alternating_kill_9_mid_rotation_then_run_completes_and_the_store_logs_in() {
+    for point in CRASH_POINTS {
+        let tag = point.replace(':', "_");
+        let s = Setup::alternating(
+            &format!("e2e_crash_a_{tag}"),
+            &format!("e2e_crash_b_{tag}"),
+            "rotate_every = \"1h\"\nmax_age = \"2h\"\ngrace = \"0s\"",
+        );
+        let secrets = crash_and_resume(&s, point);
+        s.assert_no_leak(&secrets, &[]);
+    }
+}
+
+/// A first successful rotation, then one with admin DSN `dsn` that fails; the failure names the
+/// credential, the step and the SQLSTATE or error kind, and the store keeps a working value.
+fn failing_rotation(s: &Setup, dsn: &str, expect: &[&str], current_still_logs_in: bool) {
+    let first = s.cli(&["rotate", "db"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let v0 = s.current().unwrap();
+    let before = std::fs::read(s.out().join("db.json")).unwrap();
+
+    let out = s.cli_with_dsn(dsn, &["rotate", "db"]);
+    let err = stderr(&out);
+    eprintln!("failure as reported: {}", err.lines().last().unwrap_or(""));
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let last = err
+        .lines()
+        .rfind(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("an error line in:\n{err}"));
+    for want in ["credential `db`", "step activate failed"]
+        .iter()
+        .chain(expect)
+    {
+        assert!(last.contains(want), "want `{want}` in: {last}");
+    }
+    assert!(
+        !err.contains(
+            dsn.split("password=")
+                .nth(1)
+                .unwrap_or("\0")
+                .split(' ')
+                .next()
+                .unwrap()
+        ),
+        "the admin password is not in the output"
+    );
+    assert_eq!(
+        std::fs::read(s.out().join("db.json")).unwrap(),
+        before,
+        "the store's current value is unchanged"
+    );
+    let files = s.out_files();
+    eprintln!("store files after the failure: {files:?}");
+    if current_still_logs_in {
+        assert_eq!(login(&v0.username, &v0.password), Ok(()));
+    }
+    let status = s.status();
+    assert_eq!(status["consecutive_failures"], 1, "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| expect.iter().all(|w| e.contains(w))),
+        "{status}"
+    );
+    let mut secrets = vec![v0.password.clone()];
+    // A pending value the failed rotation left behind is a generated password too.
+    for f in files.iter().filter(|f| f.contains(".pending.")) {
+        if let Some(v) = read_store(&s.out().join(f)) {
+            secrets.push(v.password);
+        }
+    }
+    s.assert_no_leak(&secrets, &[err.clone(), status.to_string()]);
+    recovers_once_fixed(s, &v0);
+}
+
+/// With the admin DSN fixed, manual rotations finish the interrupted rollback (removing its
+/// pending value) and then rotate; the store's value logs in throughout.
+fn recovers_once_fixed(s: &Setup, v0: &Value) {
+    let out = s.cli(&["rotate", "db"]);
+    eprintln!(
+        "rotate after the fix: {:?}: {}",
+        out.status.code(),
+        error_or_ok(&out)
+    );
+    assert!(
+        out.status.success(),
+        "one manual rotation finishes the old rollback and rotates: {}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("finished rolling back the earlier rotation"),
+        "{}",
+        stderr(&out)
+    );
+    let v1 = s.current().unwrap();
+    assert_ne!(v1.password, v0.password);
+    assert_eq!(login(&v1.username, &v1.password), Ok(()));
+    assert_eq!(
+        s.out_files(),
+        ["db.json", "db.json.keyrotd"],
+        "no leftovers"
+    );
+    assert_eq!(s.status()["state"], "idle");
+}
+
+fn error_or_ok(out: &Output) -> String {
+    stderr(out)
+        .lines()
+        .rfind(|l| l.starts_with("error:"))
+        .map_or_else(
+            || String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            str::to_owned,
+        )
+}
+
+#[test]
+fn wrong_admin_dsn_fails_with_28p01_and_changes_nothing() {
+    let s = Setup::single(
+        "e2e_bad_admin",
+        "rotate_every = \"1h\"\nmax_age = \"2h\"\ngrace = \"0s\"",
+    );
+    let wrong = format!(
+        "host=127.0.0.1 port={} user=admin password=not-the-admin-password dbname=postgres sslmode=disable",
+        pg_port()
+    );
+    failing_rotation(&s, &wrong, &["admin login", "28P01"], true);
+}
+
+#[test]
+fn missing_target_role_fails_with_42704_and_changes_nothing() {
+    let s = Setup::single(
+        "e2e_gone",
+        "rotate_every = \"1h\"\nmax_age = \"2h\"\ngrace = \"0s\"",
+    );
+    let first = s.cli(&["rotate", "db"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let v0 = s.current().unwrap();
+    admin_exec("DROP ROLE e2e_gone");
+    let before = std::fs::read(s.out().join("db.json")).unwrap();
+    let out = s.cli(&["rotate", "db"]);
+    let err = stderr(&out);
+    eprintln!("failure as reported: {}", err.lines().last().unwrap_or(""));
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let last = err.lines().rfind(|l| l.starts_with("error:")).unwrap();
+    for want in [
+        "credential `db`",
+        "step activate failed",
+        "e2e_gone",
+        "42704",
+    ] {
+        assert!(last.contains(want), "want `{want}` in: {last}");
+    }
+    assert_eq!(std::fs::read(s.out().join("db.json")).unwrap(), before);
+    eprintln!("store files after the failure: {:?}", s.out_files());
+    let status = s.status();
+    assert!(
+        status["last_error"].as_str().unwrap().contains("42704"),
+        "{status}"
+    );
+    s.assert_no_leak(
+        std::slice::from_ref(&v0.password),
+        &[err.clone(), status.to_string()],
+    );
+    // Re-create the role (with a password keyrotd does not know): the next rotation recovers.
+    fresh_role("e2e_gone");
+    recovers_once_fixed(&s, &v0);
+}
+
+#[test]
+fn database_down_fails_with_connection_refused_and_changes_nothing() {
+    let s = Setup::single(
+        "e2e_down",
+        "rotate_every = \"1h\"\nmax_age = \"2h\"\ngrace = \"0s\"",
+    );
+    // A closed port: the admin login and (by default) the target login both go there.
+    let closed = free_port();
+    let down = format!(
+        "host=127.0.0.1 port={closed} user=admin password=whatever dbname=postgres sslmode=disable connect_timeout=2"
+    );
+    failing_rotation(&s, &down, &["admin login", "ConnectionRefused"], true);
+}
