@@ -540,8 +540,8 @@ impl HttpRotator {
         Ok(value)
     }
 
-    fn admin_token(&self, op: &str) -> Result<HeaderValue, ProviderError> {
-        let token = self.config.auth.resolve().map_err(|e| {
+    async fn admin_token(&self, op: &str) -> Result<HeaderValue, ProviderError> {
+        let token = self.config.auth.resolve_async().await.map_err(|e| {
             ProviderError::permanent(format!("{op}: auth {}: {e}", self.config.auth))
         })?;
         self.auth_value(op, &token)
@@ -640,7 +640,11 @@ impl HttpRotator {
             ..Vars::default()
         };
         let answer = self
-            .send(&self.parsed.revoke, &vars, self.admin_token("revoke")?)
+            .send(
+                &self.parsed.revoke,
+                &vars,
+                self.admin_token("revoke").await?,
+            )
             .await?;
         match answer.status {
             s if s.is_success() => Ok(()),
@@ -718,7 +722,7 @@ impl Rotator for HttpRotator {
             ..Vars::default()
         };
         let answer = self
-            .send(&self.parsed.issue, &vars, self.admin_token("issue")?)
+            .send(&self.parsed.issue, &vars, self.admin_token("issue").await?)
             .await?;
         if !answer.status.is_success() {
             return Err(status_error("issue", answer.status));

@@ -221,8 +221,8 @@ impl PostgresRotator {
     }
 
     /// The admin DSN, parsed. Read at every use, so a rotated admin secret is picked up.
-    fn admin_config(&self, op: &str) -> Result<tokio_postgres::Config, ProviderError> {
-        let dsn = self.config.admin_dsn.resolve().map_err(|e| {
+    async fn admin_config(&self, op: &str) -> Result<tokio_postgres::Config, ProviderError> {
+        let dsn = self.config.admin_dsn.resolve_async().await.map_err(|e| {
             ProviderError::permanent(format!("{op}: admin_dsn {}: {e}", self.config.admin_dsn))
         })?;
         let mut config: tokio_postgres::Config = dsn.expose_secret().parse().map_err(|_| {
@@ -240,13 +240,13 @@ impl PostgresRotator {
     }
 
     /// Connection parameters for logging in as `role` with `password`.
-    fn login_config(
+    async fn login_config(
         &self,
         op: &str,
         role: &str,
         password: &SecretString,
     ) -> Result<tokio_postgres::Config, ProviderError> {
-        let admin = self.admin_config(op)?;
+        let admin = self.admin_config(op).await?;
         let mut config = tokio_postgres::Config::new();
         match &self.config.host {
             Some(host) => {
@@ -316,7 +316,7 @@ impl PostgresRotator {
         password: &SecretString,
     ) -> Result<(), ProviderError> {
         let what = format!("{op}: setting the password of role \"{role}\"");
-        let admin = self.admin_config(op)?;
+        let admin = self.admin_config(op).await?;
         let client = self
             .connect(&admin, &format!("{what}: admin login"))
             .await?;
@@ -341,7 +341,7 @@ impl PostgresRotator {
         password: &SecretString,
     ) -> Result<(), ProviderError> {
         let what = format!("{op}: logging in as role \"{role}\"");
-        let config = self.login_config(op, role, password)?;
+        let config = self.login_config(op, role, password).await?;
         let client = self.connect(&config, &what).await?;
         if let Some(probe) = &self.config.probe_query {
             client

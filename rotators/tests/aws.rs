@@ -36,6 +36,9 @@ fn admin_env() {
         std::env::remove_var("AWS_SESSION_TOKEN");
         std::env::remove_var("AWS_PROFILE");
         std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+        // For `aws-sm:` secret references, which use the standard chain and AWS_ENDPOINT_URL.
+        std::env::set_var("AWS_REGION", "us-east-1");
+        std::env::set_var("AWS_ENDPOINT_URL", moto_url());
     });
 }
 
@@ -753,4 +756,82 @@ async fn errors_carry_the_aws_code_and_name_the_operation() {
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
     assert!(err.code.is_some(), "{err}");
+}
+
+#[tokio::test]
+async fn aws_sm_secret_references_resolve_awscurrent_against_moto() {
+    use keyrotd_rotators::reference::{RefError, SecretRef};
+    let admin = admin().await;
+    let name = "refs/admin-dsn";
+    let created = sm(&admin)
+        .create_secret()
+        .name(name)
+        .secret_string(r#"{"username":"admin","password":"ref-pw-0","port":5432}"#)
+        .send()
+        .await
+        .unwrap();
+    let arn = created.arn().unwrap().to_owned();
+    let resolve = |text: String| async move {
+        let r: SecretRef = text.parse().unwrap();
+        assert!(
+            matches!(r.resolve(), Err(RefError::NeedsAsync(_))),
+            "{text}"
+        );
+        r.resolve_async().await
+    };
+
+    let field = resolve(format!("aws-sm:{name}#password")).await.unwrap();
+    assert_eq!(field.expose_secret(), "ref-pw-0");
+    let whole = resolve(format!("aws-sm:{name}")).await.unwrap();
+    let whole: serde_json::Value = serde_json::from_str(whole.expose_secret()).unwrap();
+    assert_eq!(whole["port"], 5432);
+    let by_arn = resolve(format!("aws-sm:{arn}#username")).await.unwrap();
+    assert_eq!(by_arn.expose_secret(), "admin");
+
+    // A pending version is not what consumers read: AWSCURRENT is.
+    sm(&admin)
+        .put_secret_value()
+        .secret_id(name)
+        .client_request_token(rotation_id("refs", 1))
+        .secret_string(r#"{"username":"admin","password":"ref-pw-pending"}"#)
+        .version_stages("AWSPENDING")
+        .send()
+        .await
+        .unwrap();
+    let field = resolve(format!("aws-sm:{name}#password")).await.unwrap();
+    assert_eq!(field.expose_secret(), "ref-pw-0");
+
+    // Errors name the reference and carry the AWS code, never a value.
+    let err = resolve(format!("aws-sm:{name}#pasword")).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, RefError::Aws { .. })
+            && text.contains(&format!("aws-sm:{name}#pasword"))
+            && text.contains("no string member `pasword`")
+            && !text.contains("ref-pw"),
+        "{text}"
+    );
+    let err = resolve("aws-sm:refs/no-such-secret#password".into())
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("aws-sm:refs/no-such-secret#password")
+            && text.contains("ResourceNotFoundException"),
+        "{text}"
+    );
+    // An empty value is refused like an empty file.
+    sm(&admin)
+        .create_secret()
+        .name("refs/empty")
+        .secret_string(r#"{"password":""}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resolve("aws-sm:refs/empty#password".into())
+            .await
+            .unwrap_err(),
+        RefError::EmptyValue("aws-sm:refs/empty#password".into())
+    );
 }

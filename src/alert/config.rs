@@ -297,8 +297,9 @@ impl AlertsConfig {
             match channel {
                 ChannelConfig::Email(email) => validate_email(email).map_err(|(f, m)| at(f, m))?,
                 ChannelConfig::Webhook(hook) => {
-                    resolve_url(&hook.url).map_err(|m| at("url", m))?;
-                    if let Some(auth) = &hook.authorization {
+                    validate_url(&hook.url).map_err(|m| at("url", m))?;
+                    // An aws-sm: reference needs AWS: it is checked when an alert is sent.
+                    if let Some(auth) = hook.authorization.as_ref().filter(|a| !a.needs_async()) {
                         auth.resolve()
                             .map_err(|e| at("authorization", e.to_string()))?;
                     }
@@ -312,7 +313,7 @@ impl AlertsConfig {
                                 .into(),
                         ));
                     }
-                    resolve_url(&slack.url).map_err(|m| at("url", m))?;
+                    validate_url(&slack.url).map_err(|m| at("url", m))?;
                 }
             }
         }
@@ -351,6 +352,8 @@ fn validate_email(email: &EmailConfig) -> Result<(), (&'static str, String)> {
     match (&email.username, &email.password) {
         (Some(_), None) => return Err(("password", "required with username".into())),
         (None, Some(_)) => return Err(("username", "required with password".into())),
+        // An aws-sm: reference needs AWS: it is resolved when a mail is sent.
+        (Some(_), Some(password)) if password.needs_async() => {}
         (Some(_), Some(password)) => {
             password
                 .resolve()
@@ -372,6 +375,27 @@ fn validate_email(email: &EmailConfig) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
+/// Checks a URL source at configuration time: resolves and checks it, except an `aws-sm:`
+/// reference, which needs AWS and is resolved (and checked) when an alert is sent.
+pub(crate) fn validate_url(source: &UrlSource) -> Result<(), String> {
+    match source {
+        UrlSource::Secret(reference) if reference.needs_async() => Ok(()),
+        _ => resolve_url(source).map(drop),
+    }
+}
+
+/// [`resolve_url`] for every kind of reference, `aws-sm:` included.
+pub(crate) async fn resolve_url_async(source: &UrlSource) -> Result<reqwest::Url, String> {
+    use secrecy::ExposeSecret;
+    match source {
+        UrlSource::Secret(reference) => {
+            let secret = reference.resolve_async().await.map_err(|e| e.to_string())?;
+            check_url(secret.expose_secret(), format!("the URL in `{reference}`"))
+        }
+        UrlSource::Literal(_) => resolve_url(source),
+    }
+}
+
 /// Resolves a URL source and checks its scheme. Errors never contain a resolved (secret) URL.
 pub(crate) fn resolve_url(source: &UrlSource) -> Result<reqwest::Url, String> {
     use secrecy::ExposeSecret;
@@ -386,7 +410,12 @@ pub(crate) fn resolve_url(source: &UrlSource) -> Result<reqwest::Url, String> {
             format!("the URL in `{reference}`"),
         ),
     };
-    let url = reqwest::Url::parse(&text).map_err(|e| format!("{shown} is not a URL: {e}"))?;
+    check_url(&text, shown)
+}
+
+/// Checks the scheme and host of a resolved URL; `shown` names it in errors without the value.
+fn check_url(text: &str, shown: String) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("{shown} is not a URL: {e}"))?;
     match url.scheme() {
         "https" => {}
         "http" if url.host_str().is_some_and(is_loopback_host) => {}

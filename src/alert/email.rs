@@ -44,7 +44,7 @@ impl EmailChannel {
         })
     }
 
-    fn transport(&self) -> Result<AsyncSmtpTransport<Tokio1Executor>, DeliveryError> {
+    async fn transport(&self) -> Result<AsyncSmtpTransport<Tokio1Executor>, DeliveryError> {
         let host = self.config.host.as_str();
         let tls_error =
             |e: lettre::transport::smtp::Error| DeliveryError::permanent(format!("TLS setup: {e}"));
@@ -61,7 +61,8 @@ impl EmailChannel {
             .timeout(Some(self.config.timeout.unwrap_or(DEFAULT_TIMEOUT)));
         if let (Some(user), Some(password)) = (&self.config.username, &self.config.password) {
             let secret = password
-                .resolve()
+                .resolve_async()
+                .await
                 .map_err(|e| DeliveryError::transient(format!("SMTP password: {e}")))?;
             builder = builder.credentials(Credentials::new(
                 user.clone(),
@@ -73,7 +74,7 @@ impl EmailChannel {
 
     pub(crate) async fn send(&self, n: &Notification) -> Result<(), DeliveryError> {
         let message = self.message(n)?;
-        let transport = self.transport()?;
+        let transport = self.transport().await?;
         match transport.send(message).await {
             Ok(_) => Ok(()),
             // A 5xx reply (bad recipient, refused AUTH) will not change on retry.

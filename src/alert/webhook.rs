@@ -11,7 +11,7 @@ use reqwest::header::{HeaderValue, AUTHORIZATION};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
-use super::config::{resolve_url, SlackConfig, UrlSource, WebhookConfig};
+use super::config::{resolve_url_async, validate_url, SlackConfig, UrlSource, WebhookConfig};
 use super::{rfc3339, DeliveryError, Notification, Status};
 use keyrotd_rotators::reference::SecretRef;
 
@@ -152,7 +152,7 @@ impl WebhookChannel {
         timeout: Option<Duration>,
         format: Format,
     ) -> anyhow::Result<Self> {
-        resolve_url(url).map_err(anyhow::Error::msg)?;
+        validate_url(url).map_err(anyhow::Error::msg)?;
         let client = reqwest::Client::builder()
             .timeout(timeout.unwrap_or(DEFAULT_TIMEOUT))
             .redirect(reqwest::redirect::Policy::none())
@@ -168,7 +168,9 @@ impl WebhookChannel {
 
     pub(crate) async fn send(&self, n: &Notification) -> Result<(), DeliveryError> {
         // Resolved per attempt: a rotated token or URL is used without a restart.
-        let url = resolve_url(&self.url).map_err(DeliveryError::transient)?;
+        let url = resolve_url_async(&self.url)
+            .await
+            .map_err(DeliveryError::transient)?;
         let mut request = self.client.post(url);
         request = match self.format {
             Format::Generic => request.json(&WebhookPayload::new(n)),
@@ -176,7 +178,8 @@ impl WebhookChannel {
         };
         if let Some(reference) = &self.authorization {
             let secret = reference
-                .resolve()
+                .resolve_async()
+                .await
                 .map_err(|e| DeliveryError::transient(format!("authorization: {e}")))?;
             let mut value = HeaderValue::from_str(secret.expose_secret()).map_err(|_| {
                 DeliveryError::permanent(format!(

@@ -272,6 +272,32 @@ impl SecretsManagerStore {
     }
 }
 
+/// Reads the `AWSCURRENT` value of `secret_id` (or its string member `field`), for `aws-sm:`
+/// secret references: the standard credential chain, the region of an ARN (else the chain's)
+/// and `AWS_ENDPOINT_URL` when set.
+pub(crate) async fn read_current(
+    secret_id: &str,
+    field: Option<&str>,
+) -> Result<SecretString, ProviderError> {
+    let region = secret_id
+        .strip_prefix("arn:")
+        .and_then(|arn| arn.split(':').nth(2))
+        .map(str::to_owned);
+    let endpoint_url = std::env::var("AWS_ENDPOINT_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
+    let store = SecretsManagerStore::new(SecretsManagerConfig {
+        secret_id: secret_id.to_owned(),
+        field: field.map(str::to_owned),
+        region,
+        endpoint_url,
+    })
+    .map_err(ProviderError::permanent)?;
+    let client = store.client().await;
+    let value = store.read(&client, Some(CURRENT), None).await?;
+    store.decode(value).map(|c| c.secret)
+}
+
 #[async_trait]
 impl Store for SecretsManagerStore {
     fn kind(&self) -> &'static str {
