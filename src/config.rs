@@ -229,10 +229,10 @@ pub fn load(path: &Path) -> Result<Inventory, ConfigErrors> {
 /// and column where it was.
 pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
     let sections = credential_sections(text);
-    let head = blank_sections(text, &sections);
     let mut v = Validator {
         file: path,
-        text: &head,
+        // The blanked head keeps every byte offset, so its spans index `text` too.
+        text,
         first_line: 1,
         errors: Vec::new(),
         seen: HashMap::with_capacity(sections.len()),
@@ -240,7 +240,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
         crons: HashMap::new(),
         now: Utc::now(),
     };
-    let Some(raw) = v.deserialize::<RawInventory>(&head, None) else {
+    let head = blank_sections(text, &sections);
+    let raw = v.deserialize::<RawInventory>(&head, None);
+    drop(head);
+    let Some(raw) = raw else {
         return Err(ConfigErrors(v.errors));
     };
     let daemon = v.daemon(raw.daemon);
@@ -338,17 +341,20 @@ fn credential_sections(text: &str) -> Vec<Section> {
     sections
 }
 
-/// `text` with the sections replaced by spaces, newlines kept, so positions stay the same.
+/// `text` with every byte of the sections replaced by a space, newlines kept, so every byte
+/// offset and line stays where it was.
 fn blank_sections(text: &str, sections: &[Section]) -> String {
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
     for section in sections {
         out.push_str(&text[at..section.bytes.start]);
-        out.extend(
-            text[section.bytes.clone()]
-                .chars()
-                .map(|c| if c == '\n' { '\n' } else { ' ' }),
-        );
+        out.extend(text.as_bytes()[section.bytes.clone()].iter().map(|&b| {
+            if b == b'\n' {
+                '\n'
+            } else {
+                ' '
+            }
+        }));
         at = section.bytes.end;
     }
     out.push_str(&text[at..]);

@@ -17,16 +17,17 @@ use crate::random::{RandomConfig, RandomRotator};
 use crate::reference::SecretRef;
 use crate::{Rotator, Store};
 
-/// A credential's `rotator` table.
+/// A credential's `rotator` table. Large variants are boxed: every credential pays for the
+/// largest inline variant, and inventories hold 100,000 of them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RotatorConfig {
     /// A generated password or token.
     Random(RandomConfig),
     /// An IAM user's access keys (dual-phase).
-    AwsIamAccessKey(IamAccessKeyConfig),
+    AwsIamAccessKey(Box<IamAccessKeyConfig>),
     /// The password of a PostgreSQL role (single or alternating roles).
-    PostgresPassword(PostgresConfig),
+    PostgresPassword(Box<PostgresConfig>),
     /// An API key issued, verified and revoked through configured HTTP requests.
     Http(Box<HttpConfig>),
 }
@@ -38,7 +39,7 @@ pub enum StoreConfig {
     /// A local file.
     File(FileConfig),
     /// An AWS Secrets Manager secret, versioned with AWS's staging labels.
-    AwsSecretsManager(SecretsManagerConfig),
+    AwsSecretsManager(Box<SecretsManagerConfig>),
 }
 
 impl RotatorConfig {
@@ -77,8 +78,8 @@ impl RotatorConfig {
         self.validate()?;
         Ok(match self {
             Self::Random(c) => Arc::new(RandomRotator::new(c.clone())),
-            Self::AwsIamAccessKey(c) => Arc::new(IamAccessKeyRotator::new(c.clone())?),
-            Self::PostgresPassword(c) => Arc::new(PostgresRotator::new(c.clone())?),
+            Self::AwsIamAccessKey(c) => Arc::new(IamAccessKeyRotator::new((**c).clone())?),
+            Self::PostgresPassword(c) => Arc::new(PostgresRotator::new((**c).clone())?),
             Self::Http(c) => Arc::new(HttpRotator::new((**c).clone())?),
         })
     }
@@ -106,7 +107,7 @@ impl StoreConfig {
     pub fn build(&self) -> Result<Arc<dyn Store>, String> {
         Ok(match self {
             Self::File(c) => Arc::new(FileStore::new(c.clone())?),
-            Self::AwsSecretsManager(c) => Arc::new(SecretsManagerStore::new(c.clone())?),
+            Self::AwsSecretsManager(c) => Arc::new(SecretsManagerStore::new((**c).clone())?),
         })
     }
 }
