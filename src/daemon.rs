@@ -78,7 +78,7 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     let _ = endpoint.table.set(table.clone());
     endpoint.ready.store(true, Ordering::Release);
     info!(
-        credentials = table.slots.len(),
+        credentials = table.len(),
         open_rotations = open.len(),
         listen = %inventory.daemon.listen,
         ready_ms = started.elapsed().as_millis() as u64,

@@ -174,7 +174,7 @@ pub fn credential_chunks(table: Arc<Table>) -> impl Iterator<Item = String> + Se
                 .map(|t| t.timestamp())
         })
         .collect();
-    let chunks = table.slots.len().div_ceil(CHUNK);
+    let chunks = table.len().div_ceil(CHUNK);
     Family::ALL.into_iter().flat_map(move |family| {
         let (table, group_fire) = (table.clone(), group_fire.clone());
         (0..chunks.max(1)).map(move |c| {
@@ -183,9 +183,9 @@ pub fn credential_chunks(table: Arc<Table>) -> impl Iterator<Item = String> + Se
                 let (name, help) = family.header();
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             }
-            let end = ((c + 1) * CHUNK).min(table.slots.len());
-            for slot in &table.slots[(c * CHUNK).min(end)..end] {
-                let live: Live = *lock(&slot.live);
+            let end = ((c + 1) * CHUNK).min(table.len());
+            for slot in ((c * CHUNK).min(end)..end).map(|i| table.slot(i)) {
+                let live: Live = *lock(slot.live);
                 let (id, kind) = (&slot.spec.id, slot.spec.rotator.kind());
                 let (name, _) = family.header();
                 let labels = format!("credential=\"{id}\",rotator=\"{kind}\"");

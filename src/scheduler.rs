@@ -47,17 +47,22 @@ pub struct Live {
     pub wake: Option<i64>,
 }
 
-/// One inventory entry and its live view.
-pub struct Slot {
-    pub spec: CredentialSpec,
+/// One inventory entry and its live view, as borrowed from the [`Table`].
+#[derive(Clone, Copy)]
+pub struct Slot<'a> {
+    pub spec: &'a CredentialSpec,
     /// Index of its cron group, if it has a cron schedule.
     pub group: Option<usize>,
-    pub live: Mutex<Live>,
+    pub live: &'a Mutex<Live>,
 }
 
-/// The inventory as the running daemon holds it.
+/// The inventory as the running daemon holds it. The specs stay in the vector the loader built
+/// (copying 100,000 of them into another would double the start-up peak); the live views and
+/// cron groups sit beside them, index for index.
 pub struct Table {
-    pub slots: Vec<Slot>,
+    specs: Vec<CredentialSpec>,
+    lives: Vec<Mutex<Live>>,
+    group_of: Vec<Option<usize>>,
     /// Distinct cron schedules; each fires all its members.
     pub groups: Vec<CronGroup>,
 }
@@ -83,36 +88,59 @@ impl Table {
         let mut groups: Vec<CronGroup> = Vec::new();
         let mut group_index: HashMap<(String, chrono_tz::Tz), usize> = HashMap::new();
         let now = Utc::now().timestamp();
-        let slots = specs
-            .into_iter()
-            .enumerate()
-            .map(|(i, spec)| {
-                let group = spec.schedule.cron.as_ref().map(|c| {
-                    let g = *group_index
-                        .entry((c.expression.clone(), c.timezone))
-                        .or_insert_with(|| {
-                            groups.push(CronGroup {
-                                expression: c.expression.clone(),
-                                timezone: c.timezone,
-                                members: Vec::new(),
-                            });
-                            groups.len() - 1
+        let mut lives = Vec::with_capacity(specs.len());
+        let mut group_of = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            group_of.push(spec.schedule.cron.as_ref().map(|c| {
+                let g = *group_index
+                    .entry((c.expression.clone(), c.timezone))
+                    .or_insert_with(|| {
+                        groups.push(CronGroup {
+                            expression: c.expression.clone(),
+                            timezone: c.timezone,
+                            members: Vec::new(),
                         });
-                    groups[g].members.push(i);
-                    g
-                });
-                let record = records
-                    .remove(&spec.id)
-                    .unwrap_or_else(|| CredentialRecord::new(&spec.id));
-                let live = live_view(&spec, &record, open.get(spec.id.as_str()).copied(), now);
-                Slot {
-                    spec,
-                    group,
-                    live: Mutex::new(live),
-                }
-            })
-            .collect();
-        Self { slots, groups }
+                        groups.len() - 1
+                    });
+                groups[g].members.push(i);
+                g
+            }));
+            let record = records
+                .remove(&spec.id)
+                .unwrap_or_else(|| CredentialRecord::new(&spec.id));
+            let live = live_view(spec, &record, open.get(spec.id.as_str()).copied(), now);
+            lives.push(Mutex::new(live));
+        }
+        Self {
+            specs,
+            lives,
+            group_of,
+            groups,
+        }
+    }
+
+    /// How many credentials.
+    pub fn len(&self) -> usize {
+        self.specs.len()
+    }
+
+    /// Whether the inventory is empty.
+    pub fn is_empty(&self) -> bool {
+        self.specs.is_empty()
+    }
+
+    /// Credential `i`.
+    pub fn slot(&self, i: usize) -> Slot<'_> {
+        Slot {
+            spec: &self.specs[i],
+            group: self.group_of[i],
+            live: &self.lives[i],
+        }
+    }
+
+    /// Every credential, in inventory order.
+    pub fn slots(&self) -> impl Iterator<Item = Slot<'_>> {
+        (0..self.len()).map(|i| self.slot(i))
     }
 }
 
@@ -183,9 +211,9 @@ const STALE: u8 = 2;
 
 impl AgeWatch {
     /// Brings slot `i`'s age conditions up to date; returns the next deadline worth waking for.
-    fn check(&mut self, i: usize, slot: &Slot, now: i64) -> Option<i64> {
+    fn check(&mut self, i: usize, slot: Slot<'_>, now: i64) -> Option<i64> {
         let events = self.events.as_ref()?;
-        let issued = lock(&slot.live).issued_at?;
+        let issued = lock(slot.live).issued_at?;
         let stale_at = issued + slot.spec.max_age.as_secs() as i64;
         let near_at = stale_at - self.warn_before;
         let want = if now >= stale_at {
@@ -241,7 +269,7 @@ impl Scheduler {
         let ages = AgeWatch {
             events,
             warn_before: warn_before.as_secs() as i64,
-            raised: vec![0; table.slots.len()],
+            raised: vec![0; table.len()],
         };
         Self {
             table,
@@ -284,10 +312,10 @@ impl Scheduler {
         tx: mpsc::Sender<Msg>,
         data_version: i64,
     ) {
-        let n = self.table.slots.len();
+        let n = self.table.len();
         let mut age_heap: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
         let now = Utc::now().timestamp();
-        for (i, slot) in self.table.slots.iter().enumerate() {
+        for (i, slot) in self.table.slots().enumerate() {
             if let Some(at) = self.ages.check(i, slot, now) {
                 age_heap.push(Reverse((at, i)));
             }
@@ -297,8 +325,8 @@ impl Scheduler {
         let mut busy = vec![false; n];
         let mut ready: VecDeque<Queued> = VecDeque::new();
         let mut running = 0usize;
-        for (i, slot) in self.table.slots.iter().enumerate() {
-            if let Some(at) = lock(&slot.live).wake {
+        for (i, slot) in self.table.slots().enumerate() {
+            if let Some(at) = lock(slot.live).wake {
                 heap.push(Reverse((at, i, 0)));
             }
         }
@@ -318,18 +346,18 @@ impl Scheduler {
                 let Some((i, trigger, fire)) = ready.pop_front() else {
                     break;
                 };
-                let spec = &self.table.slots[i].spec;
+                let spec = self.table.slot(i).spec;
                 if let Some(fire) = fire.filter(|f| !spec.schedule.in_window(*f, Utc::now())) {
                     info!(credential = %spec.id, fire = %fire, "rotation window missed; waiting for the next fire time");
                     busy[i] = false;
                     continue;
                 }
                 running += 1;
-                lock(&self.table.slots[i].live).status = Status::Rotating;
+                lock(self.table.slot(i).live).status = Status::Rotating;
                 let (engine, table, tx) = (self.engine.clone(), self.table.clone(), tx.clone());
                 tokio::spawn(async move {
                     let result = engine
-                        .run(&table.slots[i].spec, trigger)
+                        .run(table.slot(i).spec, trigger)
                         .await
                         .map_err(|e| e.to_string());
                     let _ = tx.send(Msg::Done(i, result)).await;
@@ -359,7 +387,7 @@ impl Scheduler {
                         if self.shutdown.is_cancelled() { continue; }
                         debug!(group = g, "cron fired");
                         for &i in &self.table.groups[g].members {
-                            let live = *lock(&self.table.slots[i].live);
+                            let live = *lock(self.table.slot(i).live);
                             if !busy[i] && live.status != Status::Failed {
                                 busy[i] = true;
                                 ready.push_back((i, Trigger::Schedule, Some(fire)));
@@ -374,7 +402,7 @@ impl Scheduler {
                         if let Some(at) = wake {
                             heap.push(Reverse((at, i, generation[i])));
                         }
-                        if let Some(at) = self.ages.check(i, &self.table.slots[i], Utc::now().timestamp()) {
+                        if let Some(at) = self.ages.check(i, self.table.slot(i), Utc::now().timestamp()) {
                             age_heap.push(Reverse((at, i)));
                         }
                     }
@@ -384,7 +412,7 @@ impl Scheduler {
                     while let Some(Reverse((at, i))) = age_heap.peek().copied() {
                         if at > now { break; }
                         age_heap.pop();
-                        if let Some(next) = self.ages.check(i, &self.table.slots[i], now) {
+                        if let Some(next) = self.ages.check(i, self.table.slot(i), now) {
                             age_heap.push(Reverse((next, i)));
                         }
                     }
@@ -393,7 +421,7 @@ impl Scheduler {
                         heap.pop();
                         if g != generation[i] || busy[i] { continue; }
                         busy[i] = true;
-                        let trigger = if lock(&self.table.slots[i].live).status == Status::Retrying { Trigger::Retry } else { Trigger::Schedule };
+                        let trigger = if lock(self.table.slot(i).live).status == Status::Retrying { Trigger::Retry } else { Trigger::Schedule };
                         ready.push_back((i, trigger, None));
                     }
                 }
@@ -412,7 +440,7 @@ impl Scheduler {
                                 if let Some(at) = wake {
                                     heap.push(Reverse((at, i, generation[i])));
                                 }
-                                if let Some(at) = self.ages.check(i, &self.table.slots[i], now) {
+                                if let Some(at) = self.ages.check(i, self.table.slot(i), now) {
                                     age_heap.push(Reverse((at, i)));
                                 }
                             }
@@ -431,14 +459,14 @@ impl Scheduler {
         i: usize,
         result: Result<(Outcome, CredentialRecord), String>,
     ) -> Option<i64> {
-        let slot = &self.table.slots[i];
+        let slot = self.table.slot(i);
         let now = Utc::now().timestamp();
         let (outcome, record) = match result {
             Ok(r) => r,
             Err(e) => {
                 // The state store failed: nothing durable changed; try again after a pause.
                 error!(credential = %slot.spec.id, error = %e, "rotation could not run");
-                let mut live = lock(&slot.live);
+                let mut live = lock(slot.live);
                 live.status = Status::Retrying;
                 live.wake = Some(now + BUSY_RETRY);
                 return live.wake;
@@ -452,7 +480,7 @@ impl Scheduler {
             Outcome::Parked { .. } | Outcome::Stopped => Some(None),
             Outcome::Completed { .. } | Outcome::Failed { .. } => None,
         };
-        let mut live = live_view(&slot.spec, &record, None, now);
+        let mut live = live_view(slot.spec, &record, None, now);
         if let Some(wake) = open_wake {
             live.wake = wake;
         }
@@ -460,7 +488,7 @@ impl Scheduler {
             // A failure at or after promotion leaves the rotation open: retry it when due.
             live.wake = record.next_attempt_at;
         }
-        *lock(&slot.live) = live;
+        *lock(slot.live) = live;
         live.wake
     }
 
@@ -476,8 +504,7 @@ impl Scheduler {
             open.iter().map(|r| (r.credential_id.as_str(), r)).collect();
         let index: HashMap<&str, usize> = self
             .table
-            .slots
-            .iter()
+            .slots()
             .enumerate()
             .map(|(i, s)| (s.spec.id.as_str(), i))
             .collect();
@@ -491,20 +518,20 @@ impl Scheduler {
                 // Queued or running here: its run's result updates the view.
                 continue;
             }
-            let slot = &self.table.slots[i];
-            let old = *lock(&slot.live);
+            let slot = self.table.slot(i);
+            let old = *lock(slot.live);
             if (old.status, old.issued_at, old.consecutive_failures)
                 == (record.status, record.issued_at, record.consecutive_failures)
             {
                 continue;
             }
             let live = live_view(
-                &slot.spec,
+                slot.spec,
                 record,
                 open.get(record.id.as_str()).copied(),
                 now,
             );
-            *lock(&slot.live) = live;
+            *lock(slot.live) = live;
             info!(credential = %record.id, status = record.status.as_str(), "credential changed by another process");
             if let Some(events) = &self.ages.events {
                 let id = &slot.spec.id;
