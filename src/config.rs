@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use chrono_tz::Tz;
-use keyrotd_rotators::{RotatorConfig, StoreConfig};
+use keyrotd_rotators::{AwsDefaults, RotatorConfig, StoreConfig};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -160,6 +160,8 @@ struct RawInventory {
     #[serde(default, rename = "credential")]
     credentials: Vec<RawCredential>,
     alerts: Option<Spanned<AlertsConfig>>,
+    #[serde(default)]
+    aws: AwsDefaults,
 }
 
 #[derive(Deserialize, Default)]
@@ -247,7 +249,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
         return Err(ConfigErrors(v.errors));
     };
     let daemon = v.daemon(raw.daemon);
-    let defaults = v.defaults(&raw.defaults);
+    let defaults = v.defaults(&raw.defaults, raw.aws);
     let alerts = v.alerts(raw.alerts);
     let mut credentials = Vec::with_capacity(sections.len() + raw.credentials.len());
     let mut index = 0;
@@ -395,6 +397,8 @@ struct Defaults {
     window: Option<Duration>,
     timezone: Option<Tz>,
     retry: Option<RawRetry>,
+    /// The `[aws]` table.
+    aws: AwsDefaults,
     /// Whether `[defaults]` had errors (reported already); credentials then stop quietly.
     broken: bool,
 }
@@ -505,7 +509,7 @@ impl Validator<'_> {
         tz
     }
 
-    fn defaults(&mut self, raw: &RawDefaults) -> Defaults {
+    fn defaults(&mut self, raw: &RawDefaults, aws: AwsDefaults) -> Defaults {
         let before = self.errors.len();
         let mut d = Defaults {
             rotate_every: raw
@@ -529,6 +533,7 @@ impl Validator<'_> {
                 .as_ref()
                 .and_then(|s| self.timezone(s, "defaults.timezone")),
             retry: raw.retry.clone(),
+            aws,
             broken: false,
         };
         self.retry(d.retry.as_ref(), None, "defaults");
@@ -630,11 +635,13 @@ impl Validator<'_> {
         }
         let field = format!("credential[{id}]");
         let errors_before = self.errors.len();
-        let (rotator_span, rotator) = (raw.rotator.span(), raw.rotator.into_inner());
+        let (rotator_span, mut rotator) = (raw.rotator.span(), raw.rotator.into_inner());
+        rotator.inherit_aws(&defaults.aws);
         if let Err(e) = rotator.validate() {
             self.error_at(Some(rotator_span.clone()), &format!("{field}.rotator"), e);
         }
-        let (store_span, store) = (raw.store.span(), raw.store.into_inner());
+        let (store_span, mut store) = (raw.store.span(), raw.store.into_inner());
+        store.inherit_aws(&defaults.aws);
         if let Err(e) = store.validate() {
             self.error_at(Some(store_span), &format!("{field}.store"), e);
         }

@@ -846,3 +846,56 @@ fn malformed_secret_arn_is_a_check_error_with_its_place() {
     assert!(stderr.contains("account id must be 12 digits"), "{stderr}");
     assert!(!dir.path().join("state").exists(), "check writes nothing");
 }
+
+/// The daemon's own AWS identity lacks permissions: the error names the credential, the step
+/// and AWS's code, and nothing changes. The region and endpoint come from `[aws]` defaults.
+#[test]
+fn access_denied_names_the_step_and_code_and_aws_defaults_apply() {
+    let fx = Fixture::new("denied", "grace = \"0s\"");
+    let url = moto_url();
+    let config = std::fs::read_to_string(fx.config()).unwrap();
+    let config = config
+        .replace(
+            &format!(", region = \"us-east-1\", endpoint_url = \"{url}\""),
+            "",
+        )
+        .replacen(
+            "[[credential]]",
+            &format!("[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{url}\"\n\n[[credential]]"),
+            1,
+        );
+    assert!(
+        !config.contains("region = \"us-east-1\", endpoint_url"),
+        "{config}"
+    );
+    std::fs::write(fx.config(), config).unwrap();
+    let check = fx.cli(&["check"]);
+    assert!(check.status.success(), "{}", text(&check.stderr));
+
+    // A user with a key and no policy at all: moto enforces IAM, so every call is refused.
+    let nobody = unique("nobody");
+    fx.aws.create_user(&nobody);
+    let weak = fx.aws.create_key(&nobody);
+    let before = (fx.labels(), fx.keys());
+    let out = keyrotd()
+        .arg("--config")
+        .arg(fx.config())
+        .args(["rotate", "iam"])
+        .envs(daemon_env())
+        .env("AWS_ACCESS_KEY_ID", &weak.id)
+        .env("AWS_SECRET_ACCESS_KEY", &weak.secret)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    for part in ["credential `iam`", "step issue", "AccessDenied"] {
+        assert!(error.contains(part), "`{part}` not in `{error}`");
+    }
+    assert!(!stderr.contains(&weak.secret) && !stderr.contains(&fx.k0.secret));
+    assert_eq!((fx.labels(), fx.keys()), before, "nothing changed");
+    fx.assert_works(&fx.current(), "the current key after a refused rotation");
+}

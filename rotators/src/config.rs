@@ -17,6 +17,27 @@ use crate::random::{RandomConfig, RandomRotator};
 use crate::reference::SecretRef;
 use crate::{Rotator, Store};
 
+/// The inventory's `[aws]` table: defaults for every AWS rotator and store.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsDefaults {
+    /// Region for credentials that set none (else the standard chain: `AWS_REGION`, profile).
+    pub region: Option<String>,
+    /// Endpoint override for credentials that set none (a VPC endpoint, a test server).
+    pub endpoint_url: Option<String>,
+}
+
+impl AwsDefaults {
+    fn fill(&self, region: &mut Option<String>, endpoint_url: &mut Option<String>) {
+        if region.is_none() {
+            region.clone_from(&self.region);
+        }
+        if endpoint_url.is_none() {
+            endpoint_url.clone_from(&self.endpoint_url);
+        }
+    }
+}
+
 /// A credential's `rotator` table. Large variants are boxed: every credential pays for the
 /// largest inline variant, and inventories hold 100,000 of them.
 #[derive(Debug, Clone, Deserialize)]
@@ -64,6 +85,14 @@ impl RotatorConfig {
         }
     }
 
+    /// Fills the AWS region and endpoint from the inventory's `[aws]` table where the credential
+    /// sets none.
+    pub fn inherit_aws(&mut self, defaults: &AwsDefaults) {
+        if let Self::AwsIamAccessKey(c) = self {
+            defaults.fill(&mut c.region, &mut c.endpoint_url);
+        }
+    }
+
     /// The secret references this rotator reads (for `keyrotd check`).
     pub fn secret_refs(&self) -> Vec<&SecretRef> {
         match self {
@@ -100,6 +129,14 @@ impl StoreConfig {
         match self {
             Self::File(c) => c.validate().map(drop),
             Self::AwsSecretsManager(c) => c.validate(),
+        }
+    }
+
+    /// Fills the AWS region and endpoint from the inventory's `[aws]` table where the credential
+    /// sets none.
+    pub fn inherit_aws(&mut self, defaults: &AwsDefaults) {
+        if let Self::AwsSecretsManager(c) = self {
+            defaults.fill(&mut c.region, &mut c.endpoint_url);
         }
     }
 

@@ -36,7 +36,7 @@ use std::fmt;
 use async_trait::async_trait;
 use secrecy::SecretString;
 
-pub use config::{RotatorConfig, StoreConfig};
+pub use config::{AwsDefaults, RotatorConfig, StoreConfig};
 
 /// A credential: its secret value plus public attributes that identify it.
 ///
