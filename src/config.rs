@@ -69,6 +69,8 @@ pub struct CredentialSpec {
     pub retry: RetryPolicy,
     /// Line and column of the credential's `rotator` table, for later error messages.
     pub place: (usize, usize),
+    /// The longest time the schedule lets pass between two rotations (shorter than `max_age`).
+    pub period: Duration,
 }
 
 /// Retries with exponential backoff and jitter; after `max_attempts` consecutive failures the
@@ -757,6 +759,7 @@ impl Validator<'_> {
             grace,
             retry,
             place: (place.0 + self.first_line - 1, place.1),
+            period,
         })
     }
 

@@ -2,14 +2,16 @@
 //! owns the single shutdown signal every task is given.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use anyhow::Context;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info, warn};
 
-use crate::alert::Alerter;
+use crate::alert::{Alerter, AlertsConfig};
 use crate::config::{Inventory, StateUrl};
 use crate::engine::{Engine, EventSink};
 use crate::http::{serve, Endpoint};
@@ -29,69 +31,163 @@ pub fn open_state(inventory: &Inventory) -> anyhow::Result<Arc<dyn StateStore>> 
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads the inventory.
+///
+/// Each loaded inventory is a *generation* with its own token, a child of the shutdown token. A
+/// reload that validates cancels the generation: in-flight rotations park at their next step
+/// boundary, and the next generation resumes them at once. A reload that fails validation
+/// changes nothing. `listen` and `state` are read at start only.
 pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     let started = Instant::now();
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new().context("registering metrics")?;
     let endpoint = Endpoint {
         metrics: metrics.clone(),
-        table: Arc::new(OnceLock::new()),
+        table: Arc::new(RwLock::new(None)),
         ready: Arc::new(AtomicBool::new(false)),
     };
     let http = serve(inventory.daemon.listen, endpoint.clone(), shutdown.clone()).await?;
-
     // The inventory was parsed and validated just before `run` was called.
     metrics.config.loaded();
     let state = MeteredState::wrap(open_state(&inventory)?, metrics.state.clone());
+    let reload = Arc::new(Notify::new());
+    tokio::spawn(signals(shutdown.clone(), reload.clone()));
+
+    let alerts_shutdown = CancellationToken::new();
+    let mut alerts = start_alerts(&inventory.alerts, &metrics, &alerts_shutdown)?;
+    let mut inventory = inventory;
+    loop {
+        let generation = shutdown.child_token();
+        let scheduler = schedule(
+            &mut inventory,
+            &state,
+            &metrics,
+            &alerts.1,
+            generation.clone(),
+        )
+        .await?;
+        let (cron, rx, tx) = scheduler.start_cron().await?;
+        let table = scheduler.table();
+        *endpoint.table.write().unwrap_or_else(|p| p.into_inner()) = Some(table.clone());
+        endpoint.ready.store(true, Ordering::Release);
+        info!(
+            credentials = table.len(),
+            listen = %inventory.daemon.listen,
+            ready_ms = started.elapsed().as_millis() as u64,
+            "keyrotd ready"
+        );
+        let next = async {
+            tokio::select! {
+                next = reloaded(&inventory, &metrics, &reload) => {
+                    generation.cancel();
+                    Some(next)
+                }
+                _ = shutdown.cancelled() => None,
+            }
+        };
+        let ((), next) = tokio::join!(scheduler.run(cron, rx, tx), next);
+        let Some(next) = next else { break };
+        if next.alerts != inventory.alerts {
+            // New channels or routes: a fresh alerter (active alerts are raised again).
+            alerts.0.cancel();
+            let _ = alerts.2.await;
+            alerts = start_alerts(&next.alerts, &metrics, &alerts_shutdown)?;
+        }
+        info!(credentials = next.credentials.len(), "inventory reloaded");
+        inventory = next;
+        metrics.config.reloaded(true);
+    }
+    alerts.0.cancel();
+    let _ = alerts.2.await;
+    let _ = http.await;
+    info!("keyrotd stopped");
+    Ok(())
+}
+
+/// A running alerter: its own stop token (a child of `parent`), the sink, its task.
+type Alerts = (CancellationToken, Arc<dyn EventSink>, JoinHandle<()>);
+
+fn start_alerts(
+    config: &AlertsConfig,
+    metrics: &Metrics,
+    parent: &CancellationToken,
+) -> anyhow::Result<Alerts> {
+    // Delivery drains after the scheduler stops, so it does not share the shutdown token.
+    let token = parent.child_token();
+    let (alerter, task) = Alerter::start(config, &metrics.registry, token.clone())?;
+    Ok((token, Arc::new(alerter), task))
+}
+
+/// Builds the scheduler for one generation from the inventory and the stored state. The
+/// credentials move into the scheduler's table (100,000 specs are not worth a copy).
+async fn schedule(
+    inventory: &mut Inventory,
+    state: &Arc<dyn StateStore>,
+    metrics: &Metrics,
+    events: &Arc<dyn EventSink>,
+    generation: CancellationToken,
+) -> anyhow::Result<Scheduler> {
     let ids: Vec<String> = inventory.credentials.iter().map(|c| c.id.clone()).collect();
     state.ensure_credentials(&ids).await?;
+    drop(ids);
     // Read before the records: a commit by another process after this point shows as a change.
     let data_version = state.external_version().await?;
     let records = state.credentials().await?;
     let open = state.open_rotations().await?;
-    let table = Arc::new(Table::new(inventory.credentials, records, &open));
+    let specs = std::mem::take(&mut inventory.credentials);
+    let table = Arc::new(Table::new(specs, records, &open));
     release_freed_memory();
-    // Alert delivery drains after the scheduler stops, so it gets its own token.
-    let alerts_shutdown = CancellationToken::new();
-    let (alerter, alert_task) = Alerter::start(
-        &inventory.alerts,
-        &metrics.registry,
-        alerts_shutdown.clone(),
-    )?;
-    let events: Option<Arc<dyn EventSink>> = Some(Arc::new(alerter));
+    let events = Some(events.clone());
     let engine = Arc::new(Engine::new(
-        state,
+        state.clone(),
         metrics.engine.clone(),
         events.clone(),
-        shutdown.clone(),
+        generation.clone(),
     ));
-    let scheduler = Scheduler::new(
-        table.clone(),
+    Ok(Scheduler::new(
+        table,
         engine,
         inventory.daemon.max_concurrent_rotations,
         events,
         inventory.alerts.warn_before,
-        shutdown.clone(),
-    );
-    let (cron, rx, tx) = scheduler.start_cron().await?;
-    let _ = endpoint.table.set(table.clone());
-    endpoint.ready.store(true, Ordering::Release);
-    info!(
-        credentials = table.len(),
-        open_rotations = open.len(),
-        listen = %inventory.daemon.listen,
-        ready_ms = started.elapsed().as_millis() as u64,
-        "keyrotd ready"
-    );
-    tokio::spawn(signals(shutdown.clone()));
-    scheduler.run(cron, rx, tx, data_version).await;
-    shutdown.cancel();
-    alerts_shutdown.cancel();
-    let _ = alert_task.await;
-    let _ = http.await;
-    info!("keyrotd stopped");
-    Ok(())
+        data_version,
+        generation,
+    ))
+}
+
+/// Waits for SIGHUP and a valid inventory at the same path; invalid ones are logged, counted and
+/// ignored.
+async fn reloaded(current: &Inventory, metrics: &Metrics, reload: &Notify) -> Inventory {
+    loop {
+        reload.notified().await;
+        let path = current.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let inventory = crate::config::load(&path)?;
+            crate::config::check_references(&inventory)?;
+            Ok::<_, crate::config::ConfigErrors>(inventory)
+        })
+        .await;
+        match loaded {
+            Ok(Ok(next))
+                if next.daemon.listen != current.daemon.listen
+                    || next.daemon.state != current.daemon.state =>
+            {
+                warn!("reload refused: `listen` and `state` only change with a restart");
+                metrics.config.reloaded(false);
+            }
+            Ok(Ok(next)) => return next,
+            Ok(Err(errors)) => {
+                for e in &errors.0 {
+                    error!(error = %e, "reload refused: the inventory is invalid; keeping the running one");
+                }
+                metrics.config.reloaded(false);
+            }
+            Err(e) => {
+                error!(error = %e, "reload failed");
+                metrics.config.reloaded(false);
+            }
+        }
+    }
 }
 
 /// Hands the heap pages freed after loading back to the OS. glibc keeps freed pages resident
@@ -109,19 +205,23 @@ fn release_freed_memory() {
     }
 }
 
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
-async fn signals(shutdown: CancellationToken) {
+/// Cancels `shutdown` on the first SIGTERM or SIGINT; notifies `reload` on each SIGHUP.
+async fn signals(shutdown: CancellationToken, reload: Arc<Notify>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; stop keyrotd with SIGKILL");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM received"); break; }
+            _ = int.recv() => { info!("SIGINT received"); break; }
+            _ = hup.recv() => { info!("SIGHUP received: reloading the inventory"); reload.notify_one(); }
+        }
     }
     shutdown.cancel();
 }

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 
 use axum::body::Body;
 use axum::extract::State;
@@ -20,8 +20,8 @@ use crate::scheduler::Table;
 #[derive(Clone)]
 pub struct Endpoint {
     pub metrics: Metrics,
-    /// Set once the scheduler has the inventory.
-    pub table: Arc<OnceLock<Arc<Table>>>,
+    /// The inventory being scheduled; replaced on each reload.
+    pub table: Arc<RwLock<Option<Arc<Table>>>>,
     pub ready: Arc<AtomicBool>,
 }
 
@@ -58,10 +58,11 @@ async fn ready(State(e): State<Endpoint>) -> (StatusCode, &'static str) {
 
 async fn metrics(State(e): State<Endpoint>) -> Response {
     let head = e.metrics.render_registry();
-    let body = match e.table.get() {
+    let table = e.table.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let body = match table {
         Some(table) => {
             let chunks = std::iter::once(head)
-                .chain(credential_chunks(table.clone()))
+                .chain(credential_chunks(table))
                 .map(Ok::<_, std::convert::Infallible>);
             Body::from_stream(futures_util::stream::iter(chunks))
         }

@@ -33,9 +33,7 @@ pub struct Metrics {
     pub config: ConfigMetrics,
 }
 
-/// How the inventory was loaded. The daemon has no reload yet (SIGHUP is not handled): the
-/// load at start-up sets the timestamp, and `keyrotd_config_reloads_total` stays at 0 until
-/// reloading exists.
+/// How the inventory was loaded: at start-up, and on each SIGHUP reload.
 #[derive(Clone)]
 pub struct ConfigMetrics {
     pub last_success: Gauge,
@@ -71,6 +69,17 @@ impl ConfigMetrics {
             last_successful,
             reloads,
         })
+    }
+
+    /// Records a reload attempt.
+    pub fn reloaded(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.reloads.with_label_values(&[result]).inc();
+        if success {
+            self.loaded();
+        } else {
+            self.last_successful.set(0);
+        }
     }
 
     /// Records a successful load now.

@@ -196,6 +196,8 @@ pub struct Scheduler {
     max_concurrent: usize,
     shutdown: CancellationToken,
     ages: AgeWatch,
+    /// The state store's change counter, read before the table was built.
+    data_version: i64,
 }
 
 /// Raises and clears the age conditions (near max age, stale) at their deadlines.
@@ -214,8 +216,12 @@ impl AgeWatch {
     fn check(&mut self, i: usize, slot: Slot<'_>, now: i64) -> Option<i64> {
         let events = self.events.as_ref()?;
         let issued = lock(slot.live).issued_at?;
-        let stale_at = issued + slot.spec.max_age.as_secs() as i64;
-        let near_at = stale_at - self.warn_before;
+        let max_age = slot.spec.max_age.as_secs() as i64;
+        let stale_at = issued + max_age;
+        // Warn only once a rotation is overdue: a `warn_before` longer than the slack between
+        // the schedule and max_age would warn about every healthy credential.
+        let slack = max_age - slot.spec.period.as_secs().min(max_age as u64) as i64;
+        let near_at = stale_at - self.warn_before.min(slack);
         let want = if now >= stale_at {
             STALE
         } else if now >= near_at {
@@ -264,6 +270,7 @@ impl Scheduler {
         max_concurrent: usize,
         events: Option<Arc<dyn EventSink>>,
         warn_before: Duration,
+        data_version: i64,
         shutdown: CancellationToken,
     ) -> Self {
         let ages = AgeWatch {
@@ -277,7 +284,13 @@ impl Scheduler {
             max_concurrent,
             shutdown,
             ages,
+            data_version,
         }
+    }
+
+    /// The table this scheduler works on.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.clone()
     }
 
     /// Registers the cron jobs. Returns the running cron scheduler and the channel its jobs
@@ -304,13 +317,11 @@ impl Scheduler {
 
     /// The scheduling loop. Returns after shutdown once every in-flight run has finished or
     /// parked its rotation.
-    /// `data_version` is the state store's change counter read before the table was built.
     pub async fn run(
         mut self,
         mut cron: JobScheduler,
         mut rx: mpsc::Receiver<Msg>,
         tx: mpsc::Sender<Msg>,
-        data_version: i64,
     ) {
         let n = self.table.len();
         let mut age_heap: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
@@ -339,7 +350,7 @@ impl Scheduler {
         let mut watch =
             tokio::time::interval_at(tokio::time::Instant::now() + WATCH_EVERY, WATCH_EVERY);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut seen_version = data_version;
+        let mut seen_version = self.data_version;
 
         loop {
             while running < self.max_concurrent {

@@ -429,3 +429,63 @@ fn revocation_is_durable_across_a_restart_during_grace() {
     assert!(finished.contains("trigger=manual"), "{history}");
     assert!(!s.out_files().contains(&"db.json.previous".to_string()));
 }
+
+#[test]
+fn sighup_reloads_a_valid_inventory_and_keeps_running_on_an_invalid_one() {
+    let s = Setup::new("rotate_every = \"1h\"\nmax_age = \"2h\"\ngrace = \"0s\"");
+    let daemon = s.start(&[]);
+    assert!(
+        wait_until(Duration::from_secs(10), || s.current().is_some()),
+        "{}",
+        daemon.log_text()
+    );
+    let reloads = |result: &str| {
+        let (_, metrics) = http_get(s.port, "/metrics").unwrap();
+        let line = format!("keyrotd_config_reloads_total{{result=\"{result}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line).map(str::to_owned))
+            .unwrap_or_default()
+    };
+
+    // A second credential appears: it is issued without a restart.
+    let original = std::fs::read_to_string(s.config()).unwrap();
+    let second = s.dir.path().join("out/second");
+    let added = format!(
+        "{original}\n[[credential]]\nid = \"second\"\nrotator = {{ kind = \"random\" }}\nstore = {{ kind = \"file\", path = \"{}\" }}\nrotate_every = \"1h\"\nmax_age = \"2h\"\ngrace = \"0s\"\n",
+        second.display()
+    );
+    std::fs::write(s.config(), &added).unwrap();
+    signal(daemon.child.id(), "HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || second.exists()),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(reloads("success"), "1");
+
+    // An invalid inventory is refused; the daemon keeps the running one and its port.
+    std::fs::write(
+        s.config(),
+        added.replace("rotate_every = \"1h\"", "rotate_every = \"soon\""),
+    )
+    .unwrap();
+    signal(daemon.child.id(), "HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || reloads("failure") == "1"),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(
+        daemon.log_text().contains("reload refused"),
+        "{}",
+        daemon.log_text()
+    );
+    let (code, metrics) = http_get(s.port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(metrics.contains("keyrotd_config_last_reload_successful 0"));
+    assert!(
+        metrics.contains("credential=\"second\""),
+        "the running inventory is kept"
+    );
+}

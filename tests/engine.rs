@@ -161,6 +161,7 @@ impl Fixture {
                 max_backoff: Duration::from_secs(2),
             },
             place: (1, 1),
+            period: Duration::from_secs(86400),
         };
         Self {
             dir,

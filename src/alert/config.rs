@@ -48,7 +48,7 @@ use serde::{Deserialize, Deserializer};
 use super::Severity;
 
 /// The `[alerts]` table. Parse it with serde, then call [`AlertsConfig::validate`].
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsConfig {
     /// How often a notification is repeated while its condition stays active.
@@ -118,7 +118,7 @@ fn optional_human_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Dur
 
 /// One `[[alerts.channel]]`, selected by `kind`. Every kind has a unique `name`, used by routes
 /// and as the `channel` label of the delivery metric.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum ChannelConfig {
     /// `kind = "email"`: SMTP through lettre.
@@ -154,7 +154,7 @@ pub enum SmtpTls {
 }
 
 /// `kind = "email"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmailConfig {
     /// Unique channel name.
@@ -192,7 +192,7 @@ impl EmailConfig {
 
 /// A URL given either literally (`https://...`) or as a secret reference (`env:HOOK_URL`), for
 /// endpoints whose URL is itself a credential (Slack incoming webhooks).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum UrlSource {
     /// A literal `http://` or `https://` URL from the config file.
     Literal(String),
@@ -215,7 +215,7 @@ impl<'de> Deserialize<'de> for UrlSource {
 }
 
 /// `kind = "webhook"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// Unique channel name.
@@ -230,7 +230,7 @@ pub struct WebhookConfig {
 }
 
 /// `kind = "slack"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlackConfig {
     /// Unique channel name.
@@ -243,7 +243,7 @@ pub struct SlackConfig {
 }
 
 /// One `[[alerts.route]]`. Omitted filters match everything.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Match only notifications of this severity.
