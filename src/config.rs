@@ -451,6 +451,11 @@ impl Validator<'_> {
         text: &str,
         section: Option<usize>,
     ) -> Option<T> {
+        // The fast path tracks no field path (it costs an allocation per key); only a failure
+        // is parsed again to find where it happened.
+        if let Ok(raw) = toml::from_str(text) {
+            return Some(raw);
+        }
         let parsed = toml::Deserializer::parse(text)
             .map_err(|e| ("(document)".to_owned(), e))
             .and_then(|de| {
