@@ -10,12 +10,14 @@
 //! The rules' `for:` durations (marked `# TUNE`) are rewritten to 0s in a copy, so the test takes
 //! seconds; everything else is the shipped file. Needs `prometheus` (Debian package).
 
-use std::path::Path;
+mod support;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{GaugeVec, IntGaugeVec, Opts, Registry, TextEncoder};
-use serde_json::Value;
+use support::free_port;
+use support::prometheus::PrometheusServer;
 
 /// The contract gauges, per credential.
 struct Exposition {
@@ -82,140 +84,6 @@ impl Exposition {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A real Prometheus server; killed on drop.
-struct PrometheusServer {
-    url: String,
-    _child: tokio::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl PrometheusServer {
-    async fn start(targets: &[String]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("prometheus/keyrotd.rules.yml");
-        let rules = std::fs::read_to_string(shipped).unwrap();
-        let fast: String = rules
-            .lines()
-            .map(|l| match l.split_once("for: ") {
-                Some((indent, rest)) if rest.contains("# TUNE") => format!("{indent}for: 0s"),
-                _ => l.to_owned(),
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        assert_eq!(
-            fast.matches("for: 0s").count(),
-            fast.matches("- alert: ").count(),
-            "every alert's `for:` is marked # TUNE"
-        );
-        std::fs::write(dir.path().join("rules.yml"), fast).unwrap();
-        let targets = targets
-            .iter()
-            .map(|t| format!("'{t}'"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        std::fs::write(
-            dir.path().join("prometheus.yml"),
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: ['rules.yml']\n\
-                 scrape_configs:\n  - job_name: keyrotd\n    static_configs:\n      - targets: [{targets}]\n"
-            ),
-        )
-        .unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-        let child = tokio::process::Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start prometheus ({e}); install it: apt-get install -y prometheus")
-            });
-        let server = Self {
-            url: format!("http://127.0.0.1:{port}"),
-            _child: child,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = reqwest::get(format!("{}/-/ready", server.url)).await;
-            if ready.is_ok_and(|r| r.status().is_success()) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "prometheus did not become ready; see its log"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        server
-    }
-
-    /// Firing alerts as (alertname, credential or instance).
-    async fn firing(&self) -> Vec<(String, String)> {
-        let body: Value = reqwest::get(format!("{}/api/v1/alerts", self.url))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let mut out: Vec<(String, String)> = body["data"]["alerts"]
-            .as_array()
-            .expect("alerts array")
-            .iter()
-            .filter(|a| a["state"] == "firing")
-            .map(|a| {
-                let l = &a["labels"];
-                let who = l["credential"]
-                    .as_str()
-                    .or(l["instance"].as_str())
-                    .unwrap_or("")
-                    .to_owned();
-                (l["alertname"].as_str().unwrap().to_owned(), who)
-            })
-            .collect();
-        out.sort();
-        out.dedup();
-        out
-    }
-
-    async fn wait_for_firing(&self, expected: &[(&str, &str)], what: &str) {
-        let expected: Vec<(String, String)> = expected
-            .iter()
-            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-            .collect();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let firing = self.firing().await;
-            if firing == expected {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: expected firing {expected:?}, Prometheus has {firing:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-}
-
 #[tokio::test]
 async fn shipped_rules_fire_and_resolve_in_a_real_prometheus() {
     let exposition = Arc::new(Exposition::new());
@@ -252,6 +120,7 @@ async fn shipped_rules_fire_and_resolve_in_a_real_prometheus() {
                 ("KeyrotdRotationOverdue", "db"),
             ],
             "broken credentials",
+            Duration::from_secs(60),
         )
         .await;
 
@@ -259,6 +128,10 @@ async fn shipped_rules_fire_and_resolve_in_a_real_prometheus() {
     exposition.set("db", 5.0, 3600.0, "idle", 0);
     exposition.set("api", 5.0, 3600.0, "idle", 0);
     prometheus
-        .wait_for_firing(&[("KeyrotdAbsent", &down)], "after recovery")
+        .wait_for_firing(
+            &[("KeyrotdAbsent", &down)],
+            "after recovery",
+            Duration::from_secs(60),
+        )
         .await;
 }

@@ -2,6 +2,8 @@
 //! finding the external servers that tests/run.sh started.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod prometheus;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
