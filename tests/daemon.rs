@@ -241,26 +241,7 @@ fn crash_and_resume(point: &str) {
     let v0 = s.current().unwrap();
 
     let log = s.dir.path().join("crashed.log");
-    let mut crashed = keyrotd()
-        .arg("--config")
-        .arg(s.config())
-        .args(["rotate", "db"])
-        .env("KEYROTD_FAILPOINT", point)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let reached = wait_until(Duration::from_secs(20), || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("failpoint")
-    });
-    assert!(
-        reached,
-        "{point}: failpoint not reached:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    crashed.kill().unwrap(); // SIGKILL
-    crashed.wait().unwrap();
+    crash_at(&s.config(), "db", point, &[], &log);
 
     // Consumers always find a complete, working value: the old one, or the promoted new one.
     let after_crash = s.current().expect("a current value survives the crash");

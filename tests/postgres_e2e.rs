@@ -400,27 +400,7 @@ fn crash_and_resume(s: &Setup, point: &str) -> Vec<String> {
     assert_eq!(login(&v0.username, &v0.password), Ok(()), "{point}");
 
     let log = s.dir.path().join(format!("crashed-{point}.log"));
-    let mut crashed = keyrotd()
-        .arg("--config")
-        .arg(s.config())
-        .args(["rotate", "db"])
-        .env(DSN_VAR, &s.dsn)
-        .env("KEYROTD_FAILPOINT", point)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let reached = wait_until(Duration::from_secs(30), || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("failpoint")
-    });
-    assert!(
-        reached,
-        "{point}: failpoint not reached:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    crashed.kill().unwrap(); // SIGKILL
-    crashed.wait().unwrap();
+    crash_at(&s.config(), "db", point, &[(DSN_VAR, s.dsn.as_str())], &log);
 
     let after_crash = s.current().expect("a current value survives the crash");
     if !point.starts_with("promote:") || point == "promote:start" {

@@ -182,3 +182,33 @@ pub fn contains(haystack: &[u8], needle: &str) -> bool {
             .windows(needle.len())
             .any(|w| w == needle.as_bytes())
 }
+
+/// Runs `keyrotd rotate ID` with `KEYROTD_FAILPOINT=point`, waits until it hangs there, and
+/// kills it with SIGKILL: a crash at exactly that step boundary. Its stderr goes to `log`.
+pub fn crash_at(config: &Path, id: &str, point: &str, env: &[(&str, &str)], log: &Path) {
+    let mut cmd = keyrotd();
+    cmd.arg("--config")
+        .arg(config)
+        .args(["rotate", id])
+        .env("KEYROTD_FAILPOINT", point)
+        .stderr(std::fs::File::create(log).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut crashed = cmd.spawn().expect("spawn keyrotd rotate");
+    let reached = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains("failpoint")
+    });
+    if !reached {
+        let _ = crashed.kill();
+    }
+    assert!(
+        reached,
+        "{point}: failpoint not reached:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    crashed.kill().unwrap(); // SIGKILL
+    crashed.wait().unwrap();
+}
