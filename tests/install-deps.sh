@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the test suite's real servers need on a fresh Debian 12 machine (run as root):
-# PostgreSQL 15, Prometheus + promtool, moto (AWS emulator) and aiosmtpd (SMTP sink).
+# PostgreSQL 15, Prometheus + promtool, openssl (test certificates), moto (AWS emulator) and
+# aiosmtpd (SMTP sink).
 # Idempotent and quick when everything is already there.
 set -euo pipefail
 
 apt_packages=()
 command -v promtool >/dev/null || apt_packages+=(prometheus)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || apt_packages+=(postgresql)
-command -v curl >/dev/null || apt_packages+=(curl)
+command -v openssl >/dev/null || apt_packages+=(openssl)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "== apt-get install ${apt_packages[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -17,12 +18,14 @@ fi
 
 if ! command -v moto_server >/dev/null || ! python3 -c 'import aiosmtpd' 2>/dev/null; then
   echo "== pip install moto[server] aiosmtpd"
-  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]' aiosmtpd
+  pip_install() { python3 -m pip install --quiet --disable-pip-version-check "$@"; }
+  # Debian's own python3 refuses system-wide installs (PEP 668); a pyenv or venv python does not.
+  pip_install 'moto[server]' aiosmtpd || pip_install --break-system-packages 'moto[server]' aiosmtpd
   # pyenv installs console scripts behind shims that need a rehash.
   if command -v pyenv >/dev/null; then pyenv rehash; fi
 fi
 
-for tool in promtool moto_server /usr/lib/postgresql/15/bin/initdb; do
+for tool in promtool prometheus openssl moto_server /usr/lib/postgresql/15/bin/initdb; do
   command -v "$tool" >/dev/null || { echo "FATAL: $tool is still missing after install" >&2; exit 1; }
 done
 python3 -c 'import aiosmtpd' || { echo "FATAL: aiosmtpd is still missing after install" >&2; exit 1; }
