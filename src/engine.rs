@@ -505,7 +505,7 @@ impl Engine {
             // stage happened; otherwise the issued credential is lost and must be cleaned up.
             if let Some(mut staged) = self.step(job, Step::Stage, job.store.pending(ctx)).await? {
                 merge_attrs(&mut staged.attrs, job.rotation.new_attrs.as_ref());
-                job.rotation.new_attrs = Some(staged.attrs.clone());
+                job.rotation.new_attrs = Some(public_only(job.rotator.as_ref(), &staged.attrs));
                 job.new = Some(staged);
                 job.rotation.phase = Phase::Staged;
                 return Ok(self.save(job).await?);
@@ -520,7 +520,9 @@ impl Engine {
             .await?;
         }
         let current = self.current(job, Step::Issue).await?;
-        let mut old_attrs = current.as_ref().map(|c| c.attrs.clone());
+        let mut old_attrs = current
+            .as_ref()
+            .map(|c| public_only(job.rotator.as_ref(), &c.attrs));
         if let Some(old) = old_attrs.as_mut() {
             merge_attrs(
                 old,
@@ -805,6 +807,17 @@ impl From<StateError> for Failure {
     fn from(e: StateError) -> Self {
         Self::State(e)
     }
+}
+
+/// The attributes of a value read from a store that may be journaled: only those the rotator
+/// declares public. Other members of a JSON secret may be secret themselves.
+fn public_only(rotator: &dyn Rotator, attrs: &Attrs) -> Attrs {
+    let public = rotator.public_attrs();
+    attrs
+        .iter()
+        .filter(|(k, _)| public.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn merge_attrs(into: &mut Attrs, from: Option<&Attrs>) {

@@ -93,6 +93,10 @@ impl Rotator for TimedRotator {
         self.inner.secret_field()
     }
 
+    fn public_attrs(&self) -> &'static [&'static str] {
+        self.inner.public_attrs()
+    }
+
     async fn issue(
         &self,
         ctx: StepContext<'_>,

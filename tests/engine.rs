@@ -25,6 +25,8 @@ struct Scripted {
     inner: RandomRotator,
     fail: Mutex<HashSet<&'static str>>,
     calls: Mutex<Vec<String>>,
+    /// Every secret it issued, rolled-back ones included, for leak scans.
+    issued: Mutex<Vec<String>>,
 }
 
 impl Scripted {
@@ -38,6 +40,7 @@ impl Scripted {
             inner: RandomRotator::new(config),
             fail: Mutex::default(),
             calls: Mutex::default(),
+            issued: Mutex::default(),
         })
     }
 
@@ -81,6 +84,10 @@ impl Rotator for Scripted {
     ) -> Result<Credential, ProviderError> {
         self.call("issue", String::new())?;
         let mut c = self.inner.issue(ctx, current).await?;
+        self.issued
+            .lock()
+            .unwrap()
+            .push(c.secret.expose_secret().to_owned());
         c.attrs
             .insert("key_id".into(), format!("key-{}", ctx.rotation_id));
         Ok(c)
@@ -439,27 +446,25 @@ async fn a_second_engine_cannot_start_a_rotation_while_one_is_open() {
 #[tokio::test]
 async fn no_secret_value_reaches_the_state_database() {
     let f = Fixture::new(Duration::ZERO, 3);
-    let mut secrets = Vec::new();
+    // A value put there before keyrotd managed it, with another secret member beside ours: only
+    // attributes the rotator declares public may be journaled.
+    let other = "other-member-that-is-secret-too-7f3a9c";
+    std::fs::write(
+        f.dir.path().join("secret"),
+        format!(r#"{{"password":"adopted-value-5b1e","api_token":"{other}"}}"#),
+    )
+    .unwrap();
     for _ in 0..3 {
         f.run(Trigger::Schedule).await;
-        let current = f.store.current(StepContext {
-            credential_id: "db",
-            rotation_id: "-",
-            secret_field: "password",
-            started_at: std::time::SystemTime::now(),
-        });
-        secrets.push(
-            current
-                .await
-                .unwrap()
-                .unwrap()
-                .secret
-                .expose_secret()
-                .to_owned(),
-        );
     }
     f.rotator.fail("verify", true);
-    f.run(Trigger::Schedule).await;
+    assert!(matches!(
+        f.run(Trigger::Schedule).await,
+        Outcome::Failed { .. }
+    ));
+    let mut secrets = f.rotator.issued.lock().unwrap().clone();
+    assert_eq!(secrets.len(), 4, "three promoted and one rolled back");
+    secrets.extend(["adopted-value-5b1e".to_owned(), other.to_owned()]);
     let db = all_bytes(
         f.dir.path(),
         &[

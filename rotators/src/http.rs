@@ -707,6 +707,10 @@ impl Rotator for HttpRotator {
         &self.config.secret_field
     }
 
+    fn public_attrs(&self) -> &'static [&'static str] {
+        &[KEY_ID_ATTR]
+    }
+
     async fn issue(
         &self,
         ctx: StepContext<'_>,

@@ -150,6 +150,13 @@ pub trait Rotator: Send + Sync {
     /// Name of the secret's field in JSON stores (see [`StepContext::secret_field`]).
     fn secret_field(&self) -> &str;
 
+    /// The attributes this rotator puts on its credentials, all of them public (a key id, a user
+    /// name). Values read back from a store may hold other members, which may be secret: the
+    /// engine keeps only these names from them.
+    fn public_attrs(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// Creates a new credential. `current` is what the store holds now, if anything.
     ///
     /// The engine stages the result before anything else happens. If a crash loses the result,

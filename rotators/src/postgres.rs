@@ -429,6 +429,10 @@ impl Rotator for PostgresRotator {
         "password"
     }
 
+    fn public_attrs(&self) -> &'static [&'static str] {
+        &[USERNAME_ATTR]
+    }
+
     async fn issue(
         &self,
         _ctx: StepContext<'_>,

@@ -239,6 +239,10 @@ impl Rotator for IamAccessKeyRotator {
         "SecretAccessKey"
     }
 
+    fn public_attrs(&self) -> &'static [&'static str] {
+        &[ACCESS_KEY_ID]
+    }
+
     async fn issue(
         &self,
         _ctx: StepContext<'_>,
