@@ -15,7 +15,7 @@ use keyrotd::state::{Phase, SqliteState, StateStore, Status};
 use keyrotd_rotators::file::{FileConfig, FileStore, Format};
 use keyrotd_rotators::random::{Alphabet, RandomConfig, RandomRotator};
 use keyrotd_rotators::{
-    Attrs, Credential, ProviderError, Rotator, RotatorConfig, StepContext, Store, StoreConfig,
+    Attrs, Credential, ProviderError, Rotator, RotatorConfig, StepContext, StoreConfig,
 };
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
