@@ -443,7 +443,10 @@ impl Engine {
             .await?;
         failpoint(step, "start").await;
         let started = Instant::now();
-        let result = call.await;
+        let result = tokio::select! {
+            result = call => result,
+            never = self.keep_lease(job) => match never {},
+        };
         self.metrics
             .step_seconds
             .with_label_values(&[step.as_str()])
@@ -472,6 +475,35 @@ impl Engine {
                     )
                     .await?;
                 Err(Failure::Step(err))
+            }
+        }
+    }
+
+    /// Renews the lease of the rotation `job` drives while a step runs, however long the provider
+    /// takes; never returns. If another process took the rotation over anyway, the next save
+    /// fails with [`StateError::LeaseLost`] and this run stops.
+    async fn keep_lease(&self, job: &Job<'_>) -> std::convert::Infallible {
+        let mut every = tokio::time::interval(LEASE / 3);
+        every.tick().await; // the first tick is immediate; the lease was just renewed
+        loop {
+            every.tick().await;
+            if job.rotation.owner.is_none() {
+                continue;
+            }
+            let now = Utc::now().timestamp();
+            let until = now + LEASE.as_secs() as i64;
+            match self
+                .state
+                .claim(&job.rotation.id, &self.owner, until, now, None)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!(credential = %job.spec.id, rotation = %job.rotation.id, "lease lost to another process during a step")
+                }
+                Err(e) => {
+                    warn!(credential = %job.spec.id, error = %e, "renewing the rotation's lease failed")
+                }
             }
         }
     }
@@ -754,7 +786,9 @@ impl Engine {
         if job.rotation.owner.is_some() {
             job.rotation.lease_until = Utc::now().timestamp() + LEASE.as_secs() as i64;
         }
-        self.state.save(&job.rotation, &job.record).await
+        self.state
+            .save(&job.rotation, &job.record, &self.owner)
+            .await
     }
 
     /// Attributes of the credential promoted by the last finished or promoted rotation (a raw

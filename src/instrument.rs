@@ -215,7 +215,8 @@ impl StateMetrics {
 
     fn record<T>(&self, result: Result<T, StateError>) -> Result<T, StateError> {
         match &result {
-            Ok(_) => self.up.set(1),
+            // A lost lease is another process's doing, not the store failing.
+            Ok(_) | Err(StateError::LeaseLost(_)) => self.up.set(1),
             Err(_) => {
                 self.up.set(0);
                 self.errors.inc();
@@ -292,9 +293,10 @@ impl StateStore for MeteredState {
         &self,
         rotation: &RotationRecord,
         credential: &CredentialRecord,
+        by: &str,
     ) -> Result<(), StateError> {
         self.metrics
-            .record(self.inner.save(rotation, credential).await)
+            .record(self.inner.save(rotation, credential, by).await)
     }
 
     async fn log_step(

@@ -29,6 +29,8 @@ pub enum StateError {
     Corrupt(String),
     #[error("state database task failed: {0}")]
     Task(String),
+    #[error("rotation {0} was taken over by another process after this one's lease expired")]
+    LeaseLost(String),
 }
 
 /// Where a rotation is in the protocol. Stored as text; the order is the protocol's order.
@@ -240,10 +242,14 @@ pub trait StateStore: Send + Sync {
         dead_owner: Option<&str>,
     ) -> Result<bool, StateError>;
     /// Saves a rotation and, in the same transaction, its credential record.
+    /// Saves a rotation and, in the same transaction, its credential record, on behalf of the
+    /// process `by`. Fails with [`StateError::LeaseLost`] if another process holds the
+    /// rotation's lease (it took over after ours expired): nothing is written then.
     async fn save(
         &self,
         rotation: &RotationRecord,
         credential: &CredentialRecord,
+        by: &str,
     ) -> Result<(), StateError>;
     /// Appends to the step log.
     async fn log_step(
@@ -622,18 +628,23 @@ impl StateStore for SqliteState {
         &self,
         r: &RotationRecord,
         credential: &CredentialRecord,
+        by: &str,
     ) -> Result<(), StateError> {
-        let (r, credential) = (r.clone(), credential.clone());
+        let (r, credential, by) = (r.clone(), credential.clone(), by.to_owned());
         self.with(move |c| {
             let tx = c.transaction()?;
-            tx.execute(
+            let updated = tx.execute(
                 "UPDATE rotations SET phase = ?2, new_attrs = ?3, old_attrs = ?4, revoke_at = ?5, owner = ?6,
-                   lease_until = ?7, error = ?8, finished_at = ?9 WHERE id = ?1",
+                   lease_until = ?7, error = ?8, finished_at = ?9
+                 WHERE id = ?1 AND (owner IS NULL OR owner = ?10)",
                 params![
                     r.id, r.phase.as_str(), attrs_to_json(&r.new_attrs), attrs_to_json(&r.old_attrs), r.revoke_at, r.owner,
-                    r.lease_until, r.error, r.finished_at
+                    r.lease_until, r.error, r.finished_at, by
                 ],
             )?;
+            if updated == 0 {
+                return Err(StateError::LeaseLost(r.id));
+            }
             upsert_credential(&tx, &credential)?;
             tx.commit()?;
             Ok(())
@@ -738,7 +749,9 @@ mod tests {
         assert_eq!(r1.old_attrs.as_ref().unwrap()["AccessKeyId"], "AKIA1");
         r1.phase = Phase::Done;
         r1.finished_at = Some(5);
-        s.save(&r1, &CredentialRecord::new("db")).await.unwrap();
+        s.save(&r1, &CredentialRecord::new("db"), "me")
+            .await
+            .unwrap();
         s.begin(&rotation("r2", "db")).await.unwrap().unwrap();
         assert_eq!(s.history(Some("db"), 10).await.unwrap().len(), 2);
     }
@@ -760,5 +773,17 @@ mod tests {
             s.claim("r1", "me", 300, 201, None).await.unwrap(),
             "expired"
         );
+        // "you" held it for a while; its saves now fail instead of overwriting "me"'s progress.
+        let mut r = s.open_rotation("db").await.unwrap().unwrap();
+        r.phase = Phase::Staged;
+        let lost = s.save(&r, &CredentialRecord::new("db"), "you").await;
+        assert!(matches!(lost, Err(StateError::LeaseLost(_))), "{lost:?}");
+        assert_eq!(
+            s.open_rotation("db").await.unwrap().unwrap().phase,
+            Phase::Issuing
+        );
+        s.save(&r, &CredentialRecord::new("db"), "me")
+            .await
+            .unwrap();
     }
 }
