@@ -450,6 +450,15 @@ impl HttpConfig {
         }
         check_pointer("secret_pointer", &self.secret_pointer)?;
         check_pointer("id_pointer", &self.id_pointer)?;
+        // The id is journaled and sent in revoke URLs: it must not be (part of) the secret.
+        let overlaps = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
+        if overlaps(&self.id_pointer, &self.secret_pointer)
+            || overlaps(&self.secret_pointer, &self.id_pointer)
+        {
+            return Err(
+                "id_pointer: must not point at or inside secret_pointer (or contain it)".into(),
+            );
+        }
         if let Some(p) = &v.expect_pointer {
             check_pointer("verify.expect_pointer", p)?;
         }

@@ -471,6 +471,9 @@ async fn configuration_is_validated_statically() {
             .contains("{{old_id}}")
     );
     assert!(err(&|c| c["secret_pointer"] = json!("key.secret")).starts_with("secret_pointer:"));
+    let secret_pointer = config("http://127.0.0.1:8080", &token)["secret_pointer"].clone();
+    assert!(err(&|c| c["id_pointer"] = secret_pointer.clone()).starts_with("id_pointer:"));
+    assert!(err(&|c| c["id_pointer"] = json!("")).starts_with("id_pointer:"));
     assert!(err(&|c| c["auth"] = json!("sk-literal-token")).contains("literal"));
     assert!(err(&|c| c["issue"]["extra"] = json!(1)).contains("unknown field"));
 }
