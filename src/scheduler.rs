@@ -399,7 +399,8 @@ impl Scheduler {
                         debug!(group = g, "cron fired");
                         for &i in &self.table.groups[g].members {
                             let live = *lock(self.table.slot(i).live);
-                            if !busy[i] && live.status != Status::Failed {
+                            // A retrying credential waits for its backoff (a heap entry), not the cron.
+                            if !busy[i] && !matches!(live.status, Status::Failed | Status::Retrying) {
                                 busy[i] = true;
                                 ready.push_back((i, Trigger::Schedule, Some(fire)));
                             }

@@ -14,7 +14,8 @@
 //! idempotency key of a whole rotation.
 //!
 //! Crate map:
-//! - [`reference`]: secret references (`env:`, `file:`, `credential:`) and their resolution;
+//! - [`reference`]: secret references (`env:`, `file:`, `credential:`, `aws-sm:`) and their
+//!   resolution;
 //! - [`random`]: the `random` rotator (a generated password or token);
 //! - [`postgres`]: the `postgres_password` rotator (a role's password, single or alternating roles);
 //! - [`http`]: the `http` rotator (an API key issued and revoked through configured HTTP requests);
