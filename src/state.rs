@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use keyrotd_rotators::Attrs;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 
 /// What a state backend failed at.
 #[derive(Debug, thiserror::Error)]
@@ -379,99 +379,46 @@ fn attrs_from_json(text: Option<String>) -> Result<Option<Attrs>, StateError> {
     .transpose()
 }
 
-type RawCredential = (
-    String,
-    String,
-    Option<i64>,
-    u32,
-    Option<i64>,
-    Option<String>,
-);
-
-fn credential_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawCredential> {
-    Ok((
-        row.get(0)?,
-        row.get(1)?,
-        row.get(2)?,
-        row.get(3)?,
-        row.get(4)?,
-        row.get(5)?,
-    ))
-}
-
-fn credential_record(raw: RawCredential) -> Result<CredentialRecord, StateError> {
-    let (id, status, issued_at, consecutive_failures, next_attempt_at, last_error) = raw;
+fn credential_record(row: &rusqlite::Row<'_>) -> Result<CredentialRecord, StateError> {
     Ok(CredentialRecord {
-        id,
-        status: Status::parse(&status)?,
-        issued_at,
-        consecutive_failures,
-        next_attempt_at,
-        last_error,
+        id: row.get(0)?,
+        status: Status::parse(&row.get::<_, String>(1)?)?,
+        issued_at: row.get(2)?,
+        consecutive_failures: row.get(3)?,
+        next_attempt_at: row.get(4)?,
+        last_error: row.get(5)?,
     })
 }
 
-type RawRotation = (
-    String,
-    String,
-    String,
-    i64,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<String>,
-    i64,
-    Option<String>,
-    Option<i64>,
-);
-
-fn rotation_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRotation> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-        r.get(9)?,
-        r.get(10)?,
-        r.get(11)?,
-    ))
-}
-
-fn rotation_record(raw: RawRotation) -> Result<RotationRecord, StateError> {
-    let (
-        id,
-        credential_id,
-        trigger,
-        started_at,
-        phase,
-        new_attrs,
-        old_attrs,
-        revoke_at,
-        owner,
-        lease_until,
-        error,
-        finished_at,
-    ) = raw;
+fn rotation_record(row: &rusqlite::Row<'_>) -> Result<RotationRecord, StateError> {
     Ok(RotationRecord {
-        id,
-        credential_id,
-        trigger,
-        started_at,
-        phase: Phase::parse(&phase)?,
-        new_attrs: attrs_from_json(new_attrs)?,
-        old_attrs: attrs_from_json(old_attrs)?,
-        revoke_at,
-        owner,
-        lease_until,
-        error,
-        finished_at,
+        id: row.get(0)?,
+        credential_id: row.get(1)?,
+        trigger: row.get(2)?,
+        started_at: row.get(3)?,
+        phase: Phase::parse(&row.get::<_, String>(4)?)?,
+        new_attrs: attrs_from_json(row.get(5)?)?,
+        old_attrs: attrs_from_json(row.get(6)?)?,
+        revoke_at: row.get(7)?,
+        owner: row.get(8)?,
+        lease_until: row.get(9)?,
+        error: row.get(10)?,
+        finished_at: row.get(11)?,
     })
+}
+
+/// Runs a query and turns every row into a record.
+fn records<T>(
+    stmt: &mut rusqlite::Statement<'_>,
+    args: &[&dyn rusqlite::ToSql],
+    record: fn(&rusqlite::Row<'_>) -> Result<T, StateError>,
+) -> Result<Vec<T>, StateError> {
+    let mut rows = stmt.query(args)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(record(row)?);
+    }
+    Ok(out)
 }
 
 fn upsert_credential(conn: &Connection, c: &CredentialRecord) -> rusqlite::Result<()> {
@@ -492,10 +439,7 @@ fn query_rotations(
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {ROTATION_COLUMNS} FROM rotations {filter}"
     ))?;
-    let rows = stmt
-        .query_map(args, rotation_from_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    rows.into_iter().map(rotation_record).collect()
+    records(&mut stmt, args, rotation_record)
 }
 
 #[async_trait]
@@ -503,8 +447,7 @@ impl StateStore for SqliteState {
     async fn credentials(&self) -> Result<Vec<CredentialRecord>, StateError> {
         self.with(|c| {
             let mut stmt = c.prepare("SELECT id, status, issued_at, consecutive_failures, next_attempt_at, last_error FROM credentials")?;
-            let rows = stmt.query_map([], credential_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-            rows.into_iter().map(credential_record).collect()
+            records(&mut stmt, &[], credential_record)
         })
         .await
     }
@@ -512,14 +455,10 @@ impl StateStore for SqliteState {
     async fn credential(&self, id: &str) -> Result<Option<CredentialRecord>, StateError> {
         let id = id.to_owned();
         self.with(move |c| {
-            c.query_row(
+            let mut stmt = c.prepare_cached(
                 "SELECT id, status, issued_at, consecutive_failures, next_attempt_at, last_error FROM credentials WHERE id = ?1",
-                [id],
-                credential_from_row,
-            )
-            .optional()?
-            .map(credential_record)
-            .transpose()
+            )?;
+            Ok(records(&mut stmt, &[&id], credential_record)?.pop())
         })
         .await
     }
