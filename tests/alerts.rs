@@ -2,83 +2,14 @@
 //! sink started by tests/run.sh (tests/backends/40-smtp.sh). Nothing is mocked: the Alerter talks
 //! HTTP and SMTP over loopback exactly as in production.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+mod support;
+
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
 use keyrotd::alert::{Alerter, AlertsConfig, Condition};
 use prometheus::Registry;
-use serde_json::Value;
+use support::webhook::{Receiver, ReceiverState};
 use tokio_util::sync::CancellationToken;
-
-/// One request the receiver got.
-#[derive(Debug, Clone)]
-struct Received {
-    authorization: Option<String>,
-    body: Value,
-}
-
-#[derive(Default)]
-struct ReceiverState {
-    received: Mutex<Vec<Received>>,
-    /// Status codes to answer first, in order; 200 afterwards.
-    statuses: Mutex<VecDeque<u16>>,
-    /// Never answer (to test the shutdown flush deadline).
-    hang: bool,
-}
-
-/// A real HTTP server on an ephemeral loopback port that records every POST.
-struct Receiver {
-    url: String,
-    state: Arc<ReceiverState>,
-}
-
-impl Receiver {
-    async fn start(statuses: &[u16]) -> Self {
-        Self::start_with(ReceiverState {
-            statuses: Mutex::new(statuses.iter().copied().collect()),
-            ..Default::default()
-        })
-        .await
-    }
-
-    async fn start_with(state: ReceiverState) -> Self {
-        async fn hook(
-            State(state): State<Arc<ReceiverState>>,
-            headers: HeaderMap,
-            body: Bytes,
-        ) -> StatusCode {
-            let body = serde_json::from_slice(&body).expect("receiver got a JSON body");
-            let authorization = headers
-                .get("authorization")
-                .map(|v| v.to_str().unwrap().to_owned());
-            state.received.lock().unwrap().push(Received {
-                authorization,
-                body,
-            });
-            if state.hang {
-                std::future::pending::<()>().await;
-            }
-            let status = state.statuses.lock().unwrap().pop_front().unwrap_or(200);
-            StatusCode::from_u16(status).unwrap()
-        }
-        let state = Arc::new(state);
-        let app = axum::Router::new()
-            .route("/hook", axum::routing::post(hook))
-            .with_state(Arc::clone(&state));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { url, state }
-    }
-
-    fn received(&self) -> Vec<Received> {
-        self.state.received.lock().unwrap().clone()
-    }
-}
 
 /// A unique credential id, so that tests sharing the SMTP sink never see each other's mail.
 fn unique(prefix: &str) -> String {

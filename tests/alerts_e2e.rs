@@ -27,52 +27,25 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::StatusCode;
 use serde_json::Value;
 use support::prometheus::PrometheusServer;
+use support::webhook::Receiver;
 use support::{backend_env, cli, free_port, Daemon};
 
-/// A real HTTP server on a loopback port that records every POSTed JSON body.
-struct Receiver {
-    url: String,
-    received: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Receiver {
-    async fn start() -> Self {
-        async fn hook(State(received): State<Arc<Mutex<Vec<Value>>>>, body: Bytes) -> StatusCode {
-            let body = serde_json::from_slice(&body).expect("the webhook body is JSON");
-            received.lock().unwrap().push(body);
-            StatusCode::OK
-        }
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let app = axum::Router::new()
-            .route("/hook", axum::routing::post(hook))
-            .with_state(Arc::clone(&received));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { url, received }
-    }
-
-    /// (credential, condition, status) of every notification, in arrival order.
-    fn notifications(&self) -> Vec<Note> {
-        self.received
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|b| {
-                assert_eq!(b["repeat"], false, "no repeat within repeat_interval: {b}");
-                let s = |f: &str| b[f].as_str().unwrap_or_default().to_owned();
-                (s("credential"), s("condition"), s("status"))
-            })
-            .collect()
-    }
+/// (credential, condition, status) of every webhook notification, in arrival order.
+fn notifications(receiver: &Receiver) -> Vec<Note> {
+    receiver
+        .received()
+        .iter()
+        .map(|r| {
+            let b = &r.body;
+            assert_eq!(b["repeat"], false, "no repeat within repeat_interval: {b}");
+            let s = |f: &str| b[f].as_str().unwrap_or_default().to_owned();
+            (s("credential"), s("condition"), s("status"))
+        })
+        .collect()
 }
 
 type Note = (String, String, String);
@@ -125,7 +98,7 @@ async fn wait_for_notifications(receiver: &Receiver, tag: &str, expected: &[Note
     let want = set(expected);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (hook, mail) = (receiver.notifications(), mails(tag));
+        let (hook, mail) = (notifications(receiver), mails(tag));
         if set(&hook) == want && set(&mail) == want {
             break;
         }
@@ -136,7 +109,7 @@ async fn wait_for_notifications(receiver: &Receiver, tag: &str, expected: &[Note
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (hook, mail) = (receiver.notifications(), mails(tag));
+    let (hook, mail) = (notifications(receiver), mails(tag));
     assert_eq!(
         hook.len(),
         expected.len(),
@@ -160,7 +133,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 async fn prometheus_and_notifications_follow_a_stale_and_a_failing_credential() {
     let started = Instant::now();
     let smtp_port = backend_env("KEYROTD_TEST_SMTP_PORT");
-    let receiver = Receiver::start().await;
+    let receiver = Receiver::start(&[]).await;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     // Unique ids: the SMTP sink is shared by every test of the run.

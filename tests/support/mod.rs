@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod prometheus;
+pub mod webhook;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
