@@ -176,12 +176,7 @@ pub fn credential_chunks(table: Arc<Table>) -> impl Iterator<Item = String> + Se
     let group_fire: Vec<Option<i64>> = table
         .groups
         .iter()
-        .map(|g| {
-            crate::schedule::CronSchedule::parse(&g.expression, g.timezone)
-                .ok()
-                .and_then(|c| c.next_after(now))
-                .map(|t| t.timestamp())
-        })
+        .map(|g| g.schedule.next_after(now).map(|t| t.timestamp()))
         .collect();
     let chunks = table.len().div_ceil(CHUNK);
     Family::ALL.into_iter().flat_map(move |family| {

@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::CredentialSpec;
 use crate::engine::{Engine, Event, EventSink, Outcome, Trigger};
-use crate::schedule::Due;
+use crate::schedule::{CronSchedule, Due};
 use crate::state::{CredentialRecord, Phase, RotationRecord, StateError, Status};
 
 /// How long to wait before looking again at a credential another process is rotating.
@@ -69,8 +69,8 @@ pub struct Table {
 
 /// Credentials sharing one cron schedule.
 pub struct CronGroup {
-    pub expression: String,
-    pub timezone: chrono_tz::Tz,
+    /// The schedule, parsed once (members share it).
+    pub schedule: CronSchedule,
     pub members: Vec<usize>,
 }
 
@@ -96,8 +96,7 @@ impl Table {
                     .entry((c.expression.clone(), c.timezone))
                     .or_insert_with(|| {
                         groups.push(CronGroup {
-                            expression: c.expression.clone(),
-                            timezone: c.timezone,
+                            schedule: c.clone(),
                             members: Vec::new(),
                         });
                         groups.len() - 1
@@ -302,13 +301,17 @@ impl Scheduler {
         let cron = JobScheduler::new().await?;
         for (g, group) in self.table.groups.iter().enumerate() {
             let tx = tx.clone();
-            let job = Job::new_async_tz(group.expression.as_str(), group.timezone, move |_, _| {
-                let tx = tx.clone();
-                Box::pin(async move {
-                    // The queue is bounded; a full one means the loop is gone (shutting down).
-                    let _ = tx.send(Msg::CronFired(g, Utc::now())).await;
-                })
-            })?;
+            let job = Job::new_async_tz(
+                group.schedule.expression.as_str(),
+                group.schedule.timezone,
+                move |_, _| {
+                    let tx = tx.clone();
+                    Box::pin(async move {
+                        // The queue is bounded; a full one means the loop is gone (shutting down).
+                        let _ = tx.send(Msg::CronFired(g, Utc::now())).await;
+                    })
+                },
+            )?;
             cron.add(job).await?;
         }
         cron.start().await?;
