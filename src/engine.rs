@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use keyrotd_rotators::{Attrs, Credential, ProviderError, Rotator, StepContext, Store};
+use keyrotd_rotators::{Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext, Store};
 use prometheus::{HistogramVec, IntCounterVec};
 use rand::Rng;
 use secrecy::ExposeSecret;
@@ -26,7 +26,9 @@ use tracing::{info, warn};
 
 use crate::config::{human, CredentialSpec};
 use crate::instrument::{CallMetrics, TimedRotator, TimedStore};
-use crate::state::{Busy, CredentialRecord, Phase, RotationRecord, StateError, StateStore, Status};
+use crate::state::{
+    Busy, Claim, CredentialRecord, Phase, RotationRecord, StateError, StateStore, Status,
+};
 
 /// How long a rotation's lease lasts; renewed at every step.
 const LEASE: Duration = Duration::from_secs(300);
@@ -39,20 +41,28 @@ pub enum Step {
     Activate,
     Verify,
     Promote,
+    /// The rotator revokes the old credential at the provider.
     Revoke,
+    /// The store lets go of the previous value (after [`Step::Revoke`]).
+    Release,
+    /// The rotator undoes an unfinished rotation at the provider.
     Rollback,
+    /// The store drops the pending value (after [`Step::Rollback`]).
+    Discard,
 }
 
 impl Step {
     /// Every step, for metric pre-registration.
-    pub const ALL: [Step; 7] = [
+    pub const ALL: [Step; 9] = [
         Self::Issue,
         Self::Stage,
         Self::Activate,
         Self::Verify,
         Self::Promote,
         Self::Revoke,
+        Self::Release,
         Self::Rollback,
+        Self::Discard,
     ];
 
     /// The journaled name.
@@ -64,7 +74,9 @@ impl Step {
             Self::Verify => "verify",
             Self::Promote => "promote",
             Self::Revoke => "revoke",
+            Self::Release => "release",
             Self::Rollback => "rollback",
+            Self::Discard => "discard",
         }
     }
 }
@@ -195,10 +207,26 @@ pub trait EventSink: Send + Sync {
 /// Drives rotations. One per process; cheap to share.
 pub struct Engine {
     state: Arc<dyn StateStore>,
-    owner: String,
     metrics: EngineMetrics,
     events: Option<Arc<dyn EventSink>>,
     shutdown: CancellationToken,
+}
+
+/// What [`Engine::take`] found.
+enum Taken<'a> {
+    /// A rotation to drive, under our lease.
+    Job(Box<Job<'a>>),
+    /// Nothing to drive now, for the reason given.
+    Not(Outcome, Box<CredentialRecord>),
+    /// The open rotation finished while we looked: look again.
+    Finished,
+}
+
+/// The grace period's end, if `rotation` is promoted and still in it at `now`.
+fn in_grace(rotation: &RotationRecord, now: i64) -> Option<i64> {
+    rotation
+        .revoke_at
+        .filter(|&at| rotation.phase == Phase::Promoted && now < at)
 }
 
 /// Everything a rotation of one credential needs.
@@ -224,7 +252,6 @@ impl Engine {
     ) -> Self {
         Self {
             state,
-            owner: owner_id().to_owned(),
             metrics,
             events,
             shutdown,
@@ -262,46 +289,95 @@ impl Engine {
     ) -> Result<(Outcome, CredentialRecord), EngineError> {
         let rotator = TimedRotator::wrap(rotator, &self.metrics.calls);
         let store = TimedStore::wrap(store, &self.metrics.calls);
-        let mut record = self
-            .state
-            .credential(&spec.id)
-            .await?
-            .unwrap_or_else(|| CredentialRecord::new(&spec.id));
-        let now = Utc::now().timestamp();
-
-        if record.status == Status::Failed && trigger != Trigger::Manual {
-            return Ok((Outcome::Stopped, record));
+        loop {
+            let mut job = match self.take(spec, &rotator, &store, trigger).await? {
+                Taken::Job(job) => job,
+                Taken::Not(outcome, record) => return Ok((outcome, *record)),
+                Taken::Finished => continue,
+            };
+            let resumed_phase = job.resumed.then_some(job.rotation.phase);
+            let outcome = match self.drive(&mut job).await {
+                Ok(outcome) => outcome,
+                Err(EngineError::State(StateError::LeaseLost(rotation))) => {
+                    warn!(credential = %spec.id, rotation = %rotation, "another process took this rotation over; this run stopped");
+                    let owner = "another process".to_owned();
+                    return Ok((Outcome::Busy { rotation, owner }, job.record));
+                }
+                Err(e) => return Err(e),
+            };
+            // A run that only finished an earlier rotation (its rollback, or its revoke after
+            // the grace period) has not done what was asked: a retry or a manual rotation wants
+            // a new credential.
+            let finished_earlier = match (resumed_phase, job.rotation.phase) {
+                (Some(Phase::RollingBack), Phase::RolledBack) => true,
+                (Some(Phase::Promoted), Phase::Done) => trigger == Trigger::Manual,
+                _ => false,
+            };
+            if !finished_earlier {
+                return Ok((outcome, job.record));
+            }
+            info!(credential = %spec.id, rotation = %job.rotation.id, "finished the earlier rotation; starting the one asked for");
         }
+    }
+
+    /// Takes the credential's open rotation (or begins a new one) under this process's lease,
+    /// and reads the credential's record under it. Everything read before the lease may be
+    /// stale; the job is built only from what was read after.
+    async fn take<'a>(
+        &self,
+        spec: &'a CredentialSpec,
+        rotator: &Arc<dyn Rotator>,
+        store: &Arc<dyn Store>,
+        trigger: Trigger,
+    ) -> Result<Taken<'a>, EngineError> {
+        let record =
+            |r: Option<CredentialRecord>| r.unwrap_or_else(|| CredentialRecord::new(&spec.id));
+        let before = record(self.state.credential(&spec.id).await?);
+        if before.status == Status::Failed && trigger != Trigger::Manual {
+            return Ok(Taken::Not(Outcome::Stopped, Box::new(before)));
+        }
+        let now = Utc::now().timestamp();
+        let lease_until = now.saturating_add(LEASE.as_secs() as i64);
+        let not = |outcome, record| Ok(Taken::Not(outcome, Box::new(record)));
         let open = self.state.open_rotation(&spec.id).await?;
         let resumed = open.is_some();
         let rotation = match open {
             Some(open) => {
-                if open.phase == Phase::Promoted && open.revoke_at.is_some_and(|t| now < t) {
-                    let revoke_at = open.revoke_at.unwrap_or(now);
-                    return Ok((
+                if let Some(revoke_at) = in_grace(&open, now) {
+                    let rotation = open.id;
+                    return not(
                         Outcome::InGrace {
-                            rotation: open.id,
+                            rotation,
+                            revoke_at,
+                        },
+                        before,
+                    );
+                }
+                let mut fresh = match self.state.claim(&open.id, lease_until, now).await? {
+                    Claim::Taken(fresh) => *fresh,
+                    Claim::Held { owner } => {
+                        let rotation = open.id;
+                        return not(Outcome::Busy { rotation, owner }, before);
+                    }
+                    Claim::Finished => return Ok(Taken::Finished),
+                };
+                if let Some(revoke_at) = in_grace(&fresh, now) {
+                    // Promoted by another process since we looked: give the lease back.
+                    let record = record(self.state.credential(&spec.id).await?);
+                    fresh.owner = None;
+                    fresh.lease_until = 0;
+                    self.state.save(&fresh, &record).await?;
+                    let rotation = fresh.id;
+                    return not(
+                        Outcome::InGrace {
+                            rotation,
                             revoke_at,
                         },
                         record,
-                    ));
+                    );
                 }
-                if !self.claim(&open, now).await? {
-                    let owner = open.owner.clone().unwrap_or_default();
-                    return Ok((
-                        Outcome::Busy {
-                            rotation: open.id,
-                            owner,
-                        },
-                        record,
-                    ));
-                }
-                info!(credential = %spec.id, rotation = %open.id, phase = open.phase.as_str(), "resuming rotation");
-                RotationRecord {
-                    owner: Some(self.owner.clone()),
-                    lease_until: now + LEASE.as_secs() as i64,
-                    ..open
-                }
+                info!(credential = %spec.id, rotation = %fresh.id, phase = fresh.phase.as_str(), "resuming rotation");
+                fresh
             }
             None => {
                 let rotation = RotationRecord {
@@ -313,24 +389,20 @@ impl Engine {
                     new_attrs: None,
                     old_attrs: None,
                     revoke_at: None,
-                    owner: Some(self.owner.clone()),
-                    lease_until: now + LEASE.as_secs() as i64,
+                    owner: Some(self.state.owner().to_owned()),
+                    lease_until,
                     error: None,
                     finished_at: None,
                 };
                 if let Err(Busy(open)) = self.state.begin(&rotation).await? {
-                    return Ok((
-                        Outcome::Busy {
-                            rotation: open.id,
-                            owner: open.owner.unwrap_or_default(),
-                        },
-                        record,
-                    ));
+                    let (rotation, owner) = (open.id, open.owner.unwrap_or_default());
+                    return not(Outcome::Busy { rotation, owner }, before);
                 }
                 info!(credential = %spec.id, rotation = %rotation.id, trigger = trigger.as_str(), "rotation started");
                 rotation
             }
         };
+        let mut record = record(self.state.credential(&spec.id).await?);
         if trigger == Trigger::Manual && record.status == Status::Failed {
             record.consecutive_failures = 0;
             self.emit(
@@ -339,14 +411,13 @@ impl Engine {
                 "automation resumed by a manual rotation",
             );
         }
-        if rotation.phase < Phase::Promoted {
+        if rotation.phase.before_promotion() {
             record.status = Status::Rotating;
         }
-        let finishing_rollback = rotation.phase == Phase::RollingBack;
         let mut job = Job {
             spec,
-            rotator,
-            store,
+            rotator: rotator.clone(),
+            store: store.clone(),
             record,
             rotation,
             new: None,
@@ -354,27 +425,7 @@ impl Engine {
         };
         // Make the new status visible (to `keyrotd status`) before any step runs.
         self.save(&mut job).await?;
-        let outcome = self.drive(&mut job).await?;
-        if finishing_rollback && job.rotation.phase == Phase::RolledBack {
-            // That run only closed an earlier failure; the rotation the caller asked for (a
-            // retry, a manual rotation) is still to do.
-            info!(credential = %spec.id, rotation = %job.rotation.id, "finished rolling back the earlier rotation; starting a new one");
-            return Box::pin(self.run_with(spec, job.rotator, job.store, trigger)).await;
-        }
-        Ok((outcome, job.record))
-    }
-
-    async fn claim(&self, open: &RotationRecord, now: i64) -> Result<bool, StateError> {
-        let dead = open.owner.as_deref().filter(|o| owner_is_dead(o));
-        self.state
-            .claim(
-                &open.id,
-                &self.owner,
-                now + LEASE.as_secs() as i64,
-                now,
-                dead,
-            )
-            .await
+        Ok(Taken::Job(Box::new(job)))
     }
 
     /// Runs the protocol from the rotation's recorded phase until it finishes, fails, waits for
@@ -417,6 +468,11 @@ impl Engine {
                     })
                 }
                 Phase::RolledBack => {
+                    if job.rotation.owner.is_some() {
+                        job.rotation.owner = None;
+                        job.rotation.lease_until = 0;
+                        self.save(job).await?;
+                    }
                     let error = job.rotation.error.clone().unwrap_or_default();
                     return Ok(Outcome::Failed {
                         rotation: job.rotation.id.clone(),
@@ -430,7 +486,8 @@ impl Engine {
         }
     }
 
-    /// Runs one provider call as a journaled, timed step.
+    /// Runs one provider call as a journaled, timed step. The call is abandoned (dropped) if this
+    /// process loses the rotation's lease while it runs: from then on another process drives.
     async fn step<T>(
         &self,
         job: &Job<'_>,
@@ -445,7 +502,7 @@ impl Engine {
         let started = Instant::now();
         let result = tokio::select! {
             result = call => result,
-            never = self.keep_lease(job) => match never {},
+            lost = self.keep_lease(job) => return Err(Failure::State(lost)),
         };
         self.metrics
             .step_seconds
@@ -480,26 +537,21 @@ impl Engine {
     }
 
     /// Renews the lease of the rotation `job` drives while a step runs, however long the provider
-    /// takes; never returns. If another process took the rotation over anyway, the next save
-    /// fails with [`StateError::LeaseLost`] and this run stops.
-    async fn keep_lease(&self, job: &Job<'_>) -> std::convert::Infallible {
+    /// takes. Returns only when the lease is lost (another process took the rotation over after
+    /// our lease expired, say while the database was unreachable), so the step is cancelled.
+    async fn keep_lease(&self, job: &Job<'_>) -> StateError {
         let mut every = tokio::time::interval(LEASE / 3);
         every.tick().await; // the first tick is immediate; the lease was just renewed
         loop {
             every.tick().await;
-            if job.rotation.owner.is_none() {
-                continue;
-            }
-            let now = Utc::now().timestamp();
-            let until = now + LEASE.as_secs() as i64;
-            match self
-                .state
-                .claim(&job.rotation.id, &self.owner, until, now, None)
-                .await
-            {
+            let until = Utc::now()
+                .timestamp()
+                .saturating_add(LEASE.as_secs() as i64);
+            match self.state.renew(&job.rotation.id, until).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    warn!(credential = %job.spec.id, rotation = %job.rotation.id, "lease lost to another process during a step")
+                    warn!(credential = %job.spec.id, rotation = %job.rotation.id, "lease lost to another process during a step; abandoning the step");
+                    return StateError::LeaseLost(job.rotation.id.clone());
                 }
                 Err(e) => {
                     warn!(credential = %job.spec.id, error = %e, "renewing the rotation's lease failed")
@@ -518,40 +570,35 @@ impl Engine {
         }
     }
 
-    /// Reads the current value; a failure counts against `step`, but the read is not journaled.
-    async fn current(&self, job: &Job<'_>, step: Step) -> Result<Option<Credential>, Failure> {
-        let ctx = self.ctx(job);
-        job.store.current(ctx).await.map_err(|source| {
-            Failure::Step(StepError {
-                credential: job.spec.id.clone(),
-                step,
-                source,
-            })
-        })
-    }
-
     async fn issue_and_stage(&self, job: &mut Job<'_>) -> Result<(), Failure> {
         let ctx = self.ctx(job);
+        let (rotator, store) = (job.rotator.clone(), job.store.clone());
         if job.resumed && job.new.is_none() {
             // A crash hit between issuing and recording the stage. If the store has our value the
             // stage happened; otherwise the issued credential is lost and must be cleaned up.
-            if let Some(mut staged) = self.step(job, Step::Stage, job.store.pending(ctx)).await? {
+            if let Some(mut staged) = self.step(job, Step::Stage, store.pending(ctx)).await? {
                 merge_attrs(&mut staged.attrs, job.rotation.new_attrs.as_ref());
                 job.rotation.new_attrs = Some(public_only(job.rotator.as_ref(), &staged.attrs));
                 job.new = Some(staged);
                 job.rotation.phase = Phase::Staged;
                 return Ok(self.save(job).await?);
             }
-            let current = self.current(job, Step::Rollback).await?;
             let issued = job.rotation.new_attrs.clone();
-            self.step(
-                job,
-                Step::Rollback,
-                job.rotator.abandon(ctx, issued.as_ref(), current.as_ref()),
-            )
+            self.step(job, Step::Rollback, async {
+                let current = store.current(ctx).await?;
+                rotator
+                    .abandon(ctx, issued.as_ref(), current.as_ref())
+                    .await
+            })
             .await?;
         }
-        let current = self.current(job, Step::Issue).await?;
+        let (new, current) = self
+            .step(job, Step::Issue, async {
+                let current = store.current(ctx).await?;
+                let new = rotator.issue(ctx, current.as_ref()).await?;
+                Ok((new, current))
+            })
+            .await?;
         let mut old_attrs = current
             .as_ref()
             .map(|c| public_only(job.rotator.as_ref(), &c.attrs));
@@ -563,9 +610,6 @@ impl Engine {
                     .as_ref(),
             );
         }
-        let new = self
-            .step(job, Step::Issue, job.rotator.issue(ctx, current.as_ref()))
-            .await?;
         job.rotation.old_attrs = old_attrs;
         job.rotation.new_attrs = Some(new.attrs.clone());
         job.rotation.phase = Phase::Issued;
@@ -579,63 +623,46 @@ impl Engine {
         Ok(self.save(job).await?)
     }
 
-    /// The new credential: from memory, or read back from the store after a restart.
-    async fn staged(&self, job: &mut Job<'_>) -> Result<Credential, Failure> {
-        if let Some(new) = &job.new {
-            return Ok(new.clone());
-        }
-        let ctx = self.ctx(job);
-        let mut staged = self
-            .step(job, Step::Stage, job.store.pending(ctx))
-            .await?
-            .ok_or_else(|| {
-                Failure::Step(StepError {
-                    credential: job.spec.id.clone(),
-                    step: Step::Stage,
-                    source: ProviderError::permanent("the staged value is no longer in the store"),
-                })
-            })?;
-        merge_attrs(&mut staged.attrs, job.rotation.new_attrs.as_ref());
-        job.new = Some(staged.clone());
-        Ok(staged)
-    }
-
     async fn activate(&self, job: &mut Job<'_>) -> Result<(), Failure> {
-        let new = self.staged(job).await?;
-        let current = self.current(job, Step::Activate).await?;
         let ctx = self.ctx(job);
-        self.step(
-            job,
-            Step::Activate,
-            job.rotator.activate(ctx, &new, current.as_ref()),
-        )
-        .await?;
+        let (rotator, store) = (job.rotator.clone(), job.store.clone());
+        let (known, issued) = (job.new.clone(), job.rotation.new_attrs.as_ref());
+        let new = self
+            .step(job, Step::Activate, async {
+                // After a restart the new value is only in the store.
+                let new = match known {
+                    Some(new) => new,
+                    None => staged(store.pending(ctx).await?, issued)?,
+                };
+                let current = store.current(ctx).await?;
+                rotator.activate(ctx, &new, current.as_ref()).await?;
+                Ok(new)
+            })
+            .await?;
+        job.new = Some(new);
         job.rotation.phase = Phase::Activated;
         Ok(self.save(job).await?)
     }
 
     async fn verify(&self, job: &mut Job<'_>) -> Result<(), Failure> {
-        let new = self.staged(job).await?;
         let ctx = self.ctx(job);
-        let (store, rotator) = (job.store.clone(), job.rotator.clone());
-        let checks = async move {
-            // Consumers will read the store, so the value there is the one that must work.
-            match store.pending(ctx).await? {
-                Some(c) if c.secret.expose_secret() == new.secret.expose_secret() => {}
-                Some(_) => {
+        let (rotator, store) = (job.rotator.clone(), job.store.clone());
+        let (known, issued) = (job.new.clone(), job.rotation.new_attrs.as_ref());
+        let new = self
+            .step(job, Step::Verify, async {
+                // Consumers will read the store, so the value there is the one that must work.
+                let pending = staged(store.pending(ctx).await?, issued)?;
+                if known.is_some_and(|k| k.secret.expose_secret() != pending.secret.expose_secret())
+                {
                     return Err(ProviderError::permanent(
                         "the staged value read back differs from the issued one",
-                    ))
+                    ));
                 }
-                None => {
-                    return Err(ProviderError::permanent(
-                        "the staged value is missing from the store",
-                    ))
-                }
-            }
-            rotator.verify(ctx, &new).await
-        };
-        self.step(job, Step::Verify, checks).await?;
+                rotator.verify(ctx, &pending).await?;
+                Ok(pending)
+            })
+            .await?;
+        job.new = Some(new);
         job.rotation.phase = Phase::Verified;
         Ok(self.save(job).await?)
     }
@@ -644,12 +671,12 @@ impl Engine {
         let ctx = self.ctx(job);
         self.step(job, Step::Promote, job.store.promote(ctx))
             .await?;
-        let now = Utc::now().timestamp();
-        let revoke_at = now + job.spec.grace.as_secs() as i64;
+        let now = Utc::now();
+        let revoke_at = revoke_time(now, job.spec.grace);
         job.rotation.phase = Phase::Promoted;
         job.rotation.revoke_at = Some(revoke_at);
         job.rotation.error = None;
-        job.record.issued_at = Some(now);
+        job.record.issued_at = Some(now.timestamp());
         let was_failing = job.record.consecutive_failures > 0;
         job.record.succeed(Status::Grace);
         self.save(job).await?;
@@ -671,7 +698,7 @@ impl Engine {
             self.step(job, Step::Revoke, job.rotator.revoke(ctx, &old))
                 .await?;
         }
-        self.step(job, Step::Revoke, job.store.release_previous(ctx))
+        self.step(job, Step::Release, job.store.release_previous(ctx))
             .await?;
         let had_failures = job.record.consecutive_failures > 0;
         job.rotation.phase = Phase::Done;
@@ -690,21 +717,23 @@ impl Engine {
         Ok(())
     }
 
+    /// Undoes an unfinished rotation. Keeps the lease: the caller records the outcome and then
+    /// releases it.
     async fn roll_back(&self, job: &mut Job<'_>) -> Result<(), Failure> {
         let ctx = self.ctx(job);
-        let current = self.current(job, Step::Rollback).await?;
+        let (rotator, store) = (job.rotator.clone(), job.store.clone());
         let issued = job.rotation.new_attrs.clone();
-        self.step(
-            job,
-            Step::Rollback,
-            job.rotator.abandon(ctx, issued.as_ref(), current.as_ref()),
-        )
+        self.step(job, Step::Rollback, async {
+            let current = store.current(ctx).await?;
+            rotator
+                .abandon(ctx, issued.as_ref(), current.as_ref())
+                .await
+        })
         .await?;
-        self.step(job, Step::Rollback, job.store.discard(ctx))
+        self.step(job, Step::Discard, job.store.discard(ctx))
             .await?;
         job.rotation.phase = Phase::RolledBack;
         job.rotation.finished_at = Some(Utc::now().timestamp());
-        job.rotation.owner = None;
         job.new = None;
         self.save(job).await?;
         self.metrics
@@ -724,19 +753,28 @@ impl Engine {
         };
         let message = err.to_string();
         warn!(credential = %job.spec.id, rotation = %job.rotation.id, step = err.step.as_str(), error = %err.source, "rotation step failed");
-        job.rotation.error = Some(message.clone());
         let phase = job.rotation.phase;
+        // The rotation keeps the failure that stopped it: a rollback that fails afterwards (now,
+        // or when a retry resumes it) is journaled as its own step error and logged, and does
+        // not replace it.
+        if phase != Phase::RollingBack || job.rotation.error.is_none() {
+            job.rotation.error = Some(message.clone());
+        }
         // Before verification nothing is promised to consumers: undo it. A rollback that fails
         // itself stays in phase RollingBack and is resumed by the retry.
-        if phase < Phase::Verified {
+        if phase.rolls_back_on_failure() {
             job.rotation.phase = Phase::RollingBack;
             self.save(job).await?;
-            if let Err(Failure::State(e)) = self.roll_back(job).await {
-                return Err(e.into());
+            match self.roll_back(job).await {
+                Ok(()) => {}
+                Err(Failure::State(e)) => return Err(e.into()),
+                Err(Failure::Step(e)) => {
+                    warn!(credential = %job.spec.id, rotation = %job.rotation.id, step = e.step.as_str(), error = %e.source, "rolling back the failed rotation failed too; a retry resumes the rollback")
+                }
             }
         }
         job.record.consecutive_failures += 1;
-        job.record.last_error = Some(message.clone());
+        job.record.last_error = job.rotation.error.clone();
         if job.rotation.phase == Phase::RolledBack {
             self.metrics.rotations.with_label_values(&["failed"]).inc();
         }
@@ -751,10 +789,18 @@ impl Engine {
                 format!("rotation failed: {message}"),
             ),
         };
-        if job.record.consecutive_failures >= policy.max_attempts {
+        // A permanent error (access denied, not found) will not heal by waiting: one retry
+        // confirms it, then automation stops and an operator is needed.
+        let permanent = err.source.class == ErrorClass::Permanent;
+        let max_attempts = if permanent {
+            policy.max_attempts.min(2)
+        } else {
+            policy.max_attempts
+        };
+        if job.record.consecutive_failures >= max_attempts {
             job.record.status = Status::Failed;
             job.record.next_attempt_at = None;
-            warn!(credential = %job.spec.id, attempts = job.record.consecutive_failures, "retries exhausted: credential marked failed; rotate it by hand to resume");
+            warn!(credential = %job.spec.id, attempts = job.record.consecutive_failures, permanent, "retries exhausted: credential marked failed; rotate it by hand to resume");
         } else {
             let delay = backoff(
                 policy.backoff,
@@ -762,8 +808,11 @@ impl Engine {
                 job.record.consecutive_failures,
             );
             job.record.status = Status::Retrying;
-            job.record.next_attempt_at =
-                Some(Utc::now().timestamp() + delay.as_secs().max(1) as i64);
+            job.record.next_attempt_at = Some(
+                Utc::now()
+                    .timestamp()
+                    .saturating_add(delay.as_secs().clamp(1, i64::MAX as u64) as i64),
+            );
         }
         job.rotation.owner = None;
         job.rotation.lease_until = 0;
@@ -784,11 +833,11 @@ impl Engine {
 
     async fn save(&self, job: &mut Job<'_>) -> Result<(), StateError> {
         if job.rotation.owner.is_some() {
-            job.rotation.lease_until = Utc::now().timestamp() + LEASE.as_secs() as i64;
+            job.rotation.lease_until = Utc::now()
+                .timestamp()
+                .saturating_add(LEASE.as_secs() as i64);
         }
-        self.state
-            .save(&job.rotation, &job.record, &self.owner)
-            .await
+        self.state.save(&job.rotation, &job.record).await
     }
 
     /// Attributes of the credential promoted by the last finished or promoted rotation (a raw
@@ -854,6 +903,30 @@ fn public_only(rotator: &dyn Rotator, attrs: &Attrs) -> Attrs {
         .collect()
 }
 
+/// The staged value read back from the store, with the attributes journaled at issue (a raw
+/// store keeps only the secret). Its absence is permanent: nothing will bring it back.
+fn staged(
+    pending: Option<Credential>,
+    issued: Option<&Attrs>,
+) -> Result<Credential, ProviderError> {
+    let mut staged = pending
+        .ok_or_else(|| ProviderError::permanent("the staged value is no longer in the store"))?;
+    merge_attrs(&mut staged.attrs, issued);
+    Ok(staged)
+}
+
+/// When the old credential may be revoked: `promoted` plus `grace`, rounded *up* to the whole
+/// second the journal stores, so the grace period is never cut short (a 500 ms grace waits at
+/// least 500 ms, never 0). Without a grace period, any time after promotion will do.
+fn revoke_time(promoted: chrono::DateTime<Utc>, grace: Duration) -> i64 {
+    if grace.is_zero() {
+        return promoted.timestamp();
+    }
+    let grace_ms = i64::try_from(grace.as_nanos().div_ceil(1_000_000)).unwrap_or(i64::MAX);
+    let at_ms = promoted.timestamp_millis().saturating_add(grace_ms);
+    at_ms.div_euclid(1000) + i64::from(at_ms.rem_euclid(1000) != 0)
+}
+
 fn merge_attrs(into: &mut Attrs, from: Option<&Attrs>) {
     for (k, v) in from.into_iter().flatten() {
         into.entry(k.clone()).or_insert_with(|| v.clone());
@@ -871,47 +944,38 @@ pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
     half + half.mul_f64(rand::rng().random::<f64>())
 }
 
-/// `host:pid:nonce`: unique per process, and tells a same-host successor whether we are gone.
-fn owner_id() -> &'static str {
-    static OWNER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    OWNER.get_or_init(|| {
-        format!(
-            "{}:{}:{}",
-            hostname(),
-            std::process::id(),
-            uuid::Uuid::now_v7().simple()
-        )
-    })
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// Whether `owner` is a process on this host that no longer runs.
-fn owner_is_dead(owner: &str) -> bool {
-    let mut parts = owner.splitn(3, ':');
-    let (Some(host), Some(pid), Some(_nonce)) = (parts.next(), parts.next(), parts.next()) else {
-        return false;
-    };
-    if host != hostname() {
-        return false;
-    }
-    let Ok(pid) = pid.parse::<u32>() else {
-        return false;
-    };
-    if pid == std::process::id() {
-        // Our pid but not us: an earlier incarnation (a container's pid 1 restarting).
-        return owner != owner_id();
-    }
-    !std::path::Path::new("/proc").join(pid.to_string()).exists()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn revoke_time_never_cuts_the_grace_period_short() {
+        let at = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap();
+        let secs = Duration::from_secs;
+        assert_eq!(revoke_time(at(10_000), secs(2)), 12);
+        assert_eq!(revoke_time(at(10_001), secs(2)), 13, "12.001 rounds up");
+        assert_eq!(revoke_time(at(10_999), Duration::from_millis(500)), 12);
+        assert_eq!(
+            revoke_time(at(10_000), Duration::from_millis(500)),
+            11,
+            "never 0 s"
+        );
+        assert_eq!(revoke_time(at(10_000), Duration::from_nanos(1)), 11);
+        assert_eq!(revoke_time(at(10_999), secs(0)), 10, "no grace: at once");
+        assert!(
+            revoke_time(at(10_000), Duration::MAX) > 10,
+            "saturates, never wraps"
+        );
+        for ms in (0..3000).step_by(7) {
+            for grace in [1, 499, 500, 999, 1000, 1001, 2000] {
+                let grace = Duration::from_millis(grace);
+                let promoted = 1_700_000_000_000 + ms;
+                assert!(
+                    revoke_time(at(promoted), grace) * 1000 >= promoted + grace.as_millis() as i64
+                );
+            }
+        }
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {
@@ -920,21 +984,5 @@ mod tests {
         assert!(first >= Duration::from_secs(5) && first <= b);
         let late = backoff(b, max, 30);
         assert!(late >= Duration::from_secs(30) && late <= max);
-    }
-
-    #[test]
-    fn a_live_owner_is_not_dead_and_a_gone_one_is() {
-        assert!(
-            !owner_is_dead(&format!("{}:1:x", hostname())),
-            "pid 1 always exists"
-        );
-        assert!(
-            owner_is_dead(&format!("{}:4194305:x", hostname())),
-            "beyond pid_max"
-        );
-        assert!(
-            !owner_is_dead("another-host:4194305:x"),
-            "other hosts only by lease expiry"
-        );
     }
 }

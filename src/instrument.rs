@@ -17,7 +17,9 @@ use async_trait::async_trait;
 use keyrotd_rotators::{Attrs, Credential, ProviderError, Rotator, StepContext, Store};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntGauge, Registry};
 
-use crate::state::{Busy, CredentialRecord, RotationRecord, StateError, StateStore, StepRecord};
+use crate::state::{
+    Busy, Claim, CredentialRecord, RotationRecord, StateError, StateStore, StepRecord,
+};
 
 /// Buckets for provider and store calls: from a local file write to a slow cloud API.
 const CALL_BUCKETS: [f64; 10] = [0.001, 0.005, 0.025, 0.1, 0.25, 1.0, 2.5, 10.0, 30.0, 120.0];
@@ -274,29 +276,32 @@ impl StateStore for MeteredState {
         self.metrics.record(self.inner.begin(rotation).await)
     }
 
+    fn owner(&self) -> &str {
+        self.inner.owner()
+    }
+
     async fn claim(
         &self,
         rotation_id: &str,
-        owner: &str,
         lease_until: i64,
         now: i64,
-        dead_owner: Option<&str>,
-    ) -> Result<bool, StateError> {
-        self.metrics.record(
-            self.inner
-                .claim(rotation_id, owner, lease_until, now, dead_owner)
-                .await,
-        )
+    ) -> Result<Claim, StateError> {
+        self.metrics
+            .record(self.inner.claim(rotation_id, lease_until, now).await)
+    }
+
+    async fn renew(&self, rotation_id: &str, lease_until: i64) -> Result<bool, StateError> {
+        self.metrics
+            .record(self.inner.renew(rotation_id, lease_until).await)
     }
 
     async fn save(
         &self,
         rotation: &RotationRecord,
         credential: &CredentialRecord,
-        by: &str,
     ) -> Result<(), StateError> {
         self.metrics
-            .record(self.inner.save(rotation, credential, by).await)
+            .record(self.inner.save(rotation, credential).await)
     }
 
     async fn log_step(

@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: the inventory, parsed once into validated types;
 //! - [`schedule`]: cron expressions, intervals and windows;
-//! - [`state`]: the durable journal (SQLite) behind the [`state::StateStore`] trait;
+//! - [`state`]: the durable journal (SQLite) behind the [`state::StateStore`] trait; [`liveness`]:
+//!   whether the process holding a rotation lease still runs;
 //! - [`engine`]: the rotation protocol (issue, stage, activate, verify, promote, revoke);
 //! - [`scheduler`]: decides when each credential needs the engine;
 //! - [`metrics`] and [`http`]: the Prometheus exposition and health endpoints; [`instrument`]:
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod engine;
 pub mod http;
 pub mod instrument;
+pub mod liveness;
 pub mod metrics;
 pub mod schedule;
 pub mod scheduler;

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use keyrotd_rotators::Attrs;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::liveness::Liveness;
 
 /// What a state backend failed at.
 #[derive(Debug, thiserror::Error)]
@@ -29,12 +31,13 @@ pub enum StateError {
     Corrupt(String),
     #[error("state database task failed: {0}")]
     Task(String),
-    #[error("rotation {0} was taken over by another process after this one's lease expired")]
+    #[error("rotation {0} is no longer this process's to drive: its lease was lost or released")]
     LeaseLost(String),
 }
 
-/// Where a rotation is in the protocol. Stored as text; the order is the protocol's order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// Where a rotation is in the protocol. Stored as text. Decisions use the predicates below, never
+/// the declaration order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// Begun; the new credential may or may not exist at the provider.
     Issuing,
@@ -85,6 +88,23 @@ impl Phase {
             "rolled_back" => Self::RolledBack,
             other => return Err(StateError::Corrupt(format!("unknown phase `{other}`"))),
         })
+    }
+
+    /// Whether nothing is promoted yet: consumers still read the old value.
+    pub fn before_promotion(self) -> bool {
+        matches!(
+            self,
+            Self::Issuing | Self::Issued | Self::Staged | Self::Activated | Self::Verified
+        )
+    }
+
+    /// Whether a failure in this phase undoes the rotation: the new credential is not proven to
+    /// work yet. From `Verified` on, a failure retries the same step instead.
+    pub fn rolls_back_on_failure(self) -> bool {
+        matches!(
+            self,
+            Self::Issuing | Self::Issued | Self::Staged | Self::Activated
+        )
     }
 
     /// Whether the rotation is over.
@@ -211,6 +231,17 @@ pub struct StepRecord {
 #[error("rotation {} of `{}` is still open (phase {})", .0.id, .0.credential_id, .0.phase.as_str())]
 pub struct Busy(pub Box<RotationRecord>);
 
+/// The answer to [`StateStore::claim`].
+#[derive(Debug)]
+pub enum Claim {
+    /// The lease is ours; the rotation as it stands now.
+    Taken(Box<RotationRecord>),
+    /// A live process holds it.
+    Held { owner: String },
+    /// The rotation finished before we could claim it.
+    Finished,
+}
+
 /// The state backend. Today SQLite; a PostgreSQL backend for replicas fits the same calls.
 #[async_trait]
 pub trait StateStore: Send + Sync {
@@ -231,27 +262,32 @@ pub trait StateStore: Send + Sync {
     ) -> Result<Option<RotationRecord>, StateError>;
     /// Records a new rotation, unless the credential already has an open one.
     async fn begin(&self, rotation: &RotationRecord) -> Result<Result<(), Busy>, StateError>;
-    /// Takes the lease of an open rotation if it is free, expired, already ours, or held by
-    /// `dead_owner` (a process known to be gone). Returns whether we hold it now.
+    /// The lease owner this process writes as (`host:pid:nonce`).
+    fn owner(&self) -> &str;
+    /// Takes the lease of an open rotation for this process if it is free, expired, already
+    /// ours, or held by a process known to be gone. On success returns the rotation as it is
+    /// *now*: whatever was read before the claim may be stale (another process may have moved it
+    /// on), and only the record read under the lease may drive a step.
     async fn claim(
         &self,
         rotation_id: &str,
-        owner: &str,
         lease_until: i64,
         now: i64,
-        dead_owner: Option<&str>,
-    ) -> Result<bool, StateError>;
-    /// Saves a rotation and, in the same transaction, its credential record.
-    /// Saves a rotation and, in the same transaction, its credential record, on behalf of the
-    /// process `by`. Fails with [`StateError::LeaseLost`] if another process holds the
-    /// rotation's lease (it took over after ours expired): nothing is written then.
+    ) -> Result<Claim, StateError>;
+    /// Extends this process's lease on a rotation it holds. Returns `false` if it no longer holds
+    /// it: another process took it over, or the rotation finished.
+    async fn renew(&self, rotation_id: &str, lease_until: i64) -> Result<bool, StateError>;
+    /// Saves a rotation and, in the same transaction, its credential record. Only the lease
+    /// holder may save: if this process does not hold the rotation's lease (another took over,
+    /// or this one already released it), nothing is written and the call fails with
+    /// [`StateError::LeaseLost`]. A save that clears `owner` releases the lease.
     async fn save(
         &self,
         rotation: &RotationRecord,
         credential: &CredentialRecord,
-        by: &str,
     ) -> Result<(), StateError>;
-    /// Appends to the step log.
+    /// Appends to the step log of a rotation whose lease this process holds; fails with
+    /// [`StateError::LeaseLost`] (writing nothing) otherwise.
     async fn log_step(
         &self,
         rotation_id: &str,
@@ -275,6 +311,8 @@ pub trait StateStore: Send + Sync {
 #[derive(Clone)]
 pub struct SqliteState {
     conn: Arc<Mutex<Connection>>,
+    /// Who this process is as a lease owner; `None` for a read-only handle, which never leases.
+    me: Option<Arc<Liveness>>,
 }
 
 const SCHEMA: &str = "
@@ -332,8 +370,13 @@ impl SqliteState {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
+        let me = Liveness::acquire(path).map_err(|source| StateError::Create {
+            path: format!("{}.owners", path.display()),
+            source,
+        })?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            me: Some(Arc::new(me)),
         })
     }
 
@@ -346,7 +389,14 @@ impl SqliteState {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         Ok(Some(Self {
             conn: Arc::new(Mutex::new(conn)),
+            me: None,
         }))
+    }
+
+    fn me(&self) -> Result<Arc<Liveness>, StateError> {
+        self.me
+            .clone()
+            .ok_or_else(|| StateError::Task("the state database is open read-only".into()))
     }
 
     /// Runs `f` on the connection off the async worker threads.
@@ -542,25 +592,62 @@ impl StateStore for SqliteState {
         .await
     }
 
+    fn owner(&self) -> &str {
+        self.me.as_deref().map_or("read-only", Liveness::owner)
+    }
+
     async fn claim(
         &self,
         rotation_id: &str,
-        owner: &str,
         lease_until: i64,
         now: i64,
-        dead_owner: Option<&str>,
-    ) -> Result<bool, StateError> {
-        let (id, owner, dead) = (
-            rotation_id.to_owned(),
-            owner.to_owned(),
-            dead_owner.map(str::to_owned),
-        );
+    ) -> Result<Claim, StateError> {
+        let (id, me) = (rotation_id.to_owned(), self.me()?);
+        self.with(move |c| {
+            // One write transaction: the read, the liveness verdict and the update see the same
+            // row, so two claimants cannot both win.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let row: Option<(Option<String>, i64, Option<i64>)> = tx
+                .query_row(
+                    "SELECT owner, lease_until, finished_at FROM rotations WHERE id = ?1",
+                    [&id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((owner, until, finished)) = row else {
+                return Err(StateError::Corrupt(format!("rotation {id} does not exist")));
+            };
+            if finished.is_some() {
+                return Ok(Claim::Finished);
+            }
+            let free = match owner.as_deref() {
+                None => true,
+                Some(o) => o == me.owner() || until < now || me.is_dead(o),
+            };
+            if !free {
+                return Ok(Claim::Held {
+                    owner: owner.unwrap_or_default(),
+                });
+            }
+            tx.execute(
+                "UPDATE rotations SET owner = ?2, lease_until = ?3 WHERE id = ?1",
+                params![id, me.owner(), lease_until],
+            )?;
+            let fresh = query_rotations(&tx, "WHERE id = ?1", &[&id])?
+                .pop()
+                .ok_or_else(|| StateError::Corrupt(format!("rotation {id} vanished")))?;
+            tx.commit()?;
+            Ok(Claim::Taken(Box::new(fresh)))
+        })
+        .await
+    }
+
+    async fn renew(&self, rotation_id: &str, lease_until: i64) -> Result<bool, StateError> {
+        let (id, me) = (rotation_id.to_owned(), self.me()?);
         self.with(move |c| {
             let n = c.execute(
-                "UPDATE rotations SET owner = ?2, lease_until = ?3
-                 WHERE id = ?1 AND finished_at IS NULL
-                   AND (owner IS NULL OR owner = ?2 OR lease_until < ?4 OR owner = ?5)",
-                params![id, owner, lease_until, now, dead],
+                "UPDATE rotations SET lease_until = ?3 WHERE id = ?1 AND owner = ?2 AND finished_at IS NULL",
+                params![id, me.owner(), lease_until],
             )?;
             Ok(n == 1)
         })
@@ -571,18 +658,17 @@ impl StateStore for SqliteState {
         &self,
         r: &RotationRecord,
         credential: &CredentialRecord,
-        by: &str,
     ) -> Result<(), StateError> {
-        let (r, credential, by) = (r.clone(), credential.clone(), by.to_owned());
+        let (r, credential, me) = (r.clone(), credential.clone(), self.me()?);
         self.with(move |c| {
             let tx = c.transaction()?;
             let updated = tx.execute(
                 "UPDATE rotations SET phase = ?2, new_attrs = ?3, old_attrs = ?4, revoke_at = ?5, owner = ?6,
                    lease_until = ?7, error = ?8, finished_at = ?9
-                 WHERE id = ?1 AND (owner IS NULL OR owner = ?10)",
+                 WHERE id = ?1 AND owner = ?10",
                 params![
                     r.id, r.phase.as_str(), attrs_to_json(&r.new_attrs), attrs_to_json(&r.old_attrs), r.revoke_at, r.owner,
-                    r.lease_until, r.error, r.finished_at, by
+                    r.lease_until, r.error, r.finished_at, me.owner()
                 ],
             )?;
             if updated == 0 {
@@ -609,8 +695,15 @@ impl StateStore for SqliteState {
             detail.map(str::to_owned),
         );
         let at_ms = chrono::Utc::now().timestamp_millis();
+        let me = self.me()?;
         self.with(move |c| {
-            c.execute("INSERT INTO steps (rotation_id, at_ms, step, event, detail) VALUES (?1, ?2, ?3, ?4, ?5)", params![id, at_ms, step, event, detail])?;
+            let mut insert = c.prepare_cached(
+                "INSERT INTO steps (rotation_id, at_ms, step, event, detail)
+                 SELECT ?1, ?2, ?3, ?4, ?5 FROM rotations WHERE id = ?1 AND owner = ?6",
+            )?;
+            if insert.execute(params![id, at_ms, step, event, detail, me.owner()])? == 0 {
+                return Err(StateError::LeaseLost(id));
+            }
             Ok(())
         })
         .await
@@ -683,7 +776,9 @@ mod tests {
     async fn only_one_open_rotation_per_credential() {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteState::open(&dir.path().join("s.db")).unwrap();
-        s.begin(&rotation("r1", "db")).await.unwrap().unwrap();
+        let mut r1 = rotation("r1", "db");
+        r1.owner = Some(s.owner().into());
+        s.begin(&r1).await.unwrap().unwrap();
         let busy = s.begin(&rotation("r2", "db")).await.unwrap().unwrap_err();
         assert_eq!(busy.0.id, "r1");
         s.begin(&rotation("r3", "other")).await.unwrap().unwrap();
@@ -692,41 +787,74 @@ mod tests {
         assert_eq!(r1.old_attrs.as_ref().unwrap()["AccessKeyId"], "AKIA1");
         r1.phase = Phase::Done;
         r1.finished_at = Some(5);
-        s.save(&r1, &CredentialRecord::new("db"), "me")
-            .await
-            .unwrap();
+        s.save(&r1, &CredentialRecord::new("db")).await.unwrap();
         s.begin(&rotation("r2", "db")).await.unwrap().unwrap();
         assert_eq!(s.history(Some("db"), 10).await.unwrap().len(), 2);
     }
 
+    /// Two handles on one database stand for two processes, each with its own liveness lock.
     #[tokio::test]
     async fn leases_are_taken_only_when_free_expired_or_dead() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SqliteState::open(&dir.path().join("s.db")).unwrap();
-        s.begin(&rotation("r1", "db")).await.unwrap().unwrap();
+        let path = dir.path().join("s.db");
+        let me = SqliteState::open(&path).unwrap();
+        let you = SqliteState::open(&path).unwrap();
+        let mut r1 = rotation("r1", "db");
+        r1.owner = Some(me.owner().into());
+        me.begin(&r1).await.unwrap().unwrap();
         assert!(
-            !s.claim("r1", "you", 200, 50, None).await.unwrap(),
+            matches!(you.claim("r1", 200, 50).await.unwrap(), Claim::Held { .. }),
             "lease held by a live owner until 100"
         );
         assert!(
-            s.claim("r1", "you", 200, 50, Some("me")).await.unwrap(),
-            "the owner is known dead"
-        );
-        assert!(
-            s.claim("r1", "me", 300, 201, None).await.unwrap(),
+            matches!(you.claim("r1", 300, 101).await.unwrap(), Claim::Taken(_)),
             "expired"
         );
-        // "you" held it for a while; its saves now fail instead of overwriting "me"'s progress.
-        let mut r = s.open_rotation("db").await.unwrap().unwrap();
+        // "me" held it for a while; its writes now fail instead of overwriting "you"'s progress.
+        let mut r = me.open_rotation("db").await.unwrap().unwrap();
         r.phase = Phase::Staged;
-        let lost = s.save(&r, &CredentialRecord::new("db"), "you").await;
+        let lost = me.save(&r, &CredentialRecord::new("db")).await;
         assert!(matches!(lost, Err(StateError::LeaseLost(_))), "{lost:?}");
+        let lost = me.log_step("r1", "stage", "start", None).await;
+        assert!(matches!(lost, Err(StateError::LeaseLost(_))), "{lost:?}");
+        assert!(!me.renew("r1", 400).await.unwrap());
         assert_eq!(
-            s.open_rotation("db").await.unwrap().unwrap().phase,
+            me.open_rotation("db").await.unwrap().unwrap().phase,
             Phase::Issuing
         );
-        s.save(&r, &CredentialRecord::new("db"), "me")
-            .await
-            .unwrap();
+        you.save(&r, &CredentialRecord::new("db")).await.unwrap();
+        you.log_step("r1", "stage", "start", None).await.unwrap();
+        assert!(you.renew("r1", 400).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_claim_returns_the_rotation_as_it_is_now_and_a_dead_owner_loses_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let me = SqliteState::open(&path).unwrap();
+        let gone = SqliteState::open(&path).unwrap();
+        let mut r = rotation("r1", "db");
+        r.owner = Some(gone.owner().into());
+        r.lease_until = i64::MAX;
+        gone.begin(&r).await.unwrap().unwrap();
+        r.phase = Phase::Promoted;
+        gone.save(&r, &CredentialRecord::new("db")).await.unwrap();
+        drop(gone);
+        let Claim::Taken(fresh) = me.claim("r1", 200, 50).await.unwrap() else {
+            panic!("the owner's lock is free: it is gone");
+        };
+        assert_eq!(fresh.phase, Phase::Promoted);
+        assert_eq!(fresh.owner.as_deref(), Some(me.owner()));
+        let mut done = *fresh;
+        done.finished_at = Some(60);
+        done.owner = None;
+        me.save(&done, &CredentialRecord::new("db")).await.unwrap();
+        assert!(matches!(
+            me.claim("r1", 200, 50).await.unwrap(),
+            Claim::Finished
+        ));
+        // Released: not even the last holder may write to it any more.
+        let late = me.save(&done, &CredentialRecord::new("db")).await;
+        assert!(matches!(late, Err(StateError::LeaseLost(_))), "{late:?}");
     }
 }

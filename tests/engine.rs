@@ -234,10 +234,17 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
         .any(|w| w == needle.as_bytes())
 }
 
+/// Sleeps until the wall clock reaches `at` (Unix seconds), plus a little.
+async fn sleep_until_unix(at: i64) {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let wait = (at * 1000 - now_ms).max(0) as u64 + 50;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+}
+
 #[tokio::test]
 async fn old_credential_is_revoked_only_after_promotion_and_grace() {
     let f = Fixture::new(Duration::from_secs(2), 3);
-    let Outcome::Promoted { .. } = f.run(Trigger::Schedule).await else {
+    let Outcome::Promoted { revoke_at, .. } = f.run(Trigger::Schedule).await else {
         panic!("first issuance")
     };
     let first = f
@@ -249,13 +256,17 @@ async fn old_credential_is_revoked_only_after_promotion_and_grace() {
         Outcome::InGrace { .. }
     ));
     assert!(f.rotator.calls().iter().all(|c| !c.starts_with("revoke")));
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    sleep_until_unix(revoke_at).await;
     assert!(matches!(
         f.run(Trigger::Schedule).await,
         Outcome::Completed { .. }
     ));
 
-    let Outcome::Promoted { rotation, .. } = f.run(Trigger::Schedule).await else {
+    let Outcome::Promoted {
+        rotation,
+        revoke_at,
+    } = f.run(Trigger::Schedule).await
+    else {
         panic!("second rotation")
     };
     let second = f.current().unwrap();
@@ -264,7 +275,7 @@ async fn old_credential_is_revoked_only_after_promotion_and_grace() {
         f.files().contains(&"secret.previous".to_string()),
         "the old value stays readable during grace"
     );
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    sleep_until_unix(revoke_at).await;
     assert!(matches!(
         f.run(Trigger::Schedule).await,
         Outcome::Completed { .. }
