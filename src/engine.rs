@@ -757,9 +757,15 @@ impl Engine {
         // The rotation keeps the failure that stopped it: a rollback that fails afterwards (now,
         // or when a retry resumes it) is journaled as its own step error and logged, and does
         // not replace it.
-        if phase != Phase::RollingBack || job.rotation.error.is_none() {
-            job.rotation.error = Some(message.clone());
-        }
+        let outcome_error = match job.rotation.error.as_deref() {
+            Some(original) if phase == Phase::RollingBack => {
+                format!("{original} (rolling it back failed too: {message})")
+            }
+            _ => {
+                job.rotation.error = Some(message.clone());
+                message.clone()
+            }
+        };
         // Before verification nothing is promised to consumers: undo it. A rollback that fails
         // itself stays in phase RollingBack and is resumed by the retry.
         if phase.rolls_back_on_failure() {
@@ -827,7 +833,7 @@ impl Engine {
         }
         Ok(Outcome::Failed {
             rotation: job.rotation.id.clone(),
-            error: message,
+            error: outcome_error,
         })
     }
 
