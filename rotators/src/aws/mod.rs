@@ -19,7 +19,7 @@ use std::error::Error;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_iam::config::http::HttpResponse;
-use aws_sdk_iam::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_iam::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use tokio::sync::OnceCell;
 
@@ -118,7 +118,7 @@ where
             Some(status) => format!("HTTP status {status}"),
             None => "no message".to_owned(),
         },
-        _ => DisplayErrorContext(&err).to_string(),
+        _ => one_line(&err),
     };
     let error = ProviderError {
         class,
@@ -129,6 +129,22 @@ where
         Some(code) => error.with_code(code),
         None => error,
     }
+}
+
+/// An error and its causes as one line of their `Display` texts. (`DisplayErrorContext` ends
+/// with a `Debug` dump of the whole error, `DispatchFailure(DispatchFailure { source: ...`, which
+/// is unreadable in a log line, a journal row or an alert.)
+fn one_line(err: &(dyn Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && parts.last().is_none_or(|last| !last.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
 }
 
 /// Whether `err` carries the AWS error code `code`.
@@ -265,6 +281,23 @@ mod tests {
             classify(SdkError::dispatch_failure(refused)),
             (Transient, None)
         );
+    }
+
+    #[test]
+    fn transport_errors_read_as_one_line_without_debug_dumps() {
+        let refused =
+            ConnectorError::io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into());
+        let e = aws_error(
+            "IAM CreateAccessKey",
+            "IAM user `app`",
+            SdkError::<CreateAccessKeyError, HttpResponse>::dispatch_failure(refused),
+        );
+        let text = e.to_string();
+        assert!(text.contains("connection refused"), "{text}");
+        for dump in ["DispatchFailure(", "ConnectorError", "{", "\n"] {
+            assert!(!text.contains(dump), "{text}");
+        }
+        assert!(!text.contains('\n'), "{text}");
     }
 
     #[test]
