@@ -341,7 +341,10 @@ mod tests {
             let err = bad.parse::<SecretRef>().unwrap_err();
             assert!(matches!(&err, RefError::AwsSmInvalid(_)), "{bad}: {err:?}");
         }
-        assert_eq!("aws-sm:".parse::<SecretRef>(), Err(RefError::Empty("aws-sm")));
+        assert_eq!(
+            "aws-sm:".parse::<SecretRef>(),
+            Err(RefError::Empty("aws-sm"))
+        );
         assert_eq!("aws:x".parse::<SecretRef>(), Err(RefError::Literal));
     }
 
