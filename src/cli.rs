@@ -223,6 +223,7 @@ async fn dry_run_plan(spec: &CredentialSpec) -> anyhow::Result<u8> {
         rotation_id: "dry-run",
         secret_field: rotator.secret_field(),
         started_at: std::time::SystemTime::now(),
+        old_attrs: None,
     };
     match store.current(ctx).await {
         Ok(current) => {
