@@ -194,7 +194,7 @@ pub fn encodings(secret: &str) -> Vec<String> {
         }
     }
     let unpadded = b64.clone();
-    while b64.len() % 4 != 0 {
+    while !b64.len().is_multiple_of(4) {
         b64.push('=');
     }
     let url = unpadded.replace('+', "-").replace('/', "_");
