@@ -2,6 +2,7 @@
 //! for a person by default; `status --json` prints for a program.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -195,11 +196,22 @@ pub async fn rotate(inventory: &Inventory, id: &str, dry_run: bool) -> anyhow::R
         Outcome::Parked { rotation } => (EXIT_FAILED, format!("{id}: rotation {rotation} parked")),
     };
     if code == 0 {
-        println!("{message}");
+        report(format_args!("{message}"));
     } else {
-        eprintln!("error: {message}");
+        report_error(format_args!("error: {message}"));
     }
     Ok(code)
+}
+
+/// Prints a line of `rotate`'s output. The rotation is over by then and the exit status carries
+/// its outcome, so a reader that went away (`keyrotd rotate db | head -0`) is not an error.
+fn report(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// [`report`] on stderr.
+fn report_error(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Shows what a rotation would do and checks the store is readable; changes nothing.
@@ -211,32 +223,33 @@ async fn dry_run_plan(spec: &CredentialSpec) -> anyhow::Result<u8> {
         rotation_id: "dry-run",
         secret_field: rotator.secret_field(),
         started_at: std::time::SystemTime::now(),
+        old_attrs: None,
     };
     match store.current(ctx).await {
         Ok(current) => {
-            println!(
+            report(format_args!(
                 "{}: would rotate with {} into {} {}",
                 spec.id,
                 rotator.kind(),
                 store.kind(),
                 store.location()
-            );
-            println!(
+            ));
+            report(format_args!(
                 "  current value: {}",
                 if current.is_some() {
                     "present"
                 } else {
                     "none yet (first issuance)"
                 }
-            );
-            println!("  steps: issue, stage, activate, verify, promote; revoke the old one {} after promotion", human(spec.grace));
+            ));
+            report(format_args!("  steps: issue, stage, activate, verify, promote; revoke the old one {} after promotion", human(spec.grace)));
             Ok(0)
         }
         Err(e) => {
-            eprintln!(
+            report_error(format_args!(
                 "error: credential `{}`: reading the current value from the store failed: {e}",
                 spec.id
-            );
+            ));
             Ok(EXIT_FAILED)
         }
     }

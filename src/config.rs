@@ -19,6 +19,8 @@ use toml::Spanned;
 use crate::alert::AlertsConfig;
 use crate::schedule::{parse_duration, CronSchedule, Schedule};
 
+mod locate;
+
 /// The validated inventory.
 #[derive(Debug, Clone)]
 pub struct Inventory {
@@ -245,7 +247,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
         now: Utc::now(),
     };
     let head = blank_sections(text, &sections);
-    let raw = v.deserialize::<RawInventory>(&head, None);
+    let raw = v.deserialize::<RawInventory>(&head, 0);
     drop(head);
     let Some(raw) = raw else {
         return Err(ConfigErrors(v.errors));
@@ -264,7 +266,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
     for section in &sections {
         v.text = &text[section.bytes.clone()];
         v.first_line = section.first_line;
-        let parsed = v.deserialize::<OneCredential>(v.text, Some(index));
+        let parsed = v.deserialize::<OneCredential>(v.text, index);
         for cred in parsed.into_iter().flat_map(|one| one.credential) {
             if let Some(spec) = v.credential(&defaults, cred, index) {
                 credentials.push(spec);
@@ -373,13 +375,13 @@ pub fn check_references(inventory: &Inventory) -> Result<(), ConfigErrors> {
         .credentials
         .iter()
         .flat_map(|c| c.rotator.secret_refs().into_iter().map(move |r| (c, r)))
-        .filter_map(|(c, r)| {
+        .filter_map(|(c, (field, r))| {
             let e = r.check_available().err()?;
             Some(ConfigError {
                 file: inventory.path.clone(),
                 line: c.place.0,
                 column: c.place.1,
-                field: format!("credential[{}].rotator", c.id),
+                field: format!("credential[{}].rotator.{field}", c.id),
                 message: format!("secret reference `{r}`: {e}"),
             })
         })
@@ -444,33 +446,30 @@ impl Validator<'_> {
         });
     }
 
-    /// Deserializes `text`, recording the error with its path. `section` renames the
-    /// `credential[0]` of a lone section to its index in the file.
+    /// Deserializes `text`, recording the error with the field it is about. `first_index` is
+    /// the position in the file of the text's first credential.
     fn deserialize<T: serde::de::DeserializeOwned>(
         &mut self,
         text: &str,
-        section: Option<usize>,
+        first_index: usize,
     ) -> Option<T> {
         // The fast path tracks no field path (it costs an allocation per key); only a failure
         // is parsed again to find where it happened.
         if let Ok(raw) = toml::from_str(text) {
             return Some(raw);
         }
-        let parsed = toml::Deserializer::parse(text)
-            .map_err(|e| ("(document)".to_owned(), e))
-            .and_then(|de| {
-                serde_path_to_error::deserialize(de)
-                    .map_err(|e| (e.path().to_string(), e.into_inner()))
-            });
-        match parsed {
+        let de = match toml::Deserializer::parse(text) {
+            Ok(de) => de,
+            Err(e) => {
+                self.error_at(e.span(), "(document)", e.message().trim());
+                return None;
+            }
+        };
+        match serde_path_to_error::deserialize(de) {
             Ok(raw) => Some(raw),
-            Err((field, e)) => {
-                let field = match (field.as_str(), section) {
-                    (".", _) => "(document)".to_owned(),
-                    (f, Some(i)) => f.replacen("credential[0]", &format!("credential[{i}]"), 1),
-                    (f, None) => f.to_owned(),
-                };
-                self.error_at(e.span(), &field, e.message().trim());
+            Err(e) => {
+                let at = locate::locate(text, e.path(), e.inner(), first_index);
+                self.error_at(at.span, &at.field, at.message);
                 None
             }
         }
@@ -645,12 +644,18 @@ impl Validator<'_> {
         let (rotator_span, mut rotator) = (raw.rotator.span(), raw.rotator.into_inner());
         rotator.inherit_aws(&defaults.aws);
         if let Err(e) = rotator.validate() {
-            self.error_at(Some(rotator_span.clone()), &format!("{field}.rotator"), e);
+            let (inner, message) = split_field(&e);
+            self.error_at(
+                Some(rotator_span.clone()),
+                &format!("{field}.rotator{inner}"),
+                message,
+            );
         }
         let (store_span, mut store) = (raw.store.span(), raw.store.into_inner());
         store.inherit_aws(&defaults.aws);
         if let Err(e) = store.validate() {
-            self.error_at(Some(store_span), &format!("{field}.store"), e);
+            let (inner, message) = split_field(&e);
+            self.error_at(Some(store_span), &format!("{field}.store{inner}"), message);
         }
         let timezone = match &raw.timezone {
             Some(tz) => self
@@ -805,6 +810,22 @@ impl Validator<'_> {
     }
 }
 
+/// Splits a plugin's validation error, which starts with the field it is about
+/// (`length: must be between 16 and 4096`), into `.length` and the rest.
+fn split_field(message: &str) -> (String, &str) {
+    match message.split_once(": ") {
+        Some((field, rest))
+            if !field.is_empty()
+                && field.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b"_./".contains(&b)
+                }) =>
+        {
+            (format!(".{field}"), rest)
+        }
+        _ => (String::new(), message),
+    }
+}
+
 fn valid_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
         && id
@@ -897,7 +918,7 @@ store = { kind = "file", path = "/tmp/x/weekly" }
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].starts_with("inv.toml:11:"), "{}", e[0]);
         assert!(
-            e[0].contains("credential[0].rotator") && e[0].contains("lenght"),
+            e[0].contains("credential[api-token].rotator.lenght: unknown field `lenght`"),
             "{}",
             e[0]
         );
@@ -986,7 +1007,7 @@ max_age = "2d"
         let e = errors(&with_note);
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(
-            e[0].starts_with("inv.toml:17:1: credential[1].note: unknown field"),
+            e[0].starts_with("inv.toml:17:1: credential[b].note: unknown field"),
             "{}",
             e[0]
         );

@@ -567,6 +567,7 @@ impl Engine {
             secret_field: job.rotator.secret_field(),
             started_at: std::time::UNIX_EPOCH
                 + Duration::from_secs(job.rotation.started_at.max(0) as u64),
+            old_attrs: job.rotation.old_attrs.as_ref(),
         }
     }
 

@@ -9,7 +9,8 @@
 //! - [`metrics`] and [`http`]: the Prometheus exposition and health endpoints; [`instrument`]:
 //!   metered wrappers around the plugins and the state store;
 //! - [`daemon`]: `keyrotd run`, wiring everything to one shutdown signal;
-//! - [`cli`]: `check`, `status`, `rotate` and `history`;
+//! - [`cli`]: `check`, `status`, `rotate` and `history`; [`logging`]: the log filter, which keeps
+//!   client libraries' statement and body logs off at every level;
 //! - [`alert`]: email and webhook notifications of credential conditions, without spam.
 //!
 //! The provider plugins (rotators and stores) live in the `keyrotd-rotators` crate.
@@ -22,6 +23,7 @@ pub mod engine;
 pub mod http;
 pub mod instrument;
 pub mod liveness;
+pub mod logging;
 pub mod metrics;
 pub mod schedule;
 pub mod scheduler;

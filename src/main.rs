@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use keyrotd::{cli, config, daemon};
+use keyrotd::{cli, config, daemon, logging};
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +28,15 @@ struct Args {
 enum LogFormat {
     Text,
     Json,
+}
+
+impl From<LogFormat> for logging::Format {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Text => Self::Text,
+            LogFormat::Json => Self::Json,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -62,17 +71,26 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.log_format);
+    if matches!(
+        args.command,
+        Command::Check | Command::Status { .. } | Command::History { .. }
+    ) {
+        end_quietly_on_a_closed_pipe();
+    }
+    logging::init(args.log_format.into());
     let inventory = match config::load(&args.config) {
         Ok(inventory) => inventory,
         Err(errors) => {
-            eprintln!("{errors}");
+            complain(format_args!("{errors}"));
             return ExitCode::from(2);
         }
     };
     if let Command::Rotate { id, .. } | Command::History { id: Some(id), .. } = &args.command {
         if !inventory.credentials.iter().any(|c| &c.id == id) {
-            eprintln!("error: no credential `{id}` in {}", args.config.display());
+            complain(format_args!(
+                "error: no credential `{id}` in {}",
+                args.config.display()
+            ));
             return ExitCode::from(2);
         }
     }
@@ -81,14 +99,14 @@ fn main() -> ExitCode {
         Command::Run | Command::Check | Command::Rotate { .. }
     ) {
         if let Err(errors) = config::check_references(&inventory) {
-            eprintln!("{errors}");
+            complain(format_args!("{errors}"));
             return ExitCode::from(2);
         }
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            complain(format_args!("error: cannot start the async runtime: {e}"));
             return ExitCode::from(cli::EXIT_FAILED);
         }
     };
@@ -106,20 +124,27 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            complain(format_args!("error: {e:#}"));
             ExitCode::from(cli::EXIT_FAILED)
         }
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYROTD_LOG")
-        .unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+/// Writes an error line on stderr. A closed stderr must not turn an error into a panic: the exit
+/// status still says what happened.
+fn complain(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Restores the default action of SIGPIPE, which the Rust runtime ignores, so that a read-only
+/// command whose reader went away (`keyrotd history | head -1`) ends at once and silently, as
+/// `cat` or `ls` do, instead of panicking on the failed write with exit status 101. Only the
+/// read-only commands do this: `run` and `rotate` talk to providers, where a peer closing a Unix
+/// socket must be an error to handle, not a signal that kills a rotation between two steps.
+fn end_quietly_on_a_closed_pipe() {
+    // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -839,7 +839,7 @@ fn malformed_secret_arn_is_a_check_error_with_its_place() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let stderr = text(&out.stderr);
     let want = format!(
-        "{}:7:9: credential[iam].store: secret_id:",
+        "{}:7:9: credential[iam].store.secret_id: ",
         config.display()
     );
     assert!(stderr.contains(&want), "want `{want}` in:\n{stderr}");

@@ -49,6 +49,44 @@ fn admin_exec(sql: &str) {
     })
 }
 
+/// Every password verifier in the cluster (`SCRAM-SHA-256$4096:salt$StoredKey:ServerKey`), and
+/// its two keys on their own: each is a password hash that keyrotd must never show.
+fn verifiers() -> Vec<String> {
+    let rows = block_on(async {
+        let config: tokio_postgres::Config = admin_dsn().parse().expect("admin DSN parses");
+        let (client, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("admin login");
+        tokio::spawn(connection);
+        client
+            .query(
+                "SELECT rolpassword FROM pg_authid WHERE rolpassword IS NOT NULL",
+                &[],
+            )
+            .await
+            .expect("admin reads pg_authid")
+    });
+    let mut out = Vec::new();
+    for row in rows {
+        let verifier: String = row.get(0);
+        if let Some((_, keys)) = verifier.rsplit_once('$') {
+            out.extend(keys.split(':').map(str::to_owned));
+        }
+        out.push(verifier);
+    }
+    out
+}
+
+/// The admin password inside the test cluster's admin DSN.
+fn admin_password() -> String {
+    admin_dsn()
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("password="))
+        .expect("the admin DSN has a password")
+        .to_owned()
+}
+
 /// Drops and re-creates `role` with a known starting password.
 fn fresh_role(role: &str) {
     admin_exec(&format!(
@@ -211,11 +249,26 @@ impl Setup {
         );
         let server_log = std::fs::read(backend_env("KEYROTD_TEST_PG_LOG")).unwrap_or_default();
         assert!(!server_log.is_empty(), "the server log was scanned");
-        for secret in secrets {
+        assert!(
+            !contains(&everything, "SCRAM-SHA-256$"),
+            "a SCRAM verifier (a password hash) leaked into logs, state or CLI output"
+        );
+        let mut hashes = verifiers();
+        assert!(!hashes.is_empty(), "the verifiers were read");
+        hashes.extend(encodings(&admin_password()));
+        for needle in &hashes {
             assert!(
-                !contains(&everything, secret),
-                "a generated password leaked into logs, state or CLI output"
+                !contains(&everything, needle),
+                "a password verifier or the admin password leaked into logs, state or CLI output"
             );
+        }
+        for secret in secrets {
+            for encoded in encodings(secret) {
+                assert!(
+                    !contains(&everything, &encoded),
+                    "a generated password (or its hex or base64) leaked into logs, state or CLI output"
+                );
+            }
             assert!(
                 !contains(&server_log, secret),
                 "a generated password is in PostgreSQL's statement log"

@@ -38,6 +38,12 @@ impl AwsDefaults {
     }
 }
 
+/// The rotator kinds, as written in the inventory.
+const ROTATOR_KINDS: &[&str] = &["random", "aws_iam_access_key", "postgres_password", "http"];
+
+/// The store kinds, as written in the inventory.
+const STORE_KINDS: &[&str] = &["file", "aws_secrets_manager"];
+
 /// A credential's `rotator` table. Large variants are boxed: every credential pays for the
 /// largest inline variant, and inventories hold 100,000 of them.
 #[derive(Debug, Clone, Deserialize)]
@@ -93,12 +99,33 @@ impl RotatorConfig {
         }
     }
 
-    /// The secret references this rotator reads (for `keyrotd check`).
-    pub fn secret_refs(&self) -> Vec<&SecretRef> {
+    /// The secret references this rotator reads (for `keyrotd check`), each with the name of
+    /// the field that holds it.
+    pub fn secret_refs(&self) -> Vec<(&'static str, &SecretRef)> {
         match self {
             Self::Random(_) | Self::AwsIamAccessKey(_) => vec![],
-            Self::PostgresPassword(c) => vec![&c.admin_dsn],
-            Self::Http(c) => vec![&c.auth],
+            Self::PostgresPassword(c) => vec![("admin_dsn", &c.admin_dsn)],
+            Self::Http(c) => vec![("auth", &c.auth)],
+        }
+    }
+
+    /// Deserializes the fields of the variant `kind` (the table without its `kind` key) straight
+    /// from `d`, and throws the result away.
+    ///
+    /// serde buffers an internally tagged enum before it reads the variant, so an error inside
+    /// a variant loses its path (`rotator` instead of `rotator.length`). The inventory loader
+    /// runs a table that failed through this again, with a path-tracking deserializer, to name
+    /// the field. An unknown kind is the same error the enum reports.
+    pub fn check_fields<'de, D: serde::Deserializer<'de>>(
+        kind: &str,
+        d: D,
+    ) -> Result<(), D::Error> {
+        match kind {
+            "random" => RandomConfig::deserialize(d).map(drop),
+            "aws_iam_access_key" => IamAccessKeyConfig::deserialize(d).map(drop),
+            "postgres_password" => PostgresConfig::deserialize(d).map(drop),
+            "http" => HttpConfig::deserialize(d).map(drop),
+            other => Err(serde::de::Error::unknown_variant(other, ROTATOR_KINDS)),
         }
     }
 
@@ -137,6 +164,18 @@ impl StoreConfig {
     pub fn inherit_aws(&mut self, defaults: &AwsDefaults) {
         if let Self::AwsSecretsManager(c) = self {
             defaults.fill(&mut c.region, &mut c.endpoint_url);
+        }
+    }
+
+    /// [`RotatorConfig::check_fields`] for stores.
+    pub fn check_fields<'de, D: serde::Deserializer<'de>>(
+        kind: &str,
+        d: D,
+    ) -> Result<(), D::Error> {
+        match kind {
+            "file" => FileConfig::deserialize(d).map(drop),
+            "aws_secrets_manager" => SecretsManagerConfig::deserialize(d).map(drop),
+            other => Err(serde::de::Error::unknown_variant(other, STORE_KINDS)),
         }
     }
 

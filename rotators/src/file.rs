@@ -410,6 +410,7 @@ mod tests {
             rotation_id,
             secret_field: "password",
             started_at: std::time::SystemTime::now(),
+            old_attrs: None,
         }
     }
 

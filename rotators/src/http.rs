@@ -400,12 +400,7 @@ fn check_url(field: &str, pieces: &[Piece]) -> Result<(), String> {
 }
 
 fn is_loopback(url: &url::Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        None => false,
-    }
+    url.host_str().is_some_and(crate::is_loopback_host)
 }
 
 fn check_pointer(field: &str, pointer: &str) -> Result<(), String> {

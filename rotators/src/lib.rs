@@ -76,6 +76,10 @@ pub struct StepContext<'a> {
     /// When the rotation started. A rotator that cleans up after a crash may only remove what was
     /// created at or after this instant (an IAM key made out of band before it is not an orphan).
     pub started_at: std::time::SystemTime,
+    /// The public attributes of the credential the rotation replaces, as the engine recorded
+    /// them when it started (none for a first rotation). Cleanup never removes what they name,
+    /// even when the store cannot say what is current.
+    pub old_attrs: Option<&'a Attrs>,
 }
 
 /// How the engine should react to a failed step.
@@ -226,4 +230,45 @@ pub trait Store: Send + Sync {
 
     /// Drops the previous value kept since this rotation's promotion (after revocation).
     async fn release_previous(&self, ctx: StepContext<'_>) -> Result<(), ProviderError>;
+}
+
+/// Whether `host` (a name, an IP address, or an IPv6 address in brackets) is this machine's
+/// loopback: `localhost`, 127.0.0.0/8 or ::1. Plain-text protocols (HTTP, PostgreSQL without TLS)
+/// are allowed only there, where no network sits between keyrotd and the server.
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "localhost",
+            "LOCALHOST",
+            "127.0.0.1",
+            "127.8.9.10",
+            "::1",
+            "[::1]",
+        ] {
+            assert!(super::is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "db.example.com",
+            "10.0.0.1",
+            "127.0.0.1.example.com",
+            "localhost.example.com",
+            "::ffff:10.0.0.1",
+            "",
+        ] {
+            assert!(!super::is_loopback_host(host), "{host}");
+        }
+    }
 }

@@ -17,9 +17,12 @@
 //! engine keeps a promoted rotation open through its grace period), since the next alternating
 //! rotation gives that very role a new, published password.
 //!
-//! TLS (`sslmode` `prefer`/`require`) uses rustls with the public web roots plus `sslrootcert`;
-//! the certificate and host name are always verified (libpq's `verify-full`), and an untrusted
-//! certificate is a permanent error. The admin connection uses the admin DSN's own `sslmode`.
+//! TLS uses rustls with the public web roots plus `sslrootcert`; the certificate and host name
+//! are always verified (libpq's `verify-full`), and an untrusted certificate is a permanent
+//! error. `sslmode` defaults to `require`; `prefer` and `disable` are accepted only to a loopback
+//! host or a Unix socket. The admin connection uses the admin DSN's own `sslmode` under the same
+//! rule: to any other host its `prefer` (also libpq's default) is taken as `require`, and
+//! `disable` is refused, so no password ever crosses a network in clear text.
 //!
 //! Invariant: neither the generated password nor the admin DSN's password is ever logged or put in
 //! an error message; errors carry the operation, the role and the server's SQLSTATE.
@@ -66,7 +69,8 @@ pub struct PostgresConfig {
     /// Database the target role logs in to; defaults to the admin DSN's database.
     #[serde(default)]
     pub dbname: Option<String>,
-    /// TLS for the target role's login (`disable`, `prefer`, `require`).
+    /// TLS for the target role's login (`require`, the default; `prefer` or `disable` only to
+    /// a loopback host or a Unix socket).
     #[serde(default)]
     pub sslmode: SslMode,
     /// A PEM file of CA certificates trusted for TLS besides the public web roots.
@@ -109,15 +113,21 @@ pub enum Strategy {
 }
 
 /// TLS policy for the target role's login, with libpq's names.
+///
+/// `require` is the default and verifies the certificate and the host name (libpq's
+/// `verify-full`), against the public web roots and `sslrootcert`. `prefer` and `disable` are
+/// allowed only to a loopback host or a Unix socket: over a network, a client that accepts a
+/// plain connection lets an attacker in the middle strip TLS and ask for the password in clear
+/// text, during `verify` (the new password) as on the admin connection (the admin's).
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum SslMode {
-    /// Never use TLS.
+    /// Never use TLS (loopback and Unix sockets only).
     Disable,
-    /// Use TLS when the server offers it.
-    #[default]
+    /// Use TLS when the server offers it (loopback and Unix sockets only).
     Prefer,
-    /// Refuse to log in without TLS.
+    /// Refuse to log in without TLS, and verify the server's certificate and name.
+    #[default]
     Require,
 }
 
@@ -190,7 +200,64 @@ impl PostgresConfig {
         if !(1..=300).contains(&self.connect_timeout_secs) {
             return Err("connect_timeout_secs: must be between 1 and 300".into());
         }
+        // Without `host` the login goes to the admin DSN's hosts, known only once the secret is
+        // read: `forbid_plain_text_over_network` checks them at every connection.
+        if let Some(host) = self.host.as_deref() {
+            if self.sslmode != SslMode::Require && !is_local(&Host::Tcp(host.to_owned())) {
+                return Err(format!(
+                    "sslmode: `{}` to `{host}` could send the password in clear text; \
+                     `prefer` and `disable` are allowed only to a loopback host \
+                     (127.0.0.0/8, ::1, localhost) or a Unix socket: use `require`",
+                    self.sslmode.name()
+                ));
+            }
+        }
         Ok(())
+    }
+}
+
+impl SslMode {
+    /// The name as written in the inventory.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+        }
+    }
+}
+
+/// Whether a connection target is this machine: a Unix socket or a loopback address.
+fn is_local(host: &Host) -> bool {
+    match host {
+        Host::Tcp(name) => crate::is_loopback_host(name),
+        Host::Unix(_) => true,
+    }
+}
+
+/// Makes sure a connection can never send a password in clear text over a network. To any
+/// host that is not loopback (or a Unix socket), `prefer` becomes `require`, so a server that
+/// does not offer TLS (or an attacker stripping it) gets no password, and `disable` is refused.
+/// `hostaddr`, when set, is where the connection really goes, so it must be local too.
+fn forbid_plain_text_over_network(
+    config: &mut tokio_postgres::Config,
+    what: &str,
+) -> Result<(), ProviderError> {
+    let local = config.get_hosts().iter().all(is_local)
+        && config.get_hostaddrs().iter().all(|a| a.is_loopback());
+    if local {
+        return Ok(());
+    }
+    match config.get_ssl_mode() {
+        PgSslMode::Disable => Err(ProviderError::permanent(format!(
+            "{what}: sslmode=disable to a host that is not loopback would send the password in \
+             clear text; it is allowed only to 127.0.0.0/8, ::1, localhost or a Unix socket"
+        ))),
+        PgSslMode::Prefer => {
+            config.ssl_mode(PgSslMode::Require);
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -236,6 +303,7 @@ impl PostgresRotator {
             config.connect_timeout(self.timeout());
         }
         config.application_name("keyrotd");
+        forbid_plain_text_over_network(&mut config, &format!("{op}: admin login"))?;
         Ok(config)
     }
 
@@ -284,6 +352,7 @@ impl PostgresRotator {
             })
             .connect_timeout(self.timeout())
             .application_name("keyrotd-verify");
+        forbid_plain_text_over_network(&mut config, &format!("{op}: login as role \"{role}\""))?;
         Ok(config)
     }
 
@@ -618,6 +687,74 @@ mod tests {
             r#"{"admin_dsn":"postgres://u:p@h/db","strategy":"single","role":"a"}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn plain_text_modes_only_to_loopback_at_check_time() {
+        let with = |host: &str, sslmode: Option<&str>| {
+            let mut c = config(&format!(
+                r#"{{"admin_dsn":"env:X","strategy":"single","role":"a","host":"{host}"}}"#
+            ));
+            if let Some(mode) = sslmode {
+                c.sslmode = serde_json::from_value(serde_json::json!(mode)).unwrap();
+            }
+            c.validate()
+        };
+        assert_eq!(
+            config(r#"{"admin_dsn":"env:X","strategy":"single","role":"a"}"#).sslmode,
+            SslMode::Require,
+            "require is the default"
+        );
+        for host in ["db.example.com", "10.1.2.3", "::ffff:10.1.2.3"] {
+            for mode in ["disable", "prefer"] {
+                let e = with(host, Some(mode)).unwrap_err();
+                assert!(
+                    e.starts_with("sslmode:") && e.contains("clear text"),
+                    "{host} {mode}: {e}"
+                );
+            }
+            assert!(with(host, None).is_ok());
+            assert!(with(host, Some("require")).is_ok());
+        }
+        for host in ["127.0.0.1", "localhost", "::1"] {
+            assert!(with(host, Some("disable")).is_ok(), "{host}");
+            assert!(with(host, Some("prefer")).is_ok(), "{host}");
+        }
+    }
+
+    #[test]
+    fn connections_never_go_plain_over_a_network() {
+        let check = |dsn: &str| {
+            let mut c: tokio_postgres::Config = dsn.parse().unwrap();
+            forbid_plain_text_over_network(&mut c, "test").map(|()| c.get_ssl_mode())
+        };
+        for dsn in [
+            "host=db.example.com sslmode=disable",
+            "host=127.0.0.1,db.example.com sslmode=disable",
+            "host=localhost hostaddr=10.0.0.1 sslmode=disable",
+            "postgres://u@10.0.0.1/db?sslmode=disable",
+        ] {
+            let e = check(dsn).unwrap_err();
+            assert_eq!(e.class, ErrorClass::Permanent, "{dsn}");
+            assert!(e.message.contains("clear text"), "{dsn}: {e}");
+        }
+        // libpq's default, `prefer`, becomes `require` over a network.
+        assert_eq!(check("host=db.example.com").ok(), Some(PgSslMode::Require));
+        assert_eq!(
+            check("host=db.example.com sslmode=prefer").ok(),
+            Some(PgSslMode::Require)
+        );
+        for (dsn, mode) in [
+            ("host=127.0.0.1 sslmode=disable", PgSslMode::Disable),
+            ("host=localhost sslmode=prefer", PgSslMode::Prefer),
+            (
+                "host=/var/run/postgresql sslmode=disable",
+                PgSslMode::Disable,
+            ),
+            ("host=::1 sslmode=disable", PgSslMode::Disable),
+        ] {
+            assert_eq!(check(dsn).ok(), Some(mode), "{dsn}");
+        }
     }
 
     #[test]

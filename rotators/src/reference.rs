@@ -11,7 +11,10 @@
 //! `AWS_ENDPOINT_URL` when set. [`SecretRef::resolve`] handles the local schemes.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -33,27 +36,41 @@ pub enum SecretRef {
     },
 }
 
+/// The largest secret a `file:` or `credential:` reference may hold. Secrets are short (a DSN,
+/// a token); the cap keeps a reference to a huge file or a device from exhausting memory.
+pub const MAX_SECRET_BYTES: u64 = 64 * 1024;
+
 /// Why a reference is invalid or cannot be resolved. Never contains the secret.
+///
+/// A reference that does not parse may be a secret pasted where a reference belongs
+/// (`env:PGPASS=S3cr3t`, `file:S3cr3t`), so the errors about malformed references say what is
+/// wrong in general terms and never repeat any part of the text.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RefError {
     #[error("expected a secret reference (env:NAME, file:/path, credential:NAME or aws-sm:SECRET_ID#field), found a literal value; secrets never belong in the config file")]
     Literal,
-    #[error("`credential:` names a file in $CREDENTIALS_DIRECTORY, not a path")]
-    CredentialPath,
-    #[error("invalid secret reference `{reference}`: {why}")]
-    Invalid { reference: String, why: String },
+    #[error("`env:` must be followed by a variable name (letters, digits and _, not starting with a digit); the text given is not one and is not repeated here in case it is a secret")]
+    EnvName,
+    #[error("`credential:` must be followed by a credential name (letters, digits and ._-@, no path); the text given is not one and is not repeated here in case it is a secret")]
+    CredentialName,
+    #[error("`file:` must be followed by an absolute path; the text given is not one and is not repeated here in case it is a secret")]
+    RelativePath,
+    #[error("invalid `aws-sm:` reference: {0}; the text given is not repeated here in case it is a secret")]
+    AwsSmInvalid(&'static str),
     #[error("`{0}` is read from AWS Secrets Manager and needs async resolution (resolve_async)")]
     NeedsAsync(String),
     #[error("cannot read `{reference}`: {message}")]
     Aws { reference: String, message: String },
-    #[error("secret reference `{0}` names nothing")]
-    Empty(String),
-    #[error("file reference must be an absolute path, got `{0}`")]
-    RelativePath(String),
+    #[error("secret reference `{0}:` names nothing")]
+    Empty(&'static str),
     #[error("environment variable `{0}` is not set")]
     EnvMissing(String),
     #[error("cannot read `{path}`: {kind}")]
     FileUnreadable { path: String, kind: String },
+    #[error("`{path}` is {what}, not a regular file")]
+    NotRegularFile { path: String, what: &'static str },
+    #[error("`{path}` is larger than {MAX_SECRET_BYTES} bytes, too large for a secret")]
+    TooLarge { path: String },
     #[error(
         "`credential:{0}` needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=), which is not set"
     )]
@@ -71,21 +88,48 @@ impl FromStr for SecretRef {
         };
         // Anything but a known scheme (a password containing a colon, a URL with credentials)
         // is a literal, and no part of it is repeated in the error.
-        if !matches!(scheme, "env" | "file" | "credential" | "aws-sm") {
-            return Err(RefError::Literal);
-        }
+        let scheme = match scheme {
+            "env" => "env",
+            "file" => "file",
+            "credential" => "credential",
+            "aws-sm" => "aws-sm",
+            _ => return Err(RefError::Literal),
+        };
         if rest.is_empty() {
-            return Err(RefError::Empty(s.to_owned()));
+            return Err(RefError::Empty(scheme));
         }
         match scheme {
-            "env" => Ok(Self::Env(rest.to_owned())),
-            "file" if rest.starts_with('/') => Ok(Self::File(PathBuf::from(rest))),
-            "file" => Err(RefError::RelativePath(rest.to_owned())),
-            "credential" if !rest.contains('/') => Ok(Self::SystemdCredential(rest.to_owned())),
-            "credential" => Err(RefError::CredentialPath),
-            _ => parse_aws_sm(s, rest),
+            "env" if is_env_name(rest) => Ok(Self::Env(rest.to_owned())),
+            "env" => Err(RefError::EnvName),
+            "file" if rest.starts_with('/') && !rest.contains('\0') => {
+                Ok(Self::File(PathBuf::from(rest)))
+            }
+            "file" => Err(RefError::RelativePath),
+            "credential" if is_credential_name(rest) => {
+                Ok(Self::SystemdCredential(rest.to_owned()))
+            }
+            "credential" => Err(RefError::CredentialName),
+            _ => parse_aws_sm(rest),
         }
     }
+}
+
+/// A POSIX environment variable name: what a reference can name, and what a pasted secret
+/// (with `=`, spaces or punctuation) almost never is.
+fn is_env_name(name: &str) -> bool {
+    name.len() <= 255
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// A systemd credential name: a file name in `$CREDENTIALS_DIRECTORY`.
+fn is_credential_name(name: &str) -> bool {
+    name.len() <= 255
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b))
 }
 
 impl fmt::Display for SecretRef {
@@ -109,29 +153,19 @@ impl<'de> serde::Deserialize<'de> for SecretRef {
     }
 }
 
-/// `aws-sm:SECRET_ID[#field]`: the secret id is checked like the store's `secret_id`.
-fn parse_aws_sm(reference: &str, rest: &str) -> Result<SecretRef, RefError> {
-    let invalid = |why: String| RefError::Invalid {
-        reference: reference.to_owned(),
-        why,
-    };
+/// `aws-sm:SECRET_ID[#field]`: the secret id is checked like the store's `secret_id`, but the
+/// error never quotes it.
+fn parse_aws_sm(rest: &str) -> Result<SecretRef, RefError> {
     let (secret_id, field) = match rest.split_once('#') {
-        Some((id, "")) => {
-            return Err(invalid(format!(
-                "`#` must be followed by a field name (or drop it to read `{id}` whole)"
-            )))
+        Some((_, "")) => {
+            return Err(RefError::AwsSmInvalid(
+                "`#` must be followed by a field name (or drop it to read the secret whole)",
+            ))
         }
         Some((id, field)) => (id, Some(field.to_owned())),
         None => (rest, None),
     };
-    crate::aws::secrets_manager::SecretsManagerConfig {
-        secret_id: secret_id.to_owned(),
-        field: field.clone(),
-        region: None,
-        endpoint_url: None,
-    }
-    .validate()
-    .map_err(invalid)?;
+    crate::aws::secrets_manager::check_secret_id(secret_id).map_err(RefError::AwsSmInvalid)?;
     Ok(SecretRef::AwsSecretsManager {
         secret_id: secret_id.to_owned(),
         field,
@@ -168,25 +202,15 @@ impl SecretRef {
     /// reading it, so `keyrotd check` can report a missing one before any rotation needs it.
     /// An `aws-sm:` reference needs AWS: it passes here and is checked when it is resolved.
     pub fn check_available(&self) -> Result<(), RefError> {
-        let open = |path: &std::path::Path| {
-            std::fs::File::open(path)
-                .map(drop)
-                .map_err(|e| RefError::FileUnreadable {
-                    path: path.display().to_string(),
-                    kind: e.kind().to_string(),
-                })
-        };
         match self {
             Self::Env(name) => match std::env::var_os(name) {
                 Some(v) if !v.is_empty() => Ok(()),
                 Some(_) => Err(RefError::EmptyValue(self.to_string())),
                 None => Err(RefError::EnvMissing(name.clone())),
             },
-            Self::File(path) => open(path),
+            Self::File(path) => open_secret_file(path).map(drop),
             Self::SystemdCredential(name) => {
-                let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
-                    .ok_or_else(|| RefError::NoCredentialsDirectory(name.clone()))?;
-                open(&PathBuf::from(dir).join(name))
+                open_secret_file(&credentials_directory(name)?.join(name)).map(drop)
             }
             Self::AwsSecretsManager { .. } => Ok(()),
         }
@@ -195,19 +219,16 @@ impl SecretRef {
     /// Reads the referenced secret when that needs no network: `env:`, `file:` and
     /// `credential:`. An `aws-sm:` reference is [`RefError::NeedsAsync`].
     pub fn resolve(&self) -> Result<SecretString, RefError> {
-        let value = match self {
+        let value = SecretString::from(match self {
             Self::AwsSecretsManager { .. } => return Err(RefError::NeedsAsync(self.to_string())),
             Self::Env(name) => {
                 std::env::var(name).map_err(|_| RefError::EnvMissing(name.clone()))?
             }
             Self::File(path) => read_file(path)?,
-            Self::SystemdCredential(name) => {
-                let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
-                    .ok_or_else(|| RefError::NoCredentialsDirectory(name.clone()))?;
-                read_file(&PathBuf::from(dir).join(name))?
-            }
-        };
-        let trimmed = value.strip_suffix('\n').unwrap_or(&value);
+            Self::SystemdCredential(name) => read_file(&credentials_directory(name)?.join(name))?,
+        });
+        let value = value.expose_secret();
+        let trimmed = value.strip_suffix('\n').unwrap_or(value);
         if trimmed.is_empty() {
             return Err(RefError::EmptyValue(self.to_string()));
         }
@@ -215,10 +236,73 @@ impl SecretRef {
     }
 }
 
-fn read_file(path: &std::path::Path) -> Result<String, RefError> {
-    std::fs::read_to_string(path).map_err(|e| RefError::FileUnreadable {
+fn credentials_directory(name: &str) -> Result<PathBuf, RefError> {
+    std::env::var_os("CREDENTIALS_DIRECTORY")
+        .map(PathBuf::from)
+        .ok_or_else(|| RefError::NoCredentialsDirectory(name.to_owned()))
+}
+
+/// Opens a secret file for reading, refusing anything but a regular file of at most
+/// [`MAX_SECRET_BYTES`]. The open is non-blocking, so a FIFO planted at the path is refused
+/// instead of hanging the process until a writer appears; a device or a directory is refused
+/// before a single byte is read.
+fn open_secret_file(path: &Path) -> Result<File, RefError> {
+    let unreadable = |e: std::io::Error| RefError::FileUnreadable {
         path: path.display().to_string(),
         kind: e.kind().to_string(),
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
+    let kind = meta.file_type();
+    let what = if kind.is_file() {
+        None
+    } else if kind.is_dir() {
+        Some("a directory")
+    } else if kind.is_fifo() {
+        Some("a FIFO")
+    } else if kind.is_char_device() || kind.is_block_device() {
+        Some("a device")
+    } else if kind.is_socket() {
+        Some("a socket")
+    } else {
+        Some("a special file")
+    };
+    if let Some(what) = what {
+        return Err(RefError::NotRegularFile {
+            path: path.display().to_string(),
+            what,
+        });
+    }
+    if meta.len() > MAX_SECRET_BYTES {
+        return Err(RefError::TooLarge {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(file)
+}
+
+/// Reads a secret file, at most [`MAX_SECRET_BYTES`] of it even if it grows while being read.
+fn read_file(path: &Path) -> Result<String, RefError> {
+    let file = open_secret_file(path)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| RefError::FileUnreadable {
+            path: path.display().to_string(),
+            kind: e.kind().to_string(),
+        })?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        return Err(RefError::TooLarge {
+            path: path.display().to_string(),
+        });
+    }
+    String::from_utf8(bytes).map_err(|_| RefError::FileUnreadable {
+        path: path.display().to_string(),
+        kind: "not UTF-8 text".to_owned(),
     })
 }
 
@@ -255,14 +339,11 @@ mod tests {
             "aws-sm:arn:aws:s3:eu-west-1:123456789012:secret:x",
         ] {
             let err = bad.parse::<SecretRef>().unwrap_err();
-            assert!(
-                matches!(&err, RefError::Invalid { reference, .. } if reference == bad),
-                "{bad}: {err:?}"
-            );
+            assert!(matches!(&err, RefError::AwsSmInvalid(_)), "{bad}: {err:?}");
         }
         assert_eq!(
             "aws-sm:".parse::<SecretRef>(),
-            Err(RefError::Empty("aws-sm:".into()))
+            Err(RefError::Empty("aws-sm"))
         );
         assert_eq!("aws:x".parse::<SecretRef>(), Err(RefError::Literal));
     }
@@ -306,12 +387,94 @@ mod tests {
         assert!(!RefError::Literal.to_string().contains("hunter"));
         assert_eq!(
             "file:relative".parse::<SecretRef>(),
-            Err(RefError::RelativePath("relative".into()))
+            Err(RefError::RelativePath)
         );
-        assert_eq!(
-            "env:".parse::<SecretRef>(),
-            Err(RefError::Empty("env:".into()))
-        );
+        assert_eq!("env:".parse::<SecretRef>(), Err(RefError::Empty("env")));
+    }
+
+    /// Every substring of `secret` of 4 characters or more, for leak checks.
+    fn pieces(secret: &str) -> Vec<&str> {
+        let ends: Vec<usize> = (0..=secret.len())
+            .filter(|&i| secret.is_char_boundary(i))
+            .collect();
+        let mut out = Vec::new();
+        for (n, &a) in ends.iter().enumerate() {
+            for &b in &ends[n + 1..] {
+                if secret[a..b].chars().count() >= 4 {
+                    out.push(&secret[a..b]);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_refused_reference_echoes_no_part_of_its_value() {
+        let secret = "S3cr3t-Pa55w0rd!x";
+        for text in [
+            format!("env:PGPASS={secret}"),
+            format!("env:{secret}"),
+            format!("env:9{secret}"),
+            format!("file:{secret}"),
+            format!("file:~/{secret}"),
+            format!("credential:{secret}"),
+            format!("credential:../{secret}"),
+            format!("credential:dir/{secret}"),
+            format!("aws-sm:{secret} x#password"),
+            format!("aws-sm:{secret}#"),
+            format!("aws-sm:arn:aws:secretsmanager:x:{secret}"),
+            format!("aws-sm:arn:aws:s3:eu-west-1:123456789012:secret:{secret}"),
+            secret.to_owned(),
+            format!("postgres://u:{secret}@h/db"),
+            format!("{secret}:x"),
+        ] {
+            let err = text
+                .parse::<SecretRef>()
+                .expect_err(&format!("`{text}` must be refused"));
+            let shown = format!("{err} {err:?}");
+            for piece in pieces(secret) {
+                assert!(
+                    !shown.contains(piece),
+                    "the error for a refused reference repeats `{piece}`: {shown}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn file_references_must_be_small_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let as_ref = |p: &Path| SecretRef::File(p.to_owned());
+        let err = as_ref(dir.path()).check_available().unwrap_err();
+        assert!(err.to_string().contains("is a directory"), "{err}");
+        assert!(as_ref(dir.path()).resolve().is_err());
+
+        // A FIFO with no writer: a blocking open would hang here for good.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = as_ref(&fifo).check_available().unwrap_err();
+        assert!(err.to_string().contains("is a FIFO"), "{err}");
+        assert!(matches!(
+            as_ref(&fifo).resolve(),
+            Err(RefError::NotRegularFile { .. })
+        ));
+
+        for device in ["/dev/zero", "/dev/null"] {
+            let err = as_ref(Path::new(device)).resolve().unwrap_err();
+            assert!(err.to_string().contains("is a device"), "{err}");
+        }
+
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'a'; MAX_SECRET_BYTES as usize + 1]).unwrap();
+        assert!(matches!(
+            as_ref(&big).check_available(),
+            Err(RefError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            as_ref(&big).resolve(),
+            Err(RefError::TooLarge { .. })
+        ));
     }
 
     #[test]

@@ -94,6 +94,7 @@ fn ctx(rotation_id: &str, started_at: SystemTime) -> StepContext<'_> {
         rotation_id,
         secret_field: "SecretAccessKey",
         started_at,
+        old_attrs: None,
     }
 }
 
@@ -496,6 +497,7 @@ async fn secrets_manager_secret_without_a_value_gets_its_first_one() {
         rotation_id: &rid,
         secret_field: "password",
         started_at: SystemTime::now(),
+        old_attrs: None,
     };
     assert!(store.current(ctx).await.unwrap().is_none());
     let mut new = cred("s3cret-first");
@@ -607,6 +609,35 @@ async fn crash_recovery_leaves_keys_made_before_the_rotation_alone() {
     assert_eq!(
         keys(&admin, user).await.into_keys().collect::<Vec<_>>(),
         vec![key_id(&out_of_band)]
+    );
+}
+
+/// A key named in the rotation's old attributes is what consumers used before it; a crash
+/// cleanup must spare it even when its `CreateDate` looks later than the rotation's start (AWS's
+/// clock ahead of the local one) and the store cannot say what is current.
+#[tokio::test]
+async fn crash_recovery_never_deletes_the_key_the_rotation_replaces() {
+    let admin = admin().await;
+    let user = "crash-old-user";
+    create_user(&admin, user).await;
+    let rotator = rotator(user, "10s", true);
+    let rid = rotation_id("crash-old", 1);
+    // The rotation started a little before the old key's CreateDate, as a local clock behind
+    // AWS's makes it look.
+    let started = SystemTime::now() - Duration::from_secs(1);
+    let old = create_key(&admin, user).await;
+    let old_attrs = old.attrs.clone();
+    let ctx = StepContext {
+        old_attrs: Some(&old_attrs),
+        ..ctx(&rid, started)
+    };
+    let _lost = rotator.issue(ctx, None).await.unwrap();
+    assert_eq!(keys(&admin, user).await.len(), 2);
+    rotator.abandon(ctx, None, None).await.unwrap();
+    assert_eq!(
+        keys(&admin, user).await.into_keys().collect::<Vec<_>>(),
+        vec![key_id(&old)],
+        "the orphan is gone and the replaced key is kept"
     );
 }
 

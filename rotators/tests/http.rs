@@ -202,6 +202,7 @@ fn ctx(rotation_id: &str) -> StepContext<'_> {
         rotation_id,
         secret_field: "api_key",
         started_at: SystemTime::now(),
+        old_attrs: None,
     }
 }
 

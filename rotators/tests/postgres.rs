@@ -63,6 +63,7 @@ fn ctx(rotation_id: &str) -> StepContext<'_> {
         rotation_id,
         secret_field: "password",
         started_at: SystemTime::now(),
+        old_attrs: None,
     }
 }
 

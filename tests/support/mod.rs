@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The binary under test.
+/// The binary under test, logging at the most verbose level: the leak scans of every test then
+/// cover what any log level could show.
 pub fn keyrotd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyrotd"));
     cmd.env_remove("KEYROTD_CONFIG")
         .env_remove("KEYROTD_FAILPOINT")
-        .env("KEYROTD_LOG", "debug");
+        .env("KEYROTD_LOG", "trace");
     cmd
 }
 
@@ -174,6 +175,37 @@ pub fn all_bytes(dir: &Path, except: &[PathBuf]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// `secret` and the encodings of it a log or a dump could show instead: hex (both cases) and
+/// base64 (standard and URL-safe, padded or not). A leak scan looks for each.
+pub fn encodings(secret: &str) -> Vec<String> {
+    const STD: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = secret.as_bytes();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut b64 = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            b64.push(STD[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    let unpadded = b64.clone();
+    while !b64.len().is_multiple_of(4) {
+        b64.push('=');
+    }
+    let url = unpadded.replace('+', "-").replace('/', "_");
+    vec![
+        secret.to_owned(),
+        hex.to_uppercase(),
+        hex,
+        b64,
+        url,
+        unpadded,
+    ]
 }
 
 /// Whether `needle` occurs in `haystack`.

@@ -11,14 +11,20 @@
 //!   while IAM propagates the key, and the caller must be the configured user.
 //! - revoke: `UpdateAccessKey` to `Inactive`, then `DeleteAccessKey`.
 //! - abandon: deletes the issued key, or, when a crash lost it, every key of the user that is
-//!   not the current one and was created since the rotation started.
+//!   neither the current one nor the one the rotation replaces and was created since the rotation
+//!   started, on AWS's clock (see [`started_in_aws_time`]).
 //!
 //! The credential's secret is the `SecretAccessKey`; its attribute `AccessKeyId` identifies it,
 //! so its store should write JSON (file `format = "json"`, Secrets Manager with `field`).
 
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use aws_sdk_iam::config::interceptors::BeforeDeserializationInterceptorContextRef;
+use aws_sdk_iam::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_iam::error::BoxError;
+use aws_sdk_iam::primitives::{DateTime, DateTimeFormat};
 use aws_sdk_iam::types::{AccessKeyMetadata, StatusType};
 use aws_sdk_sts::config::Credentials;
 use secrecy::{ExposeSecret, SecretString};
@@ -146,6 +152,24 @@ impl IamAccessKeyRotator {
             .await
             .map_err(|e| aws_error("IAM ListAccessKeys", &self.target(), e))?;
         Ok(out.access_key_metadata().to_vec())
+    }
+
+    /// The user's keys and AWS's own time when it listed them (the response's `Date` header),
+    /// which dates the keys' `CreateDate` on the same clock.
+    async fn list_keys_with_time(
+        &self,
+        iam: &aws_sdk_iam::Client,
+    ) -> Result<(Vec<AccessKeyMetadata>, Option<i64>), ProviderError> {
+        let date = ResponseDate::default();
+        let out = iam
+            .list_access_keys()
+            .user_name(&self.config.user_name)
+            .customize()
+            .interceptor(date.clone())
+            .send()
+            .await
+            .map_err(|e| aws_error("IAM ListAccessKeys", &self.target(), e))?;
+        Ok((out.access_key_metadata().to_vec(), date.secs()))
     }
 
     /// Deletes a key; a key that is already gone is fine.
@@ -331,19 +355,25 @@ impl Rotator for IamAccessKeyRotator {
             }
             return self.delete_key(&iam, id).await;
         }
-        // The issued key is lost: orphans are keys created since the rotation started that the
-        // store does not hold. IAM dates have whole seconds, so compare whole seconds.
-        let started = ctx
-            .started_at
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        for key in self.list_keys(&iam).await? {
+        // The issued key is lost: orphans are keys this rotation created, that is keys created
+        // since it started, other than the current key and the key it replaces (which consumers
+        // may still use, whatever the clocks say).
+        let old_id = ctx
+            .old_attrs
+            .and_then(|a| a.get(ACCESS_KEY_ID))
+            .map(String::as_str);
+        let (keys, aws_now) = self.list_keys_with_time(&iam).await?;
+        let started = started_in_aws_time(ctx.started_at, SystemTime::now(), aws_now);
+        for key in keys {
+            let id = key_id(&key);
+            if Some(id) == current_id || Some(id) == old_id {
+                continue;
+            }
             let created = key.create_date().map(|d| d.secs()).unwrap_or(i64::MIN);
-            if Some(key_id(&key)) != current_id && created >= started {
-                tracing::warn!(user = %self.config.user_name, access_key_id = key_id(&key),
+            if created >= started {
+                tracing::warn!(user = %self.config.user_name, access_key_id = id,
                     "deleting orphaned IAM access key of an interrupted rotation");
-                self.delete_key(&iam, key_id(&key)).await?;
+                self.delete_key(&iam, id).await?;
             }
         }
         Ok(())
@@ -377,6 +407,67 @@ impl Rotator for IamAccessKeyRotator {
     }
 }
 
+/// Clock differences smaller than this are within the precision of the `Date` header and of
+/// `CreateDate` (whole seconds) and are not corrected.
+const NEGLIGIBLE_SKEW: Duration = Duration::from_secs(2);
+
+/// The rotation's start in AWS's time, in whole seconds: the time AWS reported (`aws_now`) less
+/// the time that passed on the local clock since the rotation started. Measuring the elapsed time
+/// on one clock and the instant on the other makes the comparison with a key's `CreateDate`
+/// immune to skew between the two: a local clock minutes ahead of AWS would otherwise hide a
+/// fresh orphan, and one behind AWS would take a key made before the rotation for an orphan.
+/// Without a usable `Date` header, or when the clocks agree within [`NEGLIGIBLE_SKEW`], the local
+/// start time is used as it is.
+fn started_in_aws_time(started: SystemTime, local_now: SystemTime, aws_now: Option<i64>) -> i64 {
+    let secs = |t: SystemTime| match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    };
+    let local_start = secs(started);
+    let Some(aws_now) = aws_now else {
+        return local_start;
+    };
+    let skew = aws_now - secs(local_now);
+    if skew.unsigned_abs() <= NEGLIGIBLE_SKEW.as_secs() {
+        return local_start;
+    }
+    // Local clock jumps during the rotation would make "elapsed" negative: count it as zero.
+    let elapsed = secs(local_now).saturating_sub(local_start).max(0);
+    aws_now.saturating_sub(elapsed)
+}
+
+/// Records the `Date` header of an AWS response: AWS's clock, to date `CreateDate` against.
+#[derive(Debug, Clone, Default)]
+struct ResponseDate(Arc<Mutex<Option<i64>>>);
+
+impl ResponseDate {
+    fn secs(&self) -> Option<i64> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Intercept for ResponseDate {
+    fn name(&self) -> &'static str {
+        "keyrotd::ResponseDate"
+    }
+
+    fn read_after_transmit(
+        &self,
+        context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        _: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let date = context
+            .response()
+            .headers()
+            .get("date")
+            .and_then(|d| DateTime::from_str(d, DateTimeFormat::HttpDate).ok())
+            .map(|d| d.secs());
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = date;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,6 +480,24 @@ mod tests {
             verify_timeout: default_verify_timeout(),
             delete_after_deactivate: true,
         }
+    }
+
+    #[test]
+    fn the_start_is_moved_to_aws_time_when_the_clocks_disagree() {
+        let t = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        let (start, now) = (t(1_000_000), t(1_000_030));
+        // Clocks in agreement (within the header's precision), or no header: the local start.
+        assert_eq!(started_in_aws_time(start, now, None), 1_000_000);
+        assert_eq!(started_in_aws_time(start, now, Some(1_000_031)), 1_000_000);
+        // The local clock 10 minutes ahead of AWS: the start was 30 s before AWS's now.
+        assert_eq!(
+            started_in_aws_time(start, now, Some(1_000_030 - 600)),
+            999_400
+        );
+        // 10 minutes behind AWS.
+        assert_eq!(started_in_aws_time(start, now, Some(1_000_630)), 1_000_600);
+        // The local clock jumped back during the rotation: no negative elapsed time.
+        assert_eq!(started_in_aws_time(now, start, Some(1_000_600)), 1_000_600);
     }
 
     #[test]

@@ -177,7 +177,7 @@ fn error_code<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Optio
     plausible.then(|| code.to_owned())
 }
 
-/// Checks an optional `endpoint_url`: an absolute http(s) URL.
+/// Checks an optional `endpoint_url`: an absolute https URL, or http to a loopback host.
 pub(crate) fn validate_endpoint_url(url: Option<&str>) -> Result<(), String> {
     let Some(url) = url else { return Ok(()) };
     let rest = url
@@ -191,6 +191,18 @@ pub(crate) fn validate_endpoint_url(url: Option<&str>) -> Result<(), String> {
     if let Some((_, port)) = host.rsplit_once(':').filter(|_| !host.ends_with(']')) {
         if port.parse::<u16>().is_err() {
             return Err(format!("endpoint_url: `{url}` has an invalid port"));
+        }
+    }
+    if url.starts_with("http://") {
+        // Plain HTTP carries the request signatures and, for Secrets Manager and IAM, the
+        // secrets themselves: only where no network can read them.
+        let parsed = url::Url::parse(url)
+            .map_err(|e| format!("endpoint_url: `{url}` is not a valid URL ({e})"))?;
+        if !parsed.host_str().is_some_and(crate::is_loopback_host) {
+            return Err(format!(
+                "endpoint_url: `{url}` uses plain http, which is allowed only to a loopback host \
+                 (127.0.0.0/8, ::1, localhost); use https"
+            ));
         }
     }
     Ok(())
@@ -331,6 +343,26 @@ mod tests {
         assert!(validate_endpoint_url(Some("http://")).is_err());
         assert!(validate_endpoint_url(Some("http://host:port")).is_err());
         assert!(validate_endpoint_url(Some("http://u:p@host")).is_err());
+        for loopback in [
+            "http://localhost:5000",
+            "http://[::1]:5000/",
+            "http://127.3.2.1",
+        ] {
+            assert!(validate_endpoint_url(Some(loopback)).is_ok(), "{loopback}");
+        }
+        for remote in [
+            "http://iam.amazonaws.com",
+            "http://10.0.0.5:5000",
+            "http://127.0.0.1.nip.io:5000",
+            "http://[2001:db8::1]/",
+        ] {
+            let e = validate_endpoint_url(Some(remote)).unwrap_err();
+            assert!(
+                e.starts_with("endpoint_url:") && e.contains("plain http"),
+                "{remote}: {e}"
+            );
+        }
+        assert!(validate_endpoint_url(Some("https://10.0.0.5:5000")).is_ok());
     }
 
     #[test]

@@ -50,28 +50,39 @@ impl SecretsManagerConfig {
     /// Checks what can be known without calling AWS; the error names the offending field.
     pub fn validate(&self) -> Result<(), String> {
         let id = &self.secret_id;
-        if id.trim().is_empty() {
-            return Err("secret_id: must not be empty".into());
-        }
-        if id.len() > 2048 {
-            return Err("secret_id: longer than 2048 characters".into());
-        }
-        if id.starts_with("arn:") {
-            validate_secret_arn(id)
-                .map_err(|why| format!("secret_id: `{id}` is not a Secrets Manager ARN: {why}"))?;
-        } else if !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/_+=.@-".contains(c))
-        {
-            return Err(format!(
-                "secret_id: `{id}` may only contain letters, digits and /_+=.@-"
-            ));
-        }
+        check_secret_id(id).map_err(|why| {
+            if id.trim().is_empty() {
+                format!("secret_id: {why}")
+            } else {
+                format!("secret_id: `{id}` is not a valid secret name or ARN: {why}")
+            }
+        })?;
         if self.field.as_deref().is_some_and(str::is_empty) {
             return Err("field: must not be empty when set".into());
         }
         super::validate_region(self.region.as_deref())?;
         super::validate_endpoint_url(self.endpoint_url.as_deref())
+    }
+}
+
+/// Checks a secret id (a name or an ARN). The reason never quotes the id, so a secret reference
+/// that holds a pasted secret instead of an id can be refused without echoing it.
+pub(crate) fn check_secret_id(id: &str) -> Result<(), &'static str> {
+    if id.trim().is_empty() {
+        return Err("must not be empty");
+    }
+    if id.len() > 2048 {
+        return Err("longer than 2048 characters");
+    }
+    if id.starts_with("arn:") {
+        validate_secret_arn(id)
+    } else if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/_+=.@-".contains(c))
+    {
+        Err("a secret name may only contain letters, digits and /_+=.@-")
+    } else {
+        Ok(())
     }
 }
 
