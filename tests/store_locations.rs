@@ -61,7 +61,7 @@ fn check_refuses_two_credentials_with_one_location() {
     let cases = [
         (
             random("a", &file(&out.join("x"))) + &random("b", &file(&out.join("x"))),
-            format!("config.toml:13:11: credential[b].store: file {} is also written by credential `a` (line 8)", out.join("x").display()),
+            format!("config.toml:16:11: credential[b].store: file {} is also written by credential `a` (line 11)", out.join("x").display()),
         ),
         (
             // The same file through `..` and through a symlinked directory.
@@ -79,11 +79,11 @@ fn check_refuses_two_credentials_with_one_location() {
         ),
         (
             random("a", &sm("app/db")) + &random("b", &sm("app/db")),
-            "credential[b].store: Secrets Manager secret `app/db` in region eu-west-1 at AWS is also written by credential `a` (line 8)".to_owned(),
+            "credential[b].store: Secrets Manager secret `app/db` in region eu-west-1 at AWS is also written by credential `a` (line 11)".to_owned(),
         ),
         (
             pg("a", "[\"app_a\", \"app_b\"]") + &pg("b", "[\"app_b\", \"app_c\"]"),
-            "credential[b].rotator: PostgreSQL role `app_b` of the server at env:ADMIN_DSN is also written by credential `a` (line 8)".to_owned(),
+            "credential[b].rotator: PostgreSQL role `app_b` of the server at env:ADMIN_DSN is also written by credential `a` (line 11)".to_owned(),
         ),
     ];
     for (credentials, expected) in cases {
