@@ -782,21 +782,24 @@ mod tests {
         assert!(e.starts_with("group: no group `no-such-group-here`"), "{e}");
     }
 
+    /// Puts something that is not a store file at a path.
+    type MakeFile = fn(&Path);
+
     #[tokio::test]
     async fn special_and_oversized_files_are_refused_without_blocking() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.pass");
         let s = store(dir.path(), Format::Raw);
         let deadline = std::time::Duration::from_secs(10);
-        let kinds: [(&str, &dyn Fn(&Path)); 4] = [
-            ("FIFO", &|p| {
+        let kinds: [(&str, MakeFile); 4] = [
+            ("FIFO", |p| {
                 nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
             }),
-            ("socket", &|p| {
+            ("socket", |p| {
                 drop(std::os::unix::net::UnixListener::bind(p).unwrap())
             }),
-            ("directory", &|p| fs::create_dir(p).unwrap()),
-            ("larger than", &|p| {
+            ("directory", |p| fs::create_dir(p).unwrap()),
+            ("larger than", |p| {
                 fs::write(p, vec![b'x'; MAX_FILE_BYTES as usize + 1]).unwrap()
             }),
         ];
