@@ -274,6 +274,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
         }
         index += 1;
     }
+    v.errors.extend(shared_targets(path, &credentials));
     if v.errors.is_empty() {
         Ok(Inventory {
             path: path.to_owned(),
@@ -284,6 +285,47 @@ pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
     } else {
         Err(ConfigErrors(v.errors))
     }
+}
+
+/// Refuses two credentials that change the same thing (a file, a secret, a database role): each
+/// would overwrite the other's value and revoke credentials the other still hands out. The error
+/// is reported on the later credential and names the earlier one and its line.
+fn shared_targets(file: &Path, credentials: &[CredentialSpec]) -> Vec<ConfigError> {
+    let mut owners: HashMap<String, (&str, usize)> = HashMap::with_capacity(credentials.len());
+    let mut errors = Vec::new();
+    for c in credentials {
+        let targets = [
+            ("rotator", c.rotator.targets()),
+            ("store", c.store.targets()),
+        ];
+        let clash = targets.into_iter().find_map(|(part, targets)| {
+            targets
+                .into_iter()
+                .find_map(|target| match owners.entry(target) {
+                    std::collections::hash_map::Entry::Occupied(o) => {
+                        let (first, line) = *o.get();
+                        (first != c.id).then(|| (part, o.key().clone(), first, line))
+                    }
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert((&c.id, c.place.0));
+                        None
+                    }
+                })
+        });
+        if let Some((part, target, first, line)) = clash {
+            errors.push(ConfigError {
+                file: file.to_owned(),
+                line: c.place.0,
+                column: c.place.1,
+                field: format!("credential[{}].{part}", c.id),
+                message: format!(
+                    "{target} is also written by credential `{first}` (line {line}): two \
+                     credentials must not share a location"
+                ),
+            });
+        }
+    }
+    errors
 }
 
 /// One `[[credential]]` section parsed on its own.
@@ -368,23 +410,30 @@ fn blank_sections(text: &str, sections: &[Section]) -> String {
 }
 
 /// Checks that every secret the inventory references is there (variables set, files readable),
-/// without reading any of them. Run by `check`, `run` and `rotate`; not by `status` and
+/// without reading any of them, and that every store's location is safe to write as it is now
+/// (for a file store: no special file or symlink at its names, no directory others can write). Run by `check`, `run` and `rotate`; not by `status` and
 /// `history`, which an operator may run from a shell that lacks the daemon's environment.
 pub fn check_references(inventory: &Inventory) -> Result<(), ConfigErrors> {
+    let error = |c: &CredentialSpec, part: &str, message: String| ConfigError {
+        file: inventory.path.clone(),
+        line: c.place.0,
+        column: c.place.1,
+        field: format!("credential[{}].{part}", c.id),
+        message,
+    };
+    let stores = inventory.credentials.iter().filter_map(|c| {
+        let e = c.store.check_location().err()?;
+        Some(error(c, "store", e))
+    });
     let errors: Vec<ConfigError> = inventory
         .credentials
         .iter()
         .flat_map(|c| c.rotator.secret_refs().into_iter().map(move |r| (c, r)))
         .filter_map(|(c, (field, r))| {
             let e = r.check_available().err()?;
-            Some(ConfigError {
-                file: inventory.path.clone(),
-                line: c.place.0,
-                column: c.place.1,
-                field: format!("credential[{}].rotator.{field}", c.id),
-                message: format!("secret reference `{r}`: {e}"),
-            })
+            Some(error(c, &format!("rotator.{field}"), format!("secret reference `{r}`: {e}")))
         })
+        .chain(stores)
         .collect();
     if errors.is_empty() {
         Ok(())

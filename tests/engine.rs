@@ -155,6 +155,8 @@ impl Fixture {
         let file = FileConfig {
             path: dir.path().join("secret"),
             mode: "0600".into(),
+            owner: None,
+            group: None,
             format: Format::Json,
         };
         let store = Arc::new(FileStore::new(file.clone()).unwrap());

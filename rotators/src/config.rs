@@ -99,6 +99,26 @@ impl RotatorConfig {
         }
     }
 
+    /// What this rotator changes at its provider, as identities that are equal exactly when two
+    /// credentials would change the same thing (see [`StoreConfig::targets`]). A PostgreSQL role
+    /// is identified by the admin connection's reference, since the server it names is secret.
+    pub fn targets(&self) -> Vec<String> {
+        match self {
+            Self::Random(_) | Self::Http(_) => vec![],
+            Self::AwsIamAccessKey(c) => vec![format!(
+                "IAM user `{}` at {}",
+                c.user_name,
+                c.endpoint_url.as_deref().unwrap_or("AWS")
+            )],
+            Self::PostgresPassword(c) => c
+                .role
+                .iter()
+                .chain(c.roles.iter().flatten())
+                .map(|role| format!("PostgreSQL role `{role}` of the server at {}", c.admin_dsn))
+                .collect(),
+        }
+    }
+
     /// The secret references this rotator reads (for `keyrotd check`), each with the name of
     /// the field that holds it.
     pub fn secret_refs(&self) -> Vec<(&'static str, &SecretRef)> {
@@ -156,6 +176,25 @@ impl StoreConfig {
         match self {
             Self::File(c) => c.validate().map(drop),
             Self::AwsSecretsManager(c) => c.validate(),
+        }
+    }
+
+    /// Checks the store's location as it is now, without writing anything: for a file, that its
+    /// directory is not writable by others and that no special file or symlink sits at any of its
+    /// names. Run by `check`, `run` and `rotate`; every step checks again.
+    pub fn check_location(&self) -> Result<(), String> {
+        match self {
+            Self::File(c) => c.check_location(),
+            Self::AwsSecretsManager(_) => Ok(()),
+        }
+    }
+
+    /// Where this store writes, as identities that are equal exactly when two credentials would
+    /// overwrite each other: the inventory refuses two credentials with a common target.
+    pub fn targets(&self) -> Vec<String> {
+        match self {
+            Self::File(c) => c.targets(),
+            Self::AwsSecretsManager(c) => vec![c.target()],
         }
     }
 

@@ -181,6 +181,8 @@ async fn fixture_with(edit: impl FnOnce(&mut Value)) -> Fixture {
     let store = FileStore::new(FileConfig {
         path: dir.path().join("key.json"),
         mode: "0600".into(),
+        owner: None,
+        group: None,
         format: Format::Json,
     })
     .unwrap();

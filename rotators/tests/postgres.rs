@@ -52,6 +52,8 @@ fn store(dir: &std::path::Path) -> FileStore {
     FileStore::new(FileConfig {
         path: dir.join("db.json"),
         mode: "0600".into(),
+        owner: None,
+        group: None,
         format: Format::Json,
     })
     .unwrap()

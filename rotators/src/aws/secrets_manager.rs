@@ -47,6 +47,22 @@ pub struct SecretsManagerConfig {
 }
 
 impl SecretsManagerConfig {
+    /// The secret this store writes, for the inventory's duplicate check: its id with the region
+    /// it lives in (an ARN names its own) and the endpoint. The JSON `field` is left out on
+    /// purpose: two credentials in one secret would fight over its `AWSPENDING` label.
+    pub fn target(&self) -> String {
+        let region = match self.secret_id.split(':').nth(3) {
+            Some(region) if self.secret_id.starts_with("arn:") => Some(region),
+            _ => self.region.as_deref(),
+        };
+        format!(
+            "Secrets Manager secret `{}` in region {} at {}",
+            self.secret_id,
+            region.unwrap_or("(default)"),
+            self.endpoint_url.as_deref().unwrap_or("AWS")
+        )
+    }
+
     /// Checks what can be known without calling AWS; the error names the offending field.
     pub fn validate(&self) -> Result<(), String> {
         let id = &self.secret_id;
