@@ -643,7 +643,7 @@ fn recovers_once_fixed(s: &Setup, v0: &Value) {
         stderr(&out)
     );
     assert!(
-        stderr(&out).contains("finished rolling back the earlier rotation"),
+        stderr(&out).contains("finished the earlier rotation"),
         "{}",
         stderr(&out)
     );
