@@ -41,7 +41,15 @@ pub struct DaemonSettings {
     pub listen: SocketAddr,
     /// How many rotations may run at once.
     pub max_concurrent_rotations: usize,
+    /// How long SIGTERM and SIGHUP wait for steps in flight before interrupting them (they
+    /// resume from the journal). Keep it below the service manager's stop timeout.
+    pub shutdown_timeout: Duration,
 }
+
+/// The default `daemon.shutdown_timeout`: 10 s below the shipped unit's `TimeoutStopSec=30s`.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+/// The longest accepted `daemon.shutdown_timeout`.
+const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Where the daemon keeps its state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +180,7 @@ struct RawDaemon {
     state: Option<Spanned<String>>,
     listen: Option<Spanned<String>>,
     max_concurrent_rotations: Option<Spanned<i64>>,
+    shutdown_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -609,10 +618,26 @@ impl Validator<'_> {
                 1
             }
         };
+        let shutdown_timeout = match &raw.shutdown_timeout {
+            None => DEFAULT_SHUTDOWN_TIMEOUT,
+            Some(value) => match self.duration(value, "daemon.shutdown_timeout") {
+                Some(d) if d <= MAX_SHUTDOWN_TIMEOUT => d,
+                Some(_) => {
+                    self.error_at(
+                        Some(value.span()),
+                        "daemon.shutdown_timeout",
+                        format!("must be at most {}", human(MAX_SHUTDOWN_TIMEOUT)),
+                    );
+                    DEFAULT_SHUTDOWN_TIMEOUT
+                }
+                None => DEFAULT_SHUTDOWN_TIMEOUT,
+            },
+        };
         DaemonSettings {
             state,
             listen,
             max_concurrent_rotations,
+            shutdown_timeout,
         }
     }
 

@@ -199,6 +199,8 @@ pub struct Engine {
     metrics: EngineMetrics,
     events: Option<Arc<dyn EventSink>>,
     shutdown: CancellationToken,
+    /// Cancelled when in-flight steps may no longer finish (the shutdown deadline passed).
+    abort: CancellationToken,
 }
 
 /// Everything a rotation of one credential needs.
@@ -228,7 +230,17 @@ impl Engine {
             metrics,
             events,
             shutdown,
+            abort: CancellationToken::new(),
         }
+    }
+
+    /// Makes `abort` interrupt a step in flight: the step is abandoned where it is, journaled as
+    /// `interrupted`, and its rotation parked, to resume from the journal (every step is
+    /// idempotent). The daemon cancels it once the shutdown deadline has passed after
+    /// `shutdown`, so a provider that never answers cannot hold up SIGTERM or SIGHUP.
+    pub fn abort_steps_on(mut self, abort: CancellationToken) -> Self {
+        self.abort = abort;
+        self
     }
 
     /// The state backend.
@@ -382,13 +394,7 @@ impl Engine {
     async fn drive(&self, job: &mut Job<'_>) -> Result<Outcome, EngineError> {
         loop {
             if self.shutdown.is_cancelled() && job.rotation.phase != Phase::RollingBack {
-                job.rotation.owner = None;
-                job.rotation.lease_until = 0;
-                self.save(job).await?;
-                info!(credential = %job.spec.id, rotation = %job.rotation.id, phase = job.rotation.phase.as_str(), "rotation parked for shutdown");
-                return Ok(Outcome::Parked {
-                    rotation: job.rotation.id.clone(),
-                });
+                return self.park(job).await;
             }
             let result = match job.rotation.phase {
                 Phase::Issuing | Phase::Issued => self.issue_and_stage(job).await,
@@ -430,13 +436,61 @@ impl Engine {
         }
     }
 
-    /// Runs one provider call as a journaled, timed step.
+    /// Releases the rotation for shutdown: the next start (or generation) resumes it at once.
+    async fn park(&self, job: &mut Job<'_>) -> Result<Outcome, EngineError> {
+        job.rotation.owner = None;
+        job.rotation.lease_until = 0;
+        self.save(job).await?;
+        info!(credential = %job.spec.id, rotation = %job.rotation.id, phase = job.rotation.phase.as_str(), "rotation parked for shutdown");
+        Ok(Outcome::Parked {
+            rotation: job.rotation.id.clone(),
+        })
+    }
+
+    /// How long `step` may wait for the plugins it calls (their `timeout`s), and which they are.
+    fn deadline(job: &Job<'_>, step: Step) -> (Duration, String) {
+        let rotator = (job.rotator.timeout(), format!("rotator `{}`", job.rotator.kind()));
+        let store = (job.store.timeout(), format!("store `{}`", job.store.kind()));
+        match step {
+            Step::Issue | Step::Activate => rotator,
+            Step::Stage | Step::Promote => store,
+            // These steps call both (verify reads the staged value back; revoke and rollback
+            // undo at the provider, then in the store).
+            Step::Verify | Step::Revoke | Step::Rollback => (
+                rotator.0.saturating_add(store.0),
+                format!("{} and {}", rotator.1, store.1),
+            ),
+        }
+    }
+
+    /// Runs a call to `plugins` for at most `deadline`: past it the call is dropped (closing its
+    /// connections) and fails as transient, so a provider that accepts the connection and never
+    /// answers cannot hang a rotation, whatever its plugin does itself. `None` when the abort
+    /// token interrupted it.
+    async fn bounded<T>(
+        &self,
+        (deadline, plugins): (Duration, String),
+        call: impl std::future::Future<Output = Result<T, ProviderError>>,
+    ) -> Option<Result<T, ProviderError>> {
+        tokio::select! {
+            biased;
+            () = self.abort.cancelled() => None,
+            result = tokio::time::timeout(deadline, call) => Some(
+                result.unwrap_or_else(|_| Err(ProviderError::no_answer(plugins, deadline))),
+            ),
+        }
+    }
+
+    /// Runs one provider call as a journaled, timed step, bounded by the plugins' deadline.
     async fn step<T>(
         &self,
         job: &Job<'_>,
         step: Step,
         call: impl std::future::Future<Output = Result<T, ProviderError>>,
     ) -> Result<T, Failure> {
+        if self.abort.is_cancelled() {
+            return Err(Failure::Interrupted);
+        }
         let rotation = &job.rotation.id;
         self.state
             .log_step(rotation, step.as_str(), "start", None)
@@ -444,8 +498,20 @@ impl Engine {
         failpoint(step, "start").await;
         let started = Instant::now();
         let result = tokio::select! {
-            result = call => result,
+            result = self.bounded(Self::deadline(job, step), call) => result,
             never = self.keep_lease(job) => match never {},
+        };
+        let Some(result) = result else {
+            warn!(credential = %job.spec.id, rotation = %rotation, step = step.as_str(), "shutdown deadline passed: step interrupted; it resumes from the journal");
+            self.state
+                .log_step(
+                    rotation,
+                    step.as_str(),
+                    "interrupted",
+                    Some("the shutdown deadline passed; the step resumes at the next start"),
+                )
+                .await?;
+            return Err(Failure::Interrupted);
         };
         self.metrics
             .step_seconds
@@ -518,10 +584,13 @@ impl Engine {
         }
     }
 
-    /// Reads the current value; a failure counts against `step`, but the read is not journaled.
+    /// Reads the current value within the store's deadline; a failure counts against `step`,
+    /// but the read is not journaled.
     async fn current(&self, job: &Job<'_>, step: Step) -> Result<Option<Credential>, Failure> {
         let ctx = self.ctx(job);
-        job.store.current(ctx).await.map_err(|source| {
+        let store = (job.store.timeout(), format!("store `{}`", job.store.kind()));
+        let read = self.bounded(store, job.store.current(ctx));
+        read.await.ok_or(Failure::Interrupted)?.map_err(|source| {
             Failure::Step(StepError {
                 credential: job.spec.id.clone(),
                 step,
@@ -720,6 +789,7 @@ impl Engine {
     async fn fail(&self, job: &mut Job<'_>, failure: Failure) -> Result<Outcome, EngineError> {
         let err = match failure {
             Failure::State(e) => return Err(e.into()),
+            Failure::Interrupted => return self.park(job).await,
             Failure::Step(e) => e,
         };
         let message = err.to_string();
@@ -835,6 +905,8 @@ async fn failpoint(step: Step, event: &str) {
 enum Failure {
     Step(StepError),
     State(StateError),
+    /// The abort token interrupted a step; the rotation parks and resumes from the journal.
+    Interrupted,
 }
 
 impl From<StateError> for Failure {
