@@ -449,7 +449,10 @@ impl Engine {
 
     /// How long `step` may wait for the plugins it calls (their `timeout`s), and which they are.
     fn deadline(job: &Job<'_>, step: Step) -> (Duration, String) {
-        let rotator = (job.rotator.timeout(), format!("rotator `{}`", job.rotator.kind()));
+        let rotator = (
+            job.rotator.timeout(),
+            format!("rotator `{}`", job.rotator.kind()),
+        );
         let store = (job.store.timeout(), format!("store `{}`", job.store.kind()));
         match step {
             Step::Issue | Step::Activate => rotator,

@@ -140,7 +140,12 @@ impl Fixture {
 
     fn engine(&self, registry: &Registry, events: Option<Arc<dyn EventSink>>) -> Engine {
         let metrics = EngineMetrics::register(registry).unwrap();
-        Engine::new(self.state.clone(), metrics, events, CancellationToken::new())
+        Engine::new(
+            self.state.clone(),
+            metrics,
+            events,
+            CancellationToken::new(),
+        )
     }
 
     async fn run(&self, engine: &Engine, rotator: &Arc<Forgetful>, trigger: Trigger) -> Outcome {
@@ -189,7 +194,11 @@ async fn a_step_past_its_plugins_timeout_fails_as_transient_and_the_retry_succee
     let Outcome::Failed { error, .. } = f.run(&engine, &rotator, Trigger::Schedule).await else {
         panic!("a step without an answer must fail")
     };
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(
         error.contains("credential `db`")
             && error.contains("step issue")
@@ -197,11 +206,19 @@ async fn a_step_past_its_plugins_timeout_fails_as_transient_and_the_retry_succee
         "{error}"
     );
     let record = f.state.credential("db").await.unwrap().unwrap();
-    assert_eq!(record.status, Status::Retrying, "transient: retried with backoff");
+    assert_eq!(
+        record.status,
+        Status::Retrying,
+        "transient: retried with backoff"
+    );
     assert_eq!(record.consecutive_failures, 1);
     assert!(record.next_attempt_at.is_some());
     assert_eq!(
-        counter(&registry, "keyrotd_rotations_total", &[("result", "failed")]),
+        counter(
+            &registry,
+            "keyrotd_rotations_total",
+            &[("result", "failed")]
+        ),
         1
     );
     let journal = f.journal().await;
@@ -249,8 +266,16 @@ async fn an_abort_interrupts_a_hung_step_and_the_rotation_resumes_from_the_journ
         journal.iter().any(|l| l.starts_with("issue interrupted")),
         "{journal:?}"
     );
-    let open = f.state.open_rotation("db").await.unwrap().expect("still open");
-    assert_eq!(open.owner, None, "parked: the next run takes it over at once");
+    let open = f
+        .state
+        .open_rotation("db")
+        .await
+        .unwrap()
+        .expect("still open");
+    assert_eq!(
+        open.owner, None,
+        "parked: the next run takes it over at once"
+    );
     assert_eq!(open.phase, Phase::Issuing);
 
     rotator.heal();
@@ -274,7 +299,11 @@ fn alerter(channel: &str, registry: &Registry) -> (Alerter, CancellationToken) {
 
 /// A rotation that fails (its provider is silent) raises an alert on a silent channel: the
 /// rotation is not held up, and delivery gives up on each attempt, retries, then counts a failure.
-async fn delivery_gives_up_and_retries_without_blocking(channel: &str, name: &str, server: &Silent) {
+async fn delivery_gives_up_and_retries_without_blocking(
+    channel: &str,
+    name: &str,
+    server: &Silent,
+) {
     let registry = Registry::new();
     let (alerter, shutdown) = alerter(channel, &registry);
     let f = Fixture::new("");
@@ -289,7 +318,13 @@ async fn delivery_gives_up_and_retries_without_blocking(channel: &str, name: &st
         "the rotation waited for alert delivery: {:?}",
         started.elapsed()
     );
-    let failed = || counter(&registry, "keyrotd_alert_deliveries_total", &[("channel", name), ("result", "failed")]);
+    let failed = || {
+        counter(
+            &registry,
+            "keyrotd_alert_deliveries_total",
+            &[("channel", name), ("result", "failed")],
+        )
+    };
     guarded("alert delivery giving up", async {
         while failed() == 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;

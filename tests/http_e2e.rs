@@ -557,7 +557,10 @@ impl Setup {
     fn hang_on(&self, silent: &support::silent::Silent) -> String {
         let working = std::fs::read_to_string(self.config()).unwrap();
         let hung = working
-            .replace(&format!("http://127.0.0.1:{}", self.api_port), &silent.url())
+            .replace(
+                &format!("http://127.0.0.1:{}", self.api_port),
+                &silent.url(),
+            )
             .replace("timeout = \"5s\"", "timeout = \"10m\"")
             .replacen("[daemon]\n", "[daemon]\nshutdown_timeout = \"2s\"\n", 1);
         std::fs::write(self.config(), hung).unwrap();
@@ -629,10 +632,16 @@ fn sighup_loads_the_new_inventory_while_a_step_hangs() {
         daemon.log_text()
     );
     let text = std::fs::read_to_string(s.config()).unwrap();
-    std::fs::write(s.config(), text.replace("max_age = \"2d\"", "max_age = \"3d\"")).unwrap();
+    std::fs::write(
+        s.config(),
+        text.replace("max_age = \"2d\"", "max_age = \"3d\""),
+    )
+    .unwrap();
     signal(daemon.child.id(), "HUP");
     assert!(
-        wait_until(STOPS_WITHIN, || daemon.log_text().contains("inventory reloaded")),
+        wait_until(STOPS_WITHIN, || daemon
+            .log_text()
+            .contains("inventory reloaded")),
         "the reload waited for the hung step: {}",
         daemon.log_text()
     );

@@ -488,7 +488,7 @@ impl HttpConfig {
         if self.secret_field.is_empty() {
             return Err("secret_field: must not be empty".into());
         }
-        self.timeouts().validate()?;
+        timeouts::validate(self.connect_timeout, self.timeout)?;
         if self.max_retries > 10 {
             return Err("max_retries: at most 10".into());
         }
@@ -510,10 +510,7 @@ impl HttpConfig {
 
     /// The configured `connect_timeout` and `timeout`.
     pub fn timeouts(&self) -> Timeouts {
-        Timeouts {
-            connect: self.connect_timeout,
-            call: self.timeout,
-        }
+        Timeouts::new(self.connect_timeout, self.timeout)
     }
 }
 
@@ -538,7 +535,7 @@ impl HttpRotator {
         let client = reqwest::Client::builder()
             .use_rustls_tls()
             .timeout(config.timeout)
-            .connect_timeout(config.connect_timeout)
+            .connect_timeout(config.timeouts().connect)
             // A redirect could carry the token elsewhere; providers' APIs do not need one.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("keyrotd/", env!("CARGO_PKG_VERSION")))

@@ -47,6 +47,10 @@ use crate::reference::SecretRef;
 use crate::timeouts::{self, Timeouts};
 use crate::{Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext};
 
+/// How long before the step's deadline the server must cancel an `ALTER ROLE` still waiting, so
+/// its cancellation reaches keyrotd before keyrotd gives up on the statement.
+const SERVER_CANCEL_MARGIN: Duration = Duration::from_millis(250);
+
 /// Attribute naming the role a credential logs in as.
 pub const USERNAME_ATTR: &str = "username";
 
@@ -201,15 +205,12 @@ impl PostgresConfig {
                 ));
             }
         }
-        self.timeouts().validate()
+        timeouts::validate(self.connect_timeout, self.timeout)
     }
 
     /// The configured `connect_timeout` and `timeout`.
     pub fn timeouts(&self) -> Timeouts {
-        Timeouts {
-            connect: self.connect_timeout,
-            call: self.timeout,
-        }
+        Timeouts::new(self.connect_timeout, self.timeout)
     }
 }
 
@@ -267,7 +268,7 @@ impl PostgresRotator {
             ))
         })?;
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(self.config.connect_timeout);
+            config.connect_timeout(self.config.timeouts().connect);
         }
         config.application_name("keyrotd");
         Ok(config)
@@ -316,7 +317,7 @@ impl PostgresRotator {
                 SslMode::Prefer => PgSslMode::Prefer,
                 SslMode::Require => PgSslMode::Require,
             })
-            .connect_timeout(self.config.connect_timeout)
+            .connect_timeout(self.config.timeouts().connect)
             .application_name("keyrotd-verify");
         Ok(config)
     }
@@ -330,7 +331,7 @@ impl PostgresRotator {
         let (client, connection) =
             // The driver's own connect timeout covers TCP only; this one the whole handshake.
             // A second more lets the driver's more precise error win when both apply.
-            tokio::time::timeout(self.config.connect_timeout + Duration::from_secs(1), connecting)
+            tokio::time::timeout(self.config.timeouts().connect + Duration::from_secs(1), connecting)
                 .await
                 .map_err(|_| {
                     ProviderError::transient(format!("{what}: timed out connecting"))
@@ -352,6 +353,7 @@ impl PostgresRotator {
         password: &SecretString,
     ) -> Result<(), ProviderError> {
         let what = format!("{op}: setting the password of role \"{role}\"");
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
         self.bounded(&what, async {
             let admin = self.admin_config(op).await?;
             let client = self
@@ -359,12 +361,19 @@ impl PostgresRotator {
                 .await?;
             let verifier =
                 postgres_protocol::password::scram_sha_256(password.expose_secret().as_bytes());
-            // The server cancels the statement itself past the deadline: an ALTER ROLE queued
-            // behind a lock must not set the password after keyrotd gave up on it (and maybe
-            // rolled back), and closing the socket does not stop a waiting backend.
+            // The server cancels the statement itself, shortly *before* keyrotd gives up on it:
+            // an ALTER ROLE queued behind a lock must never set the password after keyrotd
+            // reported the step failed (and maybe rolled back), and closing the socket does not
+            // stop a waiting backend.
+            let left = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .saturating_sub(SERVER_CANCEL_MARGIN);
+            if left.is_zero() {
+                return Err(ProviderError::no_answer(&what, self.config.timeout));
+            }
             let sql = format!(
                 "SET statement_timeout = {}; ALTER ROLE {} PASSWORD {}",
-                self.config.timeout.as_millis(),
+                left.as_millis().max(1),
                 quote_ident(role),
                 quote_literal(&verifier)
             );

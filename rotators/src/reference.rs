@@ -168,14 +168,17 @@ impl SecretRef {
     pub async fn resolve_async(&self, timeouts: Timeouts) -> Result<SecretString, RefError> {
         match self {
             Self::AwsSecretsManager { secret_id, field } => {
-                let value =
-                    crate::aws::secrets_manager::read_current(secret_id, field.as_deref(), timeouts)
-                        .await
-                    .map_err(|e| RefError::Aws {
-                        reference: self.to_string(),
-                        message: e.to_string(),
-                        class: e.class,
-                    })?;
+                let value = crate::aws::secrets_manager::read_current(
+                    secret_id,
+                    field.as_deref(),
+                    timeouts,
+                )
+                .await
+                .map_err(|e| RefError::Aws {
+                    reference: self.to_string(),
+                    message: e.to_string(),
+                    class: e.class,
+                })?;
                 if value.expose_secret().is_empty() {
                     return Err(RefError::EmptyValue(self.to_string()));
                 }
@@ -301,7 +304,9 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let value = rt.block_on(SecretRef::File(path).resolve_async(Timeouts::default())).unwrap();
+        let value = rt
+            .block_on(SecretRef::File(path).resolve_async(Timeouts::default()))
+            .unwrap();
         assert_eq!(value.expose_secret(), "s3cret");
     }
 

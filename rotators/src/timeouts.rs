@@ -52,31 +52,34 @@ impl Default for Timeouts {
 }
 
 impl Timeouts {
-    /// Checks both bounds; the error starts with the offending field's name.
-    pub fn validate(&self) -> Result<(), String> {
-        let check = |field: &str, value: Duration, max: Duration| {
-            if value < MIN || value > max {
-                Err(format!(
-                    "{field}: must be between {} and {}, got {}",
-                    describe(MIN),
-                    describe(max),
-                    describe(value)
-                ))
-            } else {
-                Ok(())
-            }
-        };
-        check("connect_timeout", self.connect, MAX_CONNECT)?;
-        check("timeout", self.call, MAX_CALL)?;
-        if self.connect > self.call {
-            return Err(format!(
-                "connect_timeout: {} is longer than timeout ({}), which bounds the whole step",
-                describe(self.connect),
-                describe(self.call)
-            ));
+    /// The timeouts of a plugin's `connect_timeout` and `timeout` fields. A connection is part of
+    /// a step, so the connect timeout is capped at the step's deadline (`timeout = "5s"` alone
+    /// also connects within 5s).
+    pub fn new(connect: Duration, call: Duration) -> Self {
+        Self {
+            connect: connect.min(call),
+            call,
         }
-        Ok(())
     }
+}
+
+/// Checks a plugin's `connect_timeout` and `timeout` fields as written (before any capping); the
+/// error starts with the offending field's name.
+pub fn validate(connect: Duration, call: Duration) -> Result<(), String> {
+    let check = |field: &str, value: Duration, max: Duration| {
+        if value < MIN || value > max {
+            Err(format!(
+                "{field}: must be between {} and {}, got {}",
+                describe(MIN),
+                describe(max),
+                describe(value)
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    check("connect_timeout", connect, MAX_CONNECT)?;
+    check("timeout", call, MAX_CALL)
 }
 
 /// A duration as the messages print it: `60s`, `1500ms`.
@@ -112,23 +115,19 @@ mod tests {
 
     #[test]
     fn bounds_name_the_field() {
-        assert!(Timeouts::default().validate().is_ok());
-        let t = |connect: u64, call: u64| Timeouts {
-            connect: Duration::from_millis(connect),
-            call: Duration::from_millis(call),
+        let t = |connect: u64, call: u64| {
+            validate(Duration::from_millis(connect), Duration::from_millis(call))
         };
-        assert!(t(1000, 1000).validate().is_ok());
+        assert!(t(10_000, 60_000).is_ok());
+        assert!(t(1000, 1000).is_ok());
         assert_eq!(
-            t(500, 60_000).validate().unwrap_err(),
+            t(500, 60_000).unwrap_err(),
             "connect_timeout: must be between 1s and 300s, got 500ms"
         );
         assert!(t(10_000, 7_200_000)
-            .validate()
             .unwrap_err()
             .starts_with("timeout: must be between 1s and 3600s"));
-        assert!(t(30_000, 5_000)
-            .validate()
-            .unwrap_err()
-            .starts_with("connect_timeout: 30s is longer than timeout (5s)"));
+        let capped = Timeouts::new(Duration::from_secs(10), Duration::from_secs(5));
+        assert_eq!(capped.connect, Duration::from_secs(5));
     }
 }

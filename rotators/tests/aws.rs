@@ -48,8 +48,12 @@ fn admin_env() {
 /// The SDK configuration the tests use to set up and inspect AWS behind the plugins' back.
 async fn admin() -> SdkConfig {
     admin_env();
-    keyrotd_rotators::aws::load_sdk_config(Some("us-east-1"), Some(&moto_url()), Timeouts::default())
-        .await
+    keyrotd_rotators::aws::load_sdk_config(
+        Some("us-east-1"),
+        Some(&moto_url()),
+        Timeouts::default(),
+    )
+    .await
 }
 
 fn iam(config: &SdkConfig) -> aws_sdk_iam::Client {

@@ -104,16 +104,13 @@ impl IamAccessKeyConfig {
         }
         super::validate_region(self.region.as_deref())?;
         super::validate_endpoint_url(self.endpoint_url.as_deref())?;
-        self.timeouts().validate()?;
+        timeouts::validate(self.connect_timeout, self.timeout)?;
         Ok(timeout)
     }
 
     /// The configured `connect_timeout` and `timeout`.
     pub fn timeouts(&self) -> Timeouts {
-        Timeouts {
-            connect: self.connect_timeout,
-            call: self.timeout,
-        }
+        Timeouts::new(self.connect_timeout, self.timeout)
     }
 }
 

@@ -75,10 +75,7 @@ impl SecretsManagerConfig {
 
     /// The configured `connect_timeout` and `timeout`.
     pub fn timeouts(&self) -> Timeouts {
-        Timeouts {
-            connect: self.connect_timeout,
-            call: self.timeout,
-        }
+        Timeouts::new(self.connect_timeout, self.timeout)
     }
 
     /// Checks what can be known without calling AWS; the error names the offending field.
@@ -106,7 +103,7 @@ impl SecretsManagerConfig {
         }
         super::validate_region(self.region.as_deref())?;
         super::validate_endpoint_url(self.endpoint_url.as_deref())?;
-        self.timeouts().validate()
+        timeouts::validate(self.connect_timeout, self.timeout)
     }
 }
 
