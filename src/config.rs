@@ -43,7 +43,15 @@ pub struct DaemonSettings {
     pub listen: SocketAddr,
     /// How many rotations may run at once.
     pub max_concurrent_rotations: usize,
+    /// How long SIGTERM and SIGHUP wait for steps in flight before interrupting them (they
+    /// resume from the journal). Keep it below the service manager's stop timeout.
+    pub shutdown_timeout: Duration,
 }
+
+/// The default `daemon.shutdown_timeout`: 10 s below the shipped unit's `TimeoutStopSec=30s`.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+/// The longest accepted `daemon.shutdown_timeout`.
+const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Where the daemon keeps its state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,6 +182,7 @@ struct RawDaemon {
     state: Option<Spanned<String>>,
     listen: Option<Spanned<String>>,
     max_concurrent_rotations: Option<Spanned<i64>>,
+    shutdown_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -431,7 +440,11 @@ pub fn check_references(inventory: &Inventory) -> Result<(), ConfigErrors> {
         .flat_map(|c| c.rotator.secret_refs().into_iter().map(move |r| (c, r)))
         .filter_map(|(c, (field, r))| {
             let e = r.check_available().err()?;
-            Some(error(c, &format!("rotator.{field}"), format!("secret reference `{r}`: {e}")))
+            Some(error(
+                c,
+                &format!("rotator.{field}"),
+                format!("secret reference `{r}`: {e}"),
+            ))
         })
         .chain(stores)
         .collect();
@@ -657,10 +670,26 @@ impl Validator<'_> {
                 1
             }
         };
+        let shutdown_timeout = match &raw.shutdown_timeout {
+            None => DEFAULT_SHUTDOWN_TIMEOUT,
+            Some(value) => match self.duration(value, "daemon.shutdown_timeout") {
+                Some(d) if d <= MAX_SHUTDOWN_TIMEOUT => d,
+                Some(_) => {
+                    self.error_at(
+                        Some(value.span()),
+                        "daemon.shutdown_timeout",
+                        format!("must be at most {}", human(MAX_SHUTDOWN_TIMEOUT)),
+                    );
+                    DEFAULT_SHUTDOWN_TIMEOUT
+                }
+                None => DEFAULT_SHUTDOWN_TIMEOUT,
+            },
+        };
         DaemonSettings {
             state,
             listen,
             max_concurrent_rotations,
+            shutdown_timeout,
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::Notify;
@@ -37,6 +37,10 @@ pub fn open_state(inventory: &Inventory) -> anyhow::Result<Arc<dyn StateStore>> 
 /// reload that validates cancels the generation: in-flight rotations park at their next step
 /// boundary, and the next generation resumes them at once. A reload that fails validation
 /// changes nothing. `listen` and `state` are read at start only.
+///
+/// Neither SIGTERM nor SIGHUP waits for a provider that never answers: steps still in flight
+/// `daemon.shutdown_timeout` after the generation is cancelled are interrupted, journaled as
+/// such, and their rotations parked, to resume from the journal (every step is idempotent).
 pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     let started = Instant::now();
     let shutdown = CancellationToken::new();
@@ -58,12 +62,14 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     let mut inventory = inventory;
     loop {
         let generation = shutdown.child_token();
+        let abort = abort_after(&generation, inventory.daemon.shutdown_timeout);
         let scheduler = schedule(
             &mut inventory,
             &state,
             &metrics,
             &alerts.1,
             generation.clone(),
+            abort.clone(),
         )
         .await?;
         let (cron, rx, tx) = scheduler.start_cron().await?;
@@ -85,7 +91,25 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
                 _ = shutdown.cancelled() => None,
             }
         };
-        let ((), next) = tokio::join!(scheduler.run(cron, rx, tx), next);
+        let stopped = async {
+            tokio::select! {
+                () = scheduler.run(cron, rx, tx) => true,
+                // Interrupted steps park at once; a run still busy long after is stuck outside
+                // any step (a plugin blocking its thread, a wedged state store).
+                () = async { abort.cancelled().await; tokio::time::sleep(STRAGGLER_GRACE).await } => false,
+            }
+        };
+        let (stopped, next) = tokio::join!(stopped, next);
+        if !stopped {
+            error!(
+                grace_secs = STRAGGLER_GRACE.as_secs(),
+                "rotations still running after the shutdown deadline; their rotations resume from the journal at the next start"
+            );
+            if next.is_some() {
+                // The next generation would resume rotations a stuck task may still drive.
+                anyhow::bail!("cannot reload: rotations of the previous inventory are stuck");
+            }
+        }
         let Some(next) = next else { break };
         if next.alerts != inventory.alerts {
             // New channels or routes: a fresh alerter (active alerts are raised again).
@@ -102,6 +126,22 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     let _ = http.await;
     info!("keyrotd stopped");
     Ok(())
+}
+
+/// How long past the shutdown deadline the daemon still waits for rotation tasks to return.
+const STRAGGLER_GRACE: Duration = Duration::from_secs(5);
+
+/// A token cancelled `deadline` after `stop` is: steps in flight get that long to finish before
+/// they are interrupted.
+fn abort_after(stop: &CancellationToken, deadline: Duration) -> CancellationToken {
+    let abort = CancellationToken::new();
+    let (stop, fire) = (stop.clone(), abort.clone());
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        tokio::time::sleep(deadline).await;
+        fire.cancel();
+    });
+    abort
 }
 
 /// A running alerter: its own stop token (a child of `parent`), the sink, its task.
@@ -126,6 +166,7 @@ async fn schedule(
     metrics: &Metrics,
     events: &Arc<dyn EventSink>,
     generation: CancellationToken,
+    abort: CancellationToken,
 ) -> anyhow::Result<Scheduler> {
     let ids: Vec<String> = inventory.credentials.iter().map(|c| c.id.clone()).collect();
     state.ensure_credentials(&ids).await?;
@@ -138,12 +179,15 @@ async fn schedule(
     let table = Arc::new(Table::new(specs, records, &open));
     release_freed_memory();
     let events = Some(events.clone());
-    let engine = Arc::new(Engine::new(
-        state.clone(),
-        metrics.engine.clone(),
-        events.clone(),
-        generation.clone(),
-    ));
+    let engine = Arc::new(
+        Engine::new(
+            state.clone(),
+            metrics.engine.clone(),
+            events.clone(),
+            generation.clone(),
+        )
+        .abort_steps_on(abort),
+    );
     Ok(Scheduler::new(
         table,
         engine,

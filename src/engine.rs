@@ -210,6 +210,8 @@ pub struct Engine {
     metrics: EngineMetrics,
     events: Option<Arc<dyn EventSink>>,
     shutdown: CancellationToken,
+    /// Cancelled when in-flight steps may no longer finish (the shutdown deadline passed).
+    abort: CancellationToken,
 }
 
 /// What [`Engine::take`] found.
@@ -255,7 +257,17 @@ impl Engine {
             metrics,
             events,
             shutdown,
+            abort: CancellationToken::new(),
         }
+    }
+
+    /// Makes `abort` interrupt a step in flight: the step is abandoned where it is, journaled as
+    /// `interrupted`, and its rotation parked, to resume from the journal (every step is
+    /// idempotent). The daemon cancels it once the shutdown deadline has passed after
+    /// `shutdown`, so a provider that never answers cannot hold up SIGTERM or SIGHUP.
+    pub fn abort_steps_on(mut self, abort: CancellationToken) -> Self {
+        self.abort = abort;
+        self
     }
 
     /// The state backend.
@@ -433,13 +445,7 @@ impl Engine {
     async fn drive(&self, job: &mut Job<'_>) -> Result<Outcome, EngineError> {
         loop {
             if self.shutdown.is_cancelled() && job.rotation.phase != Phase::RollingBack {
-                job.rotation.owner = None;
-                job.rotation.lease_until = 0;
-                self.save(job).await?;
-                info!(credential = %job.spec.id, rotation = %job.rotation.id, phase = job.rotation.phase.as_str(), "rotation parked for shutdown");
-                return Ok(Outcome::Parked {
-                    rotation: job.rotation.id.clone(),
-                });
+                return self.park(job).await;
             }
             let result = match job.rotation.phase {
                 Phase::Issuing | Phase::Issued => self.issue_and_stage(job).await,
@@ -486,14 +492,66 @@ impl Engine {
         }
     }
 
-    /// Runs one provider call as a journaled, timed step. The call is abandoned (dropped) if this
-    /// process loses the rotation's lease while it runs: from then on another process drives.
+    /// Releases the rotation for shutdown: the next start (or generation) resumes it at once.
+    async fn park(&self, job: &mut Job<'_>) -> Result<Outcome, EngineError> {
+        job.rotation.owner = None;
+        job.rotation.lease_until = 0;
+        self.save(job).await?;
+        info!(credential = %job.spec.id, rotation = %job.rotation.id, phase = job.rotation.phase.as_str(), "rotation parked for shutdown");
+        Ok(Outcome::Parked {
+            rotation: job.rotation.id.clone(),
+        })
+    }
+
+    /// How long `step` may wait for the plugins it calls (their `timeout`s), and which they are.
+    fn deadline(job: &Job<'_>, step: Step) -> (Duration, String) {
+        let rotator = (
+            job.rotator.timeout(),
+            format!("rotator `{}`", job.rotator.kind()),
+        );
+        let store = (job.store.timeout(), format!("store `{}`", job.store.kind()));
+        match step {
+            Step::Revoke => rotator,
+            Step::Stage | Step::Promote | Step::Release | Step::Discard => store,
+            // These steps call both: each reads the store (the current or the staged value)
+            // before it calls the rotator.
+            Step::Issue | Step::Activate | Step::Verify | Step::Rollback => (
+                rotator.0.saturating_add(store.0),
+                format!("{} and {}", rotator.1, store.1),
+            ),
+        }
+    }
+
+    /// Runs a call to `plugins` for at most `deadline`: past it the call is dropped (closing its
+    /// connections) and fails as transient, so a provider that accepts the connection and never
+    /// answers cannot hang a rotation, whatever its plugin does itself. `None` when the abort
+    /// token interrupted it.
+    async fn bounded<T>(
+        &self,
+        (deadline, plugins): (Duration, String),
+        call: impl std::future::Future<Output = Result<T, ProviderError>>,
+    ) -> Option<Result<T, ProviderError>> {
+        tokio::select! {
+            biased;
+            () = self.abort.cancelled() => None,
+            result = tokio::time::timeout(deadline, call) => Some(
+                result.unwrap_or_else(|_| Err(ProviderError::no_answer(plugins, deadline))),
+            ),
+        }
+    }
+
+    /// Runs one provider call as a journaled, timed step, bounded by the plugins' deadline. The
+    /// call is abandoned (dropped) if this process loses the rotation's lease while it runs: from
+    /// then on another process drives.
     async fn step<T>(
         &self,
         job: &Job<'_>,
         step: Step,
         call: impl std::future::Future<Output = Result<T, ProviderError>>,
     ) -> Result<T, Failure> {
+        if self.abort.is_cancelled() {
+            return Err(Failure::Interrupted);
+        }
         let rotation = &job.rotation.id;
         self.state
             .log_step(rotation, step.as_str(), "start", None)
@@ -501,8 +559,20 @@ impl Engine {
         failpoint(step, "start").await;
         let started = Instant::now();
         let result = tokio::select! {
-            result = call => result,
+            result = self.bounded(Self::deadline(job, step), call) => result,
             lost = self.keep_lease(job) => return Err(Failure::State(lost)),
+        };
+        let Some(result) = result else {
+            warn!(credential = %job.spec.id, rotation = %rotation, step = step.as_str(), "shutdown deadline passed: step interrupted; it resumes from the journal");
+            self.state
+                .log_step(
+                    rotation,
+                    step.as_str(),
+                    "interrupted",
+                    Some("the shutdown deadline passed; the step resumes at the next start"),
+                )
+                .await?;
+            return Err(Failure::Interrupted);
         };
         self.metrics
             .step_seconds
@@ -750,6 +820,7 @@ impl Engine {
     async fn fail(&self, job: &mut Job<'_>, failure: Failure) -> Result<Outcome, EngineError> {
         let err = match failure {
             Failure::State(e) => return Err(e.into()),
+            Failure::Interrupted => return self.park(job).await,
             Failure::Step(e) => e,
         };
         let message = err.to_string();
@@ -775,6 +846,7 @@ impl Engine {
             match self.roll_back(job).await {
                 Ok(()) => {}
                 Err(Failure::State(e)) => return Err(e.into()),
+                Err(Failure::Interrupted) => return self.park(job).await,
                 Err(Failure::Step(e)) => {
                     warn!(credential = %job.spec.id, rotation = %job.rotation.id, step = e.step.as_str(), error = %e.source, "rolling back the failed rotation failed too; a retry resumes the rollback")
                 }
@@ -891,6 +963,8 @@ async fn failpoint(step: Step, event: &str) {
 enum Failure {
     Step(StepError),
     State(StateError),
+    /// The abort token interrupted a step; the rotation parks and resumes from the journal.
+    Interrupted,
 }
 
 impl From<StateError> for Failure {

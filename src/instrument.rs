@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use keyrotd_rotators::{Attrs, Credential, ProviderError, Rotator, StepContext, Store};
@@ -99,6 +99,10 @@ impl Rotator for TimedRotator {
         self.inner.public_attrs()
     }
 
+    fn timeout(&self) -> Duration {
+        self.inner.timeout()
+    }
+
     async fn issue(
         &self,
         ctx: StepContext<'_>,
@@ -164,6 +168,10 @@ impl Store for TimedStore {
 
     fn location(&self) -> String {
         self.inner.location()
+    }
+
+    fn timeout(&self) -> Duration {
+        self.inner.timeout()
     }
 
     async fn current(&self, ctx: StepContext<'_>) -> Result<Option<Credential>, ProviderError> {

@@ -121,6 +121,9 @@ fn main() -> ExitCode {
                 .map(|()| 0),
         }
     });
+    // A task stuck in a blocking call (the daemon gave up on it at its shutdown deadline) must
+    // not keep the process alive: dropping the runtime would wait for it without limit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -221,7 +221,7 @@ pub struct RotationRecord {
 pub struct StepRecord {
     pub at_ms: i64,
     pub step: String,
-    /// `start`, `ok`, `error` or `skip`.
+    /// `start`, `ok`, `error`, `skip`, or `interrupted` (shutdown ended the step; it resumes).
     pub event: String,
     pub detail: Option<String>,
 }

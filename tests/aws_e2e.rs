@@ -81,6 +81,7 @@ impl Aws {
         let loaded = rt.block_on(keyrotd_rotators::aws::load_sdk_config(
             Some("us-east-1"),
             Some(&moto_url()),
+            keyrotd_rotators::Timeouts::default(),
         ));
         // Explicit credentials: the test process does not touch its own environment.
         let config = loaded

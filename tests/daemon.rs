@@ -494,7 +494,7 @@ fn impossible_order(
         }
         match (open_step, s.event.as_str()) {
             (None, "start") => open_step = Some(&s.step),
-            (Some(open), "ok" | "error") if open == s.step => open_step = None,
+            (Some(open), "ok" | "error" | "interrupted") if open == s.step => open_step = None,
             (open, _) => {
                 return Some(format!(
                     "{at} while {open:?} was running: two drivers at once"

@@ -209,7 +209,7 @@ secret_pointer = "/key/secret"
 id_pointer = "/key/id"
 max_retries = 3
 max_retry_after_secs = 5
-timeout_secs = 5
+timeout = "5s"
 
 [credential.rotator.issue]
 method = "POST"
@@ -548,4 +548,108 @@ fn run_rotates_on_schedule_and_revokes_each_old_key_after_grace() {
         );
     }
     s.assert_no_leak(&[metrics, status.to_string()]);
+}
+
+impl Setup {
+    /// Points the rotator at `silent` (a key API behind a silent partition) with a 10m plugin
+    /// timeout, so its step hangs until the daemon's 2s shutdown deadline interrupts it. Returns
+    /// the working inventory, to heal the partition later.
+    fn hang_on(&self, silent: &support::silent::Silent) -> String {
+        let working = std::fs::read_to_string(self.config()).unwrap();
+        let hung = working
+            .replace(
+                &format!("http://127.0.0.1:{}", self.api_port),
+                &silent.url(),
+            )
+            .replace("timeout = \"5s\"", "timeout = \"10m\"")
+            .replacen("[daemon]\n", "[daemon]\nshutdown_timeout = \"2s\"\n", 1);
+        std::fs::write(self.config(), hung).unwrap();
+        working
+    }
+}
+
+/// SIGTERM (and its wait for in-flight steps) must end within the 2s shutdown deadline plus the
+/// daemon's own wind-down; the old code waited for the hung step for good.
+const STOPS_WITHIN: Duration = Duration::from_secs(6);
+
+#[test]
+fn sigterm_interrupts_a_step_hung_on_a_silent_api_and_a_restart_resumes_it() {
+    let s = Setup::new("rotate_every = \"1d\"\nmax_age = \"2d\"");
+    let silent = support::silent::Silent::start();
+    let working = s.hang_on(&silent);
+    let log = s.dir.path().join("daemon.log");
+    let mut daemon = Daemon::start(&s.config(), s.port, &log, &[]);
+    assert!(
+        wait_until(Duration::from_secs(10), || silent.accepted() >= 1),
+        "the overdue rotation's issue reached the silent API: {}",
+        daemon.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let stopping = Instant::now();
+    // The outer guard: `terminate` panics instead of waiting past it.
+    let status = daemon.terminate(Duration::from_secs(20));
+    let took = stopping.elapsed();
+    assert_eq!(status.code(), Some(0), "{}", daemon.log_text());
+    assert!(
+        took >= Duration::from_millis(1900) && took < STOPS_WITHIN,
+        "waited for the step up to the 2s shutdown deadline, then stopped: {took:?}"
+    );
+    let text = daemon.log_text();
+    assert!(text.contains("step interrupted"), "{text}");
+    assert!(s.history().contains("interrupted"), "{}", s.history());
+    assert_eq!(s.current(), None, "nothing was published");
+
+    // The partition heals: the next start resumes the rotation from the journal and completes it.
+    std::fs::write(s.config(), working).unwrap();
+    let mut daemon = Daemon::start(&s.config(), s.port, &log, &[]);
+    assert!(
+        wait_until(Duration::from_secs(30), || s.current().is_some()),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || s.status()["state"] == "grace"),
+        "{}",
+        s.status()
+    );
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).code(), Some(0));
+    let (id, key) = s.current().unwrap();
+    assert!(!s.revoked(&id));
+    assert_eq!(whoami_status(s.api_port, &key), 200);
+    s.assert_no_leak(&[]);
+}
+
+#[test]
+fn sighup_loads_the_new_inventory_while_a_step_hangs() {
+    let s = Setup::new("rotate_every = \"1d\"\nmax_age = \"2d\"");
+    let silent = support::silent::Silent::start();
+    s.hang_on(&silent);
+    let log = s.dir.path().join("daemon.log");
+    let mut daemon = Daemon::start(&s.config(), s.port, &log, &[]);
+    assert!(
+        wait_until(Duration::from_secs(10), || silent.accepted() >= 1),
+        "{}",
+        daemon.log_text()
+    );
+    let text = std::fs::read_to_string(s.config()).unwrap();
+    std::fs::write(
+        s.config(),
+        text.replace("max_age = \"2d\"", "max_age = \"3d\""),
+    )
+    .unwrap();
+    signal(daemon.child.id(), "HUP");
+    assert!(
+        wait_until(STOPS_WITHIN, || daemon
+            .log_text()
+            .contains("inventory reloaded")),
+        "the reload waited for the hung step: {}",
+        daemon.log_text()
+    );
+    // The new generation resumes the interrupted rotation at once (and hangs on the API again).
+    assert!(
+        wait_until(Duration::from_secs(10), || silent.accepted() >= 2),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).code(), Some(0));
 }

@@ -16,6 +16,8 @@
 //!
 //! Requests go over HTTPS, except to loopback addresses. 5xx and 429 answers are retried a bounded
 //! number of times, honouring `Retry-After` up to `max_retry_after_secs`; redirects are not followed.
+//! A connection must be made within `connect_timeout`, and one step's requests, retries and waits
+//! included, must finish within `timeout`: a retry that would end past it is not made.
 //!
 //! A connection that was never made is retried; a timeout is not, since a timed-out `issue` may
 //! have created a key. A key whose `issue` answer lacks the secret is revoked at once when its id
@@ -36,6 +38,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::reference::SecretRef;
+use crate::timeouts::{self, Timeouts};
 use crate::{Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext};
 
 /// Attribute carrying the provider's id of a key.
@@ -66,9 +69,19 @@ pub struct HttpConfig {
     /// Name of the secret's field in JSON stores.
     #[serde(default = "default_secret_field")]
     pub secret_field: String,
-    /// Seconds allowed for one request, connection included.
-    #[serde(default = "default_timeout")]
-    pub timeout_secs: u64,
+    /// The longest wait for a connection, TLS included (`"10s"`).
+    #[serde(
+        default = "timeouts::default_connect",
+        deserialize_with = "timeouts::duration"
+    )]
+    pub connect_timeout: Duration,
+    /// The longest one step may take, every request, retry and `Retry-After` wait included
+    /// (`"60s"`).
+    #[serde(
+        default = "timeouts::default_call",
+        deserialize_with = "timeouts::duration"
+    )]
+    pub timeout: Duration,
     /// How many times a 5xx or 429 answer, or a refused connection, is retried.
     #[serde(default = "default_retries")]
     pub max_retries: u32,
@@ -87,10 +100,6 @@ fn default_auth_prefix() -> String {
 
 fn default_secret_field() -> String {
     "api_key".into()
-}
-
-fn default_timeout() -> u64 {
-    30
 }
 
 fn default_retries() -> u32 {
@@ -474,9 +483,7 @@ impl HttpConfig {
         if self.secret_field.is_empty() {
             return Err("secret_field: must not be empty".into());
         }
-        if !(1..=600).contains(&self.timeout_secs) {
-            return Err("timeout_secs: must be between 1 and 600".into());
-        }
+        timeouts::validate(self.connect_timeout, self.timeout)?;
         if self.max_retries > 10 {
             return Err("max_retries: at most 10".into());
         }
@@ -494,6 +501,11 @@ impl HttpConfig {
     /// Checks the configuration without any request; the error names the offending field.
     pub fn validate(&self) -> Result<(), String> {
         self.parse().map(drop)
+    }
+
+    /// The configured `connect_timeout` and `timeout`.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts::new(self.connect_timeout, self.timeout)
     }
 }
 
@@ -517,8 +529,8 @@ impl HttpRotator {
         let parsed = config.parse()?;
         let client = reqwest::Client::builder()
             .use_rustls_tls()
-            .timeout(Duration::from_secs(config.timeout_secs))
-            .connect_timeout(Duration::from_secs(config.timeout_secs.min(10)))
+            .timeout(config.timeout)
+            .connect_timeout(config.timeouts().connect)
             // A redirect could carry the token elsewhere; providers' APIs do not need one.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("keyrotd/", env!("CARGO_PKG_VERSION")))
@@ -545,9 +557,16 @@ impl HttpRotator {
     }
 
     async fn admin_token(&self, op: &str) -> Result<HeaderValue, ProviderError> {
-        let token = self.config.auth.resolve_async().await.map_err(|e| {
-            ProviderError::permanent(format!("{op}: auth {}: {e}", self.config.auth))
-        })?;
+        let token = self
+            .config
+            .auth
+            .resolve_async(self.config.timeouts())
+            .await
+            .map_err(|e| ProviderError {
+                class: e.class(),
+                code: None,
+                message: format!("{op}: auth {}: {e}", self.config.auth),
+            })?;
         self.auth_value(op, &token)
     }
 
@@ -573,16 +592,18 @@ impl HttpRotator {
             headers.insert(name.clone(), value);
         }
         let body = request.body.as_ref().map(|b| render_body(b, vars));
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
         let mut attempt = 0;
         loop {
             let mut builder = self
                 .client
                 .request(request.method.clone(), &url)
-                .headers(headers.clone());
+                .headers(headers.clone())
+                .timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
             if let Some(body) = &body {
                 builder = builder.json(body);
             }
-            let retry_in = match builder.send().await {
+            let (error, retry_in) = match builder.send().await {
                 Ok(response) => {
                     let status = response.status();
                     if status != StatusCode::TOO_MANY_REQUESTS && !status.is_server_error() {
@@ -599,9 +620,6 @@ impl HttpRotator {
                         ProviderError::transient(format!("{op}: HTTP {status}{why}"))
                             .with_code(status.as_u16().to_string())
                     };
-                    if attempt >= self.config.max_retries {
-                        return Err(fail(&format!(" after {} attempts", attempt + 1)));
-                    }
                     match retry_after {
                         Some(wait)
                             if wait > Duration::from_secs(self.config.max_retry_after_secs) =>
@@ -611,27 +629,45 @@ impl HttpRotator {
                                 wait.as_secs()
                             )));
                         }
-                        Some(wait) => wait,
-                        None => backoff(attempt),
+                        Some(wait) => (fail(""), wait),
+                        None => (fail(""), backoff(attempt)),
                     }
                 }
-                // Only a connection that was never made is safe to retry: a timed-out issue may
-                // have created a key.
-                Err(e) if e.is_connect() && attempt < self.config.max_retries => backoff(attempt),
-                Err(e) => {
-                    let kind = if e.is_timeout() {
-                        "timed out"
-                    } else if e.is_connect() {
-                        "cannot connect"
-                    } else {
-                        "failed"
-                    };
-                    return Err(ProviderError::transient(format!(
-                        "{op}: request {kind}: {}",
+                // A timed-out request is not retried: a timed-out issue may have created a key.
+                Err(e) if e.is_timeout() => {
+                    return Err(ProviderError::no_answer(
+                        format!("{op}: request"),
+                        self.config.timeout,
+                    ))
+                }
+                // Only a connection that was never made is safe to retry.
+                Err(e) if e.is_connect() => (
+                    ProviderError::transient(format!(
+                        "{op}: request cannot connect: {}",
                         root_cause(&e)
-                    )));
+                    )),
+                    backoff(attempt),
+                ),
+                Err(e) => {
+                    return Err(ProviderError::transient(format!(
+                        "{op}: request failed: {}",
+                        root_cause(&e)
+                    )))
                 }
             };
+            if attempt >= self.config.max_retries {
+                return Err(with_note(error, &format!("after {} attempts", attempt + 1)));
+            }
+            if tokio::time::Instant::now() + retry_in >= deadline {
+                return Err(with_note(
+                    error,
+                    &format!(
+                        "a retry in {} would pass the timeout of {}",
+                        timeouts::describe(retry_in),
+                        timeouts::describe(self.config.timeout)
+                    ),
+                ));
+            }
             attempt += 1;
             tokio::time::sleep(retry_in).await;
         }
@@ -670,6 +706,12 @@ fn root_cause(e: &reqwest::Error) -> String {
         return "no further detail".into();
     }
     cause.to_string()
+}
+
+/// Appends why a retryable failure is final (`HTTP 503 Service Unavailable (after 4 attempts)`).
+fn with_note(mut error: ProviderError, note: &str) -> ProviderError {
+    error.message.push_str(&format!(" ({note})"));
+    error
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -713,6 +755,10 @@ impl Rotator for HttpRotator {
 
     fn public_attrs(&self) -> &'static [&'static str] {
         &[KEY_ID_ATTR]
+    }
+
+    fn timeout(&self) -> Duration {
+        self.config.timeout
     }
 
     async fn issue(

@@ -21,7 +21,8 @@
 //! - [`http`]: the `http` rotator (an API key issued and revoked through configured HTTP requests);
 //! - [`file`]: the `file` store (a local file, atomically replaced);
 //! - [`aws`]: the `aws_secrets_manager` store and the `aws_iam_access_key` rotator;
-//! - [`config`]: the `kind`-tagged configuration of every rotator and store, and their construction.
+//! - [`config`]: the `kind`-tagged configuration of every rotator and store, and their construction;
+//! - [`timeouts`]: the connect timeout and step deadline of plugins that talk to a server.
 
 pub mod aws;
 pub mod config;
@@ -30,14 +31,17 @@ pub mod http;
 pub mod postgres;
 pub mod random;
 pub mod reference;
+pub mod timeouts;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use secrecy::SecretString;
 
 pub use config::{AwsDefaults, RotatorConfig, StoreConfig};
+pub use timeouts::Timeouts;
 
 /// A credential: its secret value plus public attributes that identify it.
 ///
@@ -123,6 +127,17 @@ impl ProviderError {
         }
     }
 
+    /// A call that got no answer within its deadline (a silent partition, a hung server):
+    /// transient, since the same call may well work once the network heals. `what` names the
+    /// call; the message ends with `no answer within 60s`.
+    pub fn no_answer(what: impl fmt::Display, within: Duration) -> Self {
+        Self::transient(format!(
+            "{what}: no answer within {}",
+            timeouts::describe(within)
+        ))
+        .with_code("timeout")
+    }
+
     /// Attaches the provider's error code.
     pub fn with_code(mut self, code: impl Into<String>) -> Self {
         self.code = Some(code.into());
@@ -160,6 +175,12 @@ pub trait Rotator: Send + Sync {
     /// engine keeps only these names from them.
     fn public_attrs(&self) -> &'static [&'static str] {
         &[]
+    }
+
+    /// The longest one step may wait for this rotator (its `timeout` field). The engine abandons
+    /// a step past it as a transient failure, whatever the rotator does itself.
+    fn timeout(&self) -> Duration {
+        timeouts::DEFAULT_TIMEOUT
     }
 
     /// Creates a new credential. `current` is what the store holds now, if anything.
@@ -210,6 +231,12 @@ pub trait Store: Send + Sync {
 
     /// A human-readable location for status output (a path, a secret id). Not secret.
     fn location(&self) -> String;
+
+    /// The longest one step may wait for this store (its `timeout` field). The engine abandons a
+    /// step past it as a transient failure, whatever the store does itself.
+    fn timeout(&self) -> Duration {
+        timeouts::DEFAULT_TIMEOUT
+    }
 
     /// The value consumers read now, if there is one.
     async fn current(&self, ctx: StepContext<'_>) -> Result<Option<Credential>, ProviderError>;

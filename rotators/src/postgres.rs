@@ -17,6 +17,12 @@
 //! engine keeps a promoted rotation open through its grace period), since the next alternating
 //! rotation gives that very role a new, published password.
 //!
+//! Every connection has `connect_timeout` for its TCP, TLS and login handshake, and each
+//! operation (resolving the admin DSN, connecting, the statement) is bounded by `timeout`, which
+//! the server also enforces as the `ALTER ROLE` session's `statement_timeout`, so a statement
+//! stuck behind a lock is cancelled there too. A server that accepts the connection and never
+//! answers fails the step as transient, and the dropped client closes its connection.
+//!
 //! TLS uses rustls with the public web roots plus `sslrootcert`; the certificate and host name
 //! are always verified (libpq's `verify-full`), and an untrusted certificate is a permanent
 //! error. `sslmode` defaults to `require`; `prefer` and `disable` are accepted only to a loopback
@@ -41,7 +47,12 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::random::{generate, Alphabet};
 use crate::reference::SecretRef;
+use crate::timeouts::{self, Timeouts};
 use crate::{Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext};
+
+/// How long before the step's deadline the server must cancel an `ALTER ROLE` still waiting, so
+/// its cancellation reaches keyrotd before keyrotd gives up on the statement.
+const SERVER_CANCEL_MARGIN: Duration = Duration::from_millis(250);
 
 /// Attribute naming the role a credential logs in as.
 pub const USERNAME_ATTR: &str = "username";
@@ -85,9 +96,20 @@ pub struct PostgresConfig {
     /// `alternating`: whether `revoke` sets the idle role's password to an unknown random value.
     #[serde(default = "default_true")]
     pub scramble_on_revoke: bool,
-    /// Seconds allowed for establishing any connection.
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout_secs: u64,
+    /// The longest wait for one connection, TLS and login included (`"10s"`). A
+    /// `connect_timeout` in the admin DSN may shorten it for the admin connection.
+    #[serde(
+        default = "timeouts::default_connect",
+        deserialize_with = "timeouts::duration"
+    )]
+    pub connect_timeout: Duration,
+    /// The longest one step may wait for the server (`"60s"`); also each statement's
+    /// `statement_timeout`.
+    #[serde(
+        default = "timeouts::default_call",
+        deserialize_with = "timeouts::duration"
+    )]
+    pub timeout: Duration,
 }
 
 fn default_length() -> usize {
@@ -96,10 +118,6 @@ fn default_length() -> usize {
 
 fn default_true() -> bool {
     true
-}
-
-fn default_connect_timeout() -> u64 {
-    10
 }
 
 /// How a password is rotated.
@@ -197,9 +215,6 @@ impl PostgresConfig {
                 ));
             }
         }
-        if !(1..=300).contains(&self.connect_timeout_secs) {
-            return Err("connect_timeout_secs: must be between 1 and 300".into());
-        }
         // Without `host` the login goes to the admin DSN's hosts, known only once the secret is
         // read: `forbid_plain_text_over_network` checks them at every connection.
         if let Some(host) = self.host.as_deref() {
@@ -212,7 +227,12 @@ impl PostgresConfig {
                 ));
             }
         }
-        Ok(())
+        timeouts::validate(self.connect_timeout, self.timeout)
+    }
+
+    /// The configured `connect_timeout` and `timeout`.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts::new(self.connect_timeout, self.timeout)
     }
 }
 
@@ -283,15 +303,30 @@ impl PostgresRotator {
         Ok(Self { config, tls })
     }
 
-    fn timeout(&self) -> Duration {
-        Duration::from_secs(self.config.connect_timeout_secs)
+    /// Runs one operation within `timeout`; past it the operation fails as transient, and
+    /// dropping it closes its connection.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        operation: impl std::future::Future<Output = Result<T, ProviderError>>,
+    ) -> Result<T, ProviderError> {
+        tokio::time::timeout(self.config.timeout, operation)
+            .await
+            .unwrap_or_else(|_| Err(ProviderError::no_answer(what, self.config.timeout)))
     }
 
     /// The admin DSN, parsed. Read at every use, so a rotated admin secret is picked up.
     async fn admin_config(&self, op: &str) -> Result<tokio_postgres::Config, ProviderError> {
-        let dsn = self.config.admin_dsn.resolve_async().await.map_err(|e| {
-            ProviderError::permanent(format!("{op}: admin_dsn {}: {e}", self.config.admin_dsn))
-        })?;
+        let dsn = self
+            .config
+            .admin_dsn
+            .resolve_async(self.config.timeouts())
+            .await
+            .map_err(|e| ProviderError {
+                class: e.class(),
+                code: None,
+                message: format!("{op}: admin_dsn {}: {e}", self.config.admin_dsn),
+            })?;
         let mut config: tokio_postgres::Config = dsn.expose_secret().parse().map_err(|_| {
             // The parser's message could quote part of the string: say only where it came from.
             ProviderError::permanent(format!(
@@ -300,7 +335,7 @@ impl PostgresRotator {
             ))
         })?;
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(self.timeout());
+            config.connect_timeout(self.config.timeouts().connect);
         }
         config.application_name("keyrotd");
         forbid_plain_text_over_network(&mut config, &format!("{op}: admin login"))?;
@@ -350,7 +385,7 @@ impl PostgresRotator {
                 SslMode::Prefer => PgSslMode::Prefer,
                 SslMode::Require => PgSslMode::Require,
             })
-            .connect_timeout(self.timeout())
+            .connect_timeout(self.config.timeouts().connect)
             .application_name("keyrotd-verify");
         forbid_plain_text_over_network(&mut config, &format!("{op}: login as role \"{role}\""))?;
         Ok(config)
@@ -363,7 +398,9 @@ impl PostgresRotator {
     ) -> Result<Client, ProviderError> {
         let connecting = config.connect(self.tls.clone());
         let (client, connection) =
-            tokio::time::timeout(self.timeout() + Duration::from_secs(1), connecting)
+            // The driver's own connect timeout covers TCP only; this one the whole handshake.
+            // A second more lets the driver's more precise error win when both apply.
+            tokio::time::timeout(self.config.timeouts().connect + Duration::from_secs(1), connecting)
                 .await
                 .map_err(|_| {
                     ProviderError::transient(format!("{what}: timed out connecting"))
@@ -385,21 +422,36 @@ impl PostgresRotator {
         password: &SecretString,
     ) -> Result<(), ProviderError> {
         let what = format!("{op}: setting the password of role \"{role}\"");
-        let admin = self.admin_config(op).await?;
-        let client = self
-            .connect(&admin, &format!("{what}: admin login"))
-            .await?;
-        let verifier =
-            postgres_protocol::password::scram_sha_256(password.expose_secret().as_bytes());
-        let sql = format!(
-            "ALTER ROLE {} PASSWORD {}",
-            quote_ident(role),
-            quote_literal(&verifier)
-        );
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| pg_error(&what, &e))
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        self.bounded(&what, async {
+            let admin = self.admin_config(op).await?;
+            let client = self
+                .connect(&admin, &format!("{what}: admin login"))
+                .await?;
+            let verifier =
+                postgres_protocol::password::scram_sha_256(password.expose_secret().as_bytes());
+            // The server cancels the statement itself, shortly *before* keyrotd gives up on it:
+            // an ALTER ROLE queued behind a lock must never set the password after keyrotd
+            // reported the step failed (and maybe rolled back), and closing the socket does not
+            // stop a waiting backend.
+            let left = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .saturating_sub(SERVER_CANCEL_MARGIN);
+            if left.is_zero() {
+                return Err(ProviderError::no_answer(&what, self.config.timeout));
+            }
+            let sql = format!(
+                "SET statement_timeout = {}; ALTER ROLE {} PASSWORD {}",
+                left.as_millis().max(1),
+                quote_ident(role),
+                quote_literal(&verifier)
+            );
+            client
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| pg_error(&what, &e))
+        })
+        .await
     }
 
     /// Logs in as `role` with `password` and runs the probe query.
@@ -410,15 +462,18 @@ impl PostgresRotator {
         password: &SecretString,
     ) -> Result<(), ProviderError> {
         let what = format!("{op}: logging in as role \"{role}\"");
-        let config = self.login_config(op, role, password).await?;
-        let client = self.connect(&config, &what).await?;
-        if let Some(probe) = &self.config.probe_query {
-            client
-                .batch_execute(probe)
-                .await
-                .map_err(|e| pg_error(&format!("{what}: probe query"), &e))?;
-        }
-        Ok(())
+        self.bounded(&what, async {
+            let config = self.login_config(op, role, password).await?;
+            let client = self.connect(&config, &what).await?;
+            if let Some(probe) = &self.config.probe_query {
+                client
+                    .batch_execute(probe)
+                    .await
+                    .map_err(|e| pg_error(&format!("{what}: probe query"), &e))?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Sets `role`'s password to a random value nobody knows.
@@ -500,6 +555,10 @@ impl Rotator for PostgresRotator {
 
     fn public_attrs(&self) -> &'static [&'static str] {
         &[USERNAME_ATTR]
+    }
+
+    fn timeout(&self) -> Duration {
+        self.config.timeout
     }
 
     async fn issue(

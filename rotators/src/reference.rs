@@ -7,8 +7,10 @@
 //! Anything else is refused, so a literal password pasted into the config never gets used.
 //!
 //! `aws-sm:` needs the network: it resolves only through [`SecretRef::resolve_async`], with the
-//! daemon's standard AWS credential chain, the region of the ARN or of the chain, and
-//! `AWS_ENDPOINT_URL` when set. [`SecretRef::resolve`] handles the local schemes.
+//! daemon's standard AWS credential chain, the region of the ARN or of the chain,
+//! `AWS_ENDPOINT_URL` when set, and the connect timeout and deadline of the plugin (or alert
+//! channel) that needs the secret, so a silent AWS endpoint fails its step instead of hanging it.
+//! [`SecretRef::resolve`] handles the local schemes.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -18,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use secrecy::{ExposeSecret, SecretString};
+
+use crate::{ErrorClass, Timeouts};
 
 /// A parsed secret reference. `Display` prints the reference, never the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +64,12 @@ pub enum RefError {
     #[error("`{0}` is read from AWS Secrets Manager and needs async resolution (resolve_async)")]
     NeedsAsync(String),
     #[error("cannot read `{reference}`: {message}")]
-    Aws { reference: String, message: String },
+    Aws {
+        reference: String,
+        message: String,
+        /// Whether AWS may answer a retry (a timeout, throttling) or not (access denied).
+        class: ErrorClass,
+    },
     #[error("secret reference `{0}:` names nothing")]
     Empty(&'static str),
     #[error("environment variable `{0}` is not set")]
@@ -77,6 +86,17 @@ pub enum RefError {
     NoCredentialsDirectory(String),
     #[error("secret referenced by `{0}` is empty")]
     EmptyValue(String),
+}
+
+impl RefError {
+    /// Whether resolving again may succeed: only an AWS lookup that failed transiently (no
+    /// answer, throttling); a missing variable or file needs an operator.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Aws { class, .. } => *class,
+            _ => ErrorClass::Permanent,
+        }
+    }
 }
 
 impl FromStr for SecretRef {
@@ -179,16 +199,22 @@ impl SecretRef {
         matches!(self, Self::AwsSecretsManager { .. })
     }
 
-    /// Reads the referenced secret, whatever its scheme.
-    pub async fn resolve_async(&self) -> Result<SecretString, RefError> {
+    /// Reads the referenced secret, whatever its scheme. `timeouts` bound the AWS call of an
+    /// `aws-sm:` reference: pass those of the plugin that needs the secret.
+    pub async fn resolve_async(&self, timeouts: Timeouts) -> Result<SecretString, RefError> {
         match self {
             Self::AwsSecretsManager { secret_id, field } => {
-                let value = crate::aws::secrets_manager::read_current(secret_id, field.as_deref())
-                    .await
-                    .map_err(|e| RefError::Aws {
-                        reference: self.to_string(),
-                        message: e.to_string(),
-                    })?;
+                let value = crate::aws::secrets_manager::read_current(
+                    secret_id,
+                    field.as_deref(),
+                    timeouts,
+                )
+                .await
+                .map_err(|e| RefError::Aws {
+                    reference: self.to_string(),
+                    message: e.to_string(),
+                    class: e.class,
+                })?;
                 if value.expose_secret().is_empty() {
                     return Err(RefError::EmptyValue(self.to_string()));
                 }
@@ -361,7 +387,9 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let value = rt.block_on(SecretRef::File(path).resolve_async()).unwrap();
+        let value = rt
+            .block_on(SecretRef::File(path).resolve_async(Timeouts::default()))
+            .unwrap();
         assert_eq!(value.expose_secret(), "s3cret");
     }
 

@@ -14,7 +14,10 @@ use aws_sdk_iam::types::StatusType;
 use aws_sdk_sts::config::Credentials;
 use keyrotd_rotators::aws::iam::{IamAccessKeyConfig, IamAccessKeyRotator};
 use keyrotd_rotators::aws::secrets_manager::{SecretsManagerConfig, SecretsManagerStore};
-use keyrotd_rotators::{Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext, Store};
+use keyrotd_rotators::timeouts::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT};
+use keyrotd_rotators::{
+    Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext, Store, Timeouts,
+};
 use secrecy::{ExposeSecret, SecretString};
 
 fn moto_url() -> String {
@@ -45,7 +48,12 @@ fn admin_env() {
 /// The SDK configuration the tests use to set up and inspect AWS behind the plugins' back.
 async fn admin() -> SdkConfig {
     admin_env();
-    keyrotd_rotators::aws::load_sdk_config(Some("us-east-1"), Some(&moto_url())).await
+    keyrotd_rotators::aws::load_sdk_config(
+        Some("us-east-1"),
+        Some(&moto_url()),
+        Timeouts::default(),
+    )
+    .await
 }
 
 fn iam(config: &SdkConfig) -> aws_sdk_iam::Client {
@@ -64,6 +72,8 @@ fn rotator(user: &str, verify_timeout: &str, delete_after_deactivate: bool) -> I
         endpoint_url: Some(moto_url()),
         verify_timeout: verify_timeout.into(),
         delete_after_deactivate,
+        connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        timeout: DEFAULT_TIMEOUT,
     })
     .unwrap()
 }
@@ -71,10 +81,10 @@ fn rotator(user: &str, verify_timeout: &str, delete_after_deactivate: bool) -> I
 fn store(secret_id: &str, field: Option<&str>) -> SecretsManagerStore {
     admin_env();
     SecretsManagerStore::new(SecretsManagerConfig {
-        secret_id: secret_id.into(),
         field: field.map(str::to_owned),
         region: Some("us-east-1".into()),
         endpoint_url: Some(moto_url()),
+        ..SecretsManagerConfig::new(secret_id)
     })
     .unwrap()
 }
@@ -808,7 +818,7 @@ async fn aws_sm_secret_references_resolve_awscurrent_against_moto() {
             matches!(r.resolve(), Err(RefError::NeedsAsync(_))),
             "{text}"
         );
-        r.resolve_async().await
+        r.resolve_async(Timeouts::default()).await
     };
 
     let field = resolve(format!("aws-sm:{name}#password")).await.unwrap();

@@ -164,7 +164,7 @@ fn config(base: &str, token_file: &std::path::Path) -> Value {
         "revoke": {"method": "DELETE", "url": format!("{base}/v1/keys/{{{{old_id}}}}")},
         "max_retries": 3,
         "max_retry_after_secs": 5,
-        "timeout_secs": 5,
+        "timeout": "5s",
     })
 }
 

@@ -14,12 +14,14 @@
 //! password = "env:SMTP_PASSWORD"
 //! from = "keyrotd <keyrotd@example.com>"
 //! to = ["ops@example.com"]
+//! timeout = "30s"           # one delivery attempt, connection included (default 30s; 1s to 5m)
 //!
 //! [[alerts.channel]]
 //! name = "pager"
 //! kind = "webhook"          # generic JSON, see `webhook::WebhookPayload`
 //! url = "https://hooks.example.com/keyrotd"
 //! authorization = "env:PAGER_TOKEN"   # sent verbatim as the Authorization header
+//! timeout = "10s"           # one delivery attempt (default 10s; 1s to 5m)
 //!
 //! [[alerts.channel]]
 //! name = "chat"
@@ -37,15 +39,25 @@
 //!
 //! With no route at all, every channel receives every notification. With routes, a notification
 //! goes to the union of the channels of every route that matches it.
+//!
+//! A delivery attempt that gets no answer within its channel's `timeout` (a server that accepts
+//! the connection and stays silent) fails as transient and is retried with backoff; connections
+//! are given at most 10s of it.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use keyrotd_rotators::reference::SecretRef;
+use keyrotd_rotators::timeouts::{describe, DEFAULT_CONNECT_TIMEOUT};
+use keyrotd_rotators::Timeouts;
 use serde::{Deserialize, Deserializer};
 
 use super::Severity;
+
+/// Bounds of a channel's `timeout`.
+const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The `[alerts]` table. Parse it with serde, then call [`AlertsConfig::validate`].
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -136,6 +148,27 @@ impl ChannelConfig {
             Self::Email(c) => &c.name,
             Self::Webhook(c) => &c.name,
             Self::Slack(c) => &c.name,
+        }
+    }
+
+    /// How long one delivery attempt may take, connection and any `aws-sm:` secret included:
+    /// the configured `timeout`, or 30s for email and 10s for webhooks.
+    pub fn attempt_timeout(&self) -> Duration {
+        match self {
+            Self::Email(c) => c.timeout.unwrap_or(Duration::from_secs(30)),
+            Self::Webhook(WebhookConfig { timeout, .. })
+            | Self::Slack(SlackConfig { timeout, .. }) => {
+                timeout.unwrap_or(Duration::from_secs(10))
+            }
+        }
+    }
+
+    /// The timeouts a delivery attempt gives its connections and secret lookups.
+    pub(crate) fn timeouts(&self) -> Timeouts {
+        let call = self.attempt_timeout();
+        Timeouts {
+            connect: call.min(DEFAULT_CONNECT_TIMEOUT),
+            call,
         }
     }
 }
@@ -294,6 +327,17 @@ impl AlertsConfig {
             if !names.insert(name) {
                 return Err(at("name", format!("duplicate channel name `{name}`")));
             }
+            let timeout = channel.attempt_timeout();
+            if !(MIN_ATTEMPT_TIMEOUT..=MAX_ATTEMPT_TIMEOUT).contains(&timeout) {
+                return Err(at(
+                    "timeout",
+                    format!(
+                        "must be between {} and {}",
+                        describe(MIN_ATTEMPT_TIMEOUT),
+                        describe(MAX_ATTEMPT_TIMEOUT)
+                    ),
+                ));
+            }
             match channel {
                 ChannelConfig::Email(email) => validate_email(email).map_err(|(f, m)| at(f, m))?,
                 ChannelConfig::Webhook(hook) => {
@@ -385,11 +429,17 @@ pub(crate) fn validate_url(source: &UrlSource) -> Result<(), String> {
 }
 
 /// [`resolve_url`] for every kind of reference, `aws-sm:` included.
-pub(crate) async fn resolve_url_async(source: &UrlSource) -> Result<reqwest::Url, String> {
+pub(crate) async fn resolve_url_async(
+    source: &UrlSource,
+    timeouts: Timeouts,
+) -> Result<reqwest::Url, String> {
     use secrecy::ExposeSecret;
     match source {
         UrlSource::Secret(reference) => {
-            let secret = reference.resolve_async().await.map_err(|e| e.to_string())?;
+            let secret = reference
+                .resolve_async(timeouts)
+                .await
+                .map_err(|e| e.to_string())?;
             check_url(secret.expose_secret(), format!("the URL in `{reference}`"))
         }
         UrlSource::Literal(_) => resolve_url(source),

@@ -5,8 +5,10 @@
 //!
 //! The password is resolved from its secret reference at every attempt, so a rotated SMTP
 //! password is picked up without a restart; it only ever goes to lettre's AUTH exchange.
-
-use std::time::Duration;
+//!
+//! lettre's own timeout bounds connecting only: a server that accepts the connection and never
+//! sends its greeting would hold an attempt forever, so the delivery worker bounds each whole
+//! attempt (see [`super::Channel`]).
 
 use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
@@ -14,20 +16,21 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use secrecy::ExposeSecret;
 
+use keyrotd_rotators::Timeouts;
+
 use super::config::{EmailConfig, SmtpTls};
 use super::{rfc3339, DeliveryError, Notification, Status};
-
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A configured SMTP channel.
 pub(crate) struct EmailChannel {
     config: EmailConfig,
     from: Mailbox,
     to: Vec<Mailbox>,
+    timeouts: Timeouts,
 }
 
 impl EmailChannel {
-    pub(crate) fn new(config: &EmailConfig) -> anyhow::Result<Self> {
+    pub(crate) fn new(config: &EmailConfig, timeouts: Timeouts) -> anyhow::Result<Self> {
         if config.tls == SmtpTls::None && !super::config::is_loopback_host(&config.host) {
             anyhow::bail!("plain SMTP is only allowed to a loopback host");
         }
@@ -41,6 +44,7 @@ impl EmailChannel {
             config: config.clone(),
             from,
             to,
+            timeouts,
         })
     }
 
@@ -58,10 +62,10 @@ impl EmailChannel {
         };
         let mut builder = builder
             .port(self.config.effective_port())
-            .timeout(Some(self.config.timeout.unwrap_or(DEFAULT_TIMEOUT)));
+            .timeout(Some(self.timeouts.connect));
         if let (Some(user), Some(password)) = (&self.config.username, &self.config.password) {
             let secret = password
-                .resolve_async()
+                .resolve_async(self.timeouts)
                 .await
                 .map_err(|e| DeliveryError::transient(format!("SMTP password: {e}")))?;
             builder = builder.credentials(Credentials::new(

@@ -208,26 +208,52 @@ impl fmt::Display for DeliveryError {
     }
 }
 
-/// A built channel: knows how to deliver one notification once.
-enum Channel {
+/// A built channel: knows how to deliver one notification once, within its attempt timeout.
+struct Channel {
+    transport: Transport,
+    timeout: Duration,
+}
+
+enum Transport {
     Email(email::EmailChannel),
     Webhook(webhook::WebhookChannel),
 }
 
 impl Channel {
     fn build(config: &ChannelConfig) -> anyhow::Result<Self> {
-        Ok(match config {
-            ChannelConfig::Email(c) => Self::Email(email::EmailChannel::new(c)?),
-            ChannelConfig::Webhook(c) => Self::Webhook(webhook::WebhookChannel::generic(c)?),
-            ChannelConfig::Slack(c) => Self::Webhook(webhook::WebhookChannel::slack(c)?),
+        let timeouts = config.timeouts();
+        let transport = match config {
+            ChannelConfig::Email(c) => Transport::Email(email::EmailChannel::new(c, timeouts)?),
+            ChannelConfig::Webhook(c) => {
+                Transport::Webhook(webhook::WebhookChannel::generic(c, timeouts)?)
+            }
+            ChannelConfig::Slack(c) => {
+                Transport::Webhook(webhook::WebhookChannel::slack(c, timeouts)?)
+            }
+        };
+        Ok(Self {
+            transport,
+            timeout: timeouts.call,
         })
     }
 
+    /// One attempt. It is bounded here as a whole, whatever the client bounds itself: a server
+    /// that accepts the connection and never answers must not hold the channel's queue.
     async fn send(&self, notification: &Notification) -> Result<(), DeliveryError> {
-        match self {
-            Self::Email(c) => c.send(notification).await,
-            Self::Webhook(c) => c.send(notification).await,
-        }
+        let attempt = async {
+            match &self.transport {
+                Transport::Email(c) => c.send(notification).await,
+                Transport::Webhook(c) => c.send(notification).await,
+            }
+        };
+        tokio::time::timeout(self.timeout, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(DeliveryError::transient(format!(
+                    "no answer within {}",
+                    keyrotd_rotators::timeouts::describe(self.timeout)
+                )))
+            })
     }
 }
 

@@ -3,9 +3,7 @@
 //! A 2xx answer is delivered; 429 and 5xx answers and network errors are retried; any other
 //! answer is a permanent failure. Redirects are not followed, so the authorization header never
 //! reaches another host, and error messages are stripped of the URL (a Slack-style URL is a
-//! secret).
-
-use std::time::Duration;
+//! secret). Each attempt has the channel's connect timeout and `timeout`.
 
 use reqwest::header::{HeaderValue, AUTHORIZATION};
 use secrecy::ExposeSecret;
@@ -14,8 +12,7 @@ use serde::Serialize;
 use super::config::{resolve_url_async, validate_url, SlackConfig, UrlSource, WebhookConfig};
 use super::{rfc3339, DeliveryError, Notification, Status};
 use keyrotd_rotators::reference::SecretRef;
-
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+use keyrotd_rotators::Timeouts;
 
 /// The generic webhook body (`Content-Type: application/json`), one object per notification.
 ///
@@ -130,31 +127,33 @@ pub(crate) struct WebhookChannel {
     url: UrlSource,
     authorization: Option<SecretRef>,
     format: Format,
+    timeouts: Timeouts,
 }
 
 impl WebhookChannel {
-    pub(crate) fn generic(config: &WebhookConfig) -> anyhow::Result<Self> {
+    pub(crate) fn generic(config: &WebhookConfig, timeouts: Timeouts) -> anyhow::Result<Self> {
         Self::new(
             &config.url,
             config.authorization.clone(),
-            config.timeout,
+            timeouts,
             Format::Generic,
         )
     }
 
-    pub(crate) fn slack(config: &SlackConfig) -> anyhow::Result<Self> {
-        Self::new(&config.url, None, config.timeout, Format::Slack)
+    pub(crate) fn slack(config: &SlackConfig, timeouts: Timeouts) -> anyhow::Result<Self> {
+        Self::new(&config.url, None, timeouts, Format::Slack)
     }
 
     fn new(
         url: &UrlSource,
         authorization: Option<SecretRef>,
-        timeout: Option<Duration>,
+        timeouts: Timeouts,
         format: Format,
     ) -> anyhow::Result<Self> {
         validate_url(url).map_err(anyhow::Error::msg)?;
         let client = reqwest::Client::builder()
-            .timeout(timeout.unwrap_or(DEFAULT_TIMEOUT))
+            .connect_timeout(timeouts.connect)
+            .timeout(timeouts.call)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("keyrotd/", env!("CARGO_PKG_VERSION")))
             .build()?;
@@ -163,12 +162,13 @@ impl WebhookChannel {
             url: url.clone(),
             authorization,
             format,
+            timeouts,
         })
     }
 
     pub(crate) async fn send(&self, n: &Notification) -> Result<(), DeliveryError> {
         // Resolved per attempt: a rotated token or URL is used without a restart.
-        let url = resolve_url_async(&self.url)
+        let url = resolve_url_async(&self.url, self.timeouts)
             .await
             .map_err(DeliveryError::transient)?;
         let mut request = self.client.post(url);
@@ -178,7 +178,7 @@ impl WebhookChannel {
         };
         if let Some(reference) = &self.authorization {
             let secret = reference
-                .resolve_async()
+                .resolve_async(self.timeouts)
                 .await
                 .map_err(|e| DeliveryError::transient(format!("authorization: {e}")))?;
             let mut value = HeaderValue::from_str(secret.expose_secret()).map_err(|_| {

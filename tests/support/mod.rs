@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod prometheus;
+pub mod silent;
 pub mod webhook;
 
 use std::io::{Read, Write};

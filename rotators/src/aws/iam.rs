@@ -8,7 +8,8 @@
 //!   when it is *inactive* (the leftover of the previous rotation, kept because
 //!   `delete_after_deactivate = false` or a crash); two active keys make issue fail untouched.
 //! - verify: STS `GetCallerIdentity` signed with the new key, retried for `verify_timeout`
-//!   while IAM propagates the key, and the caller must be the configured user.
+//!   while IAM propagates the key, and the caller must be the configured user. Its step may
+//!   therefore last `verify_timeout` longer than `timeout`.
 //! - revoke: `UpdateAccessKey` to `Inactive`, then `DeleteAccessKey`.
 //! - abandon: deletes the issued key, or, when a crash lost it, every key of the user that is
 //!   neither the current one nor the one the rotation replaces and was created since the rotation
@@ -31,6 +32,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use super::{aws_error, has_code, Connection};
+use crate::timeouts::{self, Timeouts};
 use crate::{Attrs, Credential, ProviderError, Rotator, StepContext};
 
 /// The attribute naming the access key id.
@@ -56,6 +58,19 @@ pub struct IamAccessKeyConfig {
     /// until the next rotation's issue deletes it.
     #[serde(default = "default_true")]
     pub delete_after_deactivate: bool,
+    /// The longest wait for a connection to IAM or STS (`"10s"`).
+    #[serde(
+        default = "timeouts::default_connect",
+        deserialize_with = "timeouts::duration"
+    )]
+    pub connect_timeout: Duration,
+    /// The longest one step may wait for IAM and STS, SDK retries included (`"60s"`); verify may
+    /// add `verify_timeout` to it.
+    #[serde(
+        default = "timeouts::default_call",
+        deserialize_with = "timeouts::duration"
+    )]
+    pub timeout: Duration,
 }
 
 fn default_verify_timeout() -> String {
@@ -95,7 +110,13 @@ impl IamAccessKeyConfig {
         }
         super::validate_region(self.region.as_deref())?;
         super::validate_endpoint_url(self.endpoint_url.as_deref())?;
+        timeouts::validate(self.connect_timeout, self.timeout)?;
         Ok(timeout)
+    }
+
+    /// The configured `connect_timeout` and `timeout`.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts::new(self.connect_timeout, self.timeout)
     }
 }
 
@@ -124,7 +145,11 @@ impl IamAccessKeyRotator {
     /// Builds the rotator from a configuration. Does not touch the network.
     pub fn new(config: IamAccessKeyConfig) -> Result<Self, String> {
         let verify_timeout = config.validate()?;
-        let connection = Connection::new(config.region.clone(), config.endpoint_url.clone());
+        let connection = Connection::new(
+            config.region.clone(),
+            config.endpoint_url.clone(),
+            config.timeouts(),
+        );
         Ok(Self {
             config,
             verify_timeout,
@@ -265,6 +290,11 @@ impl Rotator for IamAccessKeyRotator {
 
     fn public_attrs(&self) -> &'static [&'static str] {
         &[ACCESS_KEY_ID]
+    }
+
+    /// A step may take `timeout`, and verify may also wait `verify_timeout` for propagation.
+    fn timeout(&self) -> Duration {
+        self.config.timeout + self.verify_timeout
     }
 
     async fn issue(
@@ -479,6 +509,8 @@ mod tests {
             endpoint_url: None,
             verify_timeout: default_verify_timeout(),
             delete_after_deactivate: true,
+            connect_timeout: timeouts::DEFAULT_CONNECT_TIMEOUT,
+            timeout: timeouts::DEFAULT_TIMEOUT,
         }
     }
 

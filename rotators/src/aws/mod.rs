@@ -7,7 +7,9 @@
 //! Both reach AWS with the credentials of the standard chain (environment, profile, IMDS or web
 //! identity), optionally with a region and an endpoint override per credential. The SDK
 //! configuration is loaded lazily on first use, because building a plugin is synchronous and
-//! must not touch the network.
+//! must not touch the network. Every call has the plugin's `connect_timeout` and, all SDK retries
+//! included, its `timeout` (see [`crate::timeouts`]): an endpoint that accepts the connection and
+//! never answers fails the call as a transient `TimeoutError`.
 //!
 //! Invariant: no error, log line or `Debug` output here contains a secret value. AWS error
 //! messages never echo secret values, so they are quoted as they are.
@@ -17,27 +19,38 @@ pub mod secrets_manager;
 
 use std::error::Error;
 
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_iam::config::http::HttpResponse;
 use aws_sdk_iam::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use tokio::sync::OnceCell;
 
-use crate::{ErrorClass, ProviderError};
+use crate::{ErrorClass, ProviderError, Timeouts};
 
-/// Where the SDK connects: the region and endpoint of one credential's configuration.
+/// How many times the SDK tries one call (throttling and 5xx answers are retried inside it).
+const MAX_ATTEMPTS: u32 = 3;
+
+/// Where the SDK connects: the region, endpoint and timeouts of one credential's configuration.
 #[derive(Debug)]
 pub(crate) struct Connection {
     region: Option<String>,
     endpoint_url: Option<String>,
+    timeouts: Timeouts,
     config: OnceCell<SdkConfig>,
 }
 
 impl Connection {
-    pub(crate) fn new(region: Option<String>, endpoint_url: Option<String>) -> Self {
+    pub(crate) fn new(
+        region: Option<String>,
+        endpoint_url: Option<String>,
+        timeouts: Timeouts,
+    ) -> Self {
         Self {
             region,
             endpoint_url,
+            timeouts,
             config: OnceCell::new(),
         }
     }
@@ -45,20 +58,38 @@ impl Connection {
     /// The SDK configuration, loaded from the standard chain on first use.
     pub(crate) async fn sdk_config(&self) -> &SdkConfig {
         self.config
-            .get_or_init(|| load_sdk_config(self.region.as_deref(), self.endpoint_url.as_deref()))
+            .get_or_init(|| {
+                load_sdk_config(
+                    self.region.as_deref(),
+                    self.endpoint_url.as_deref(),
+                    self.timeouts,
+                )
+            })
             .await
     }
 }
 
 /// Loads an SDK configuration from the standard chain (environment, profile, IMDS, web identity),
-/// with an optional region and endpoint override, and the HTTPS client keyrotd uses.
-pub async fn load_sdk_config(region: Option<&str>, endpoint_url: Option<&str>) -> SdkConfig {
+/// with an optional region and endpoint override, the HTTPS client keyrotd uses, and `timeouts`:
+/// the connect timeout, and the deadline of each call with its retries.
+pub async fn load_sdk_config(
+    region: Option<&str>,
+    endpoint_url: Option<&str>,
+    timeouts: Timeouts,
+) -> SdkConfig {
     // rustls on ring: the SDK's default client builds aws-lc, which is slow to compile and
     // brings nothing keyrotd needs.
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
         .build_https();
-    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
+    let timeout_config = TimeoutConfig::builder()
+        .connect_timeout(timeouts.connect)
+        .operation_timeout(timeouts.call)
+        .build();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http)
+        .timeout_config(timeout_config)
+        .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS));
     if let Some(region) = region {
         loader = loader.region(Region::new(region.to_owned()));
     }

@@ -15,6 +15,7 @@
 //! attributes, and keeps every other member (`host`, `port`, ...).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_secretsmanager::Client;
@@ -23,6 +24,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{aws_error, Connection};
+use crate::timeouts::{self, Timeouts};
 use crate::{Attrs, Credential, ProviderError, StepContext, Store};
 
 const CURRENT: &str = "AWSCURRENT";
@@ -44,6 +46,18 @@ pub struct SecretsManagerConfig {
     /// Endpoint override (a VPC endpoint, a test server).
     #[serde(default)]
     pub endpoint_url: Option<String>,
+    /// The longest wait for a connection to Secrets Manager (`"10s"`).
+    #[serde(
+        default = "timeouts::default_connect",
+        deserialize_with = "timeouts::duration"
+    )]
+    pub connect_timeout: Duration,
+    /// The longest one step may wait for Secrets Manager, SDK retries included (`"60s"`).
+    #[serde(
+        default = "timeouts::default_call",
+        deserialize_with = "timeouts::duration"
+    )]
+    pub timeout: Duration,
 }
 
 impl SecretsManagerConfig {
@@ -63,6 +77,23 @@ impl SecretsManagerConfig {
         )
     }
 
+    /// A configuration for `secret_id` with every other field at its default.
+    pub fn new(secret_id: impl Into<String>) -> Self {
+        Self {
+            secret_id: secret_id.into(),
+            field: None,
+            region: None,
+            endpoint_url: None,
+            connect_timeout: timeouts::DEFAULT_CONNECT_TIMEOUT,
+            timeout: timeouts::DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// The configured `connect_timeout` and `timeout`.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts::new(self.connect_timeout, self.timeout)
+    }
+
     /// Checks what can be known without calling AWS; the error names the offending field.
     pub fn validate(&self) -> Result<(), String> {
         let id = &self.secret_id;
@@ -77,7 +108,8 @@ impl SecretsManagerConfig {
             return Err("field: must not be empty when set".into());
         }
         super::validate_region(self.region.as_deref())?;
-        super::validate_endpoint_url(self.endpoint_url.as_deref())
+        super::validate_endpoint_url(self.endpoint_url.as_deref())?;
+        timeouts::validate(self.connect_timeout, self.timeout)
     }
 }
 
@@ -160,7 +192,11 @@ impl SecretsManagerStore {
     /// Builds the store from a validated configuration. Does not touch the network.
     pub fn new(config: SecretsManagerConfig) -> Result<Self, String> {
         config.validate()?;
-        let connection = Connection::new(config.region.clone(), config.endpoint_url.clone());
+        let connection = Connection::new(
+            config.region.clone(),
+            config.endpoint_url.clone(),
+            config.timeouts(),
+        );
         Ok(Self { config, connection })
     }
 
@@ -300,11 +336,12 @@ impl SecretsManagerStore {
 }
 
 /// Reads the `AWSCURRENT` value of `secret_id` (or its string member `field`), for `aws-sm:`
-/// secret references: the standard credential chain, the region of an ARN (else the chain's)
-/// and `AWS_ENDPOINT_URL` when set.
+/// secret references: the standard credential chain, the region of an ARN (else the chain's),
+/// `AWS_ENDPOINT_URL` when set, and the `timeouts` of the plugin that resolves the reference.
 pub(crate) async fn read_current(
     secret_id: &str,
     field: Option<&str>,
+    timeouts: Timeouts,
 ) -> Result<SecretString, ProviderError> {
     let region = secret_id
         .strip_prefix("arn:")
@@ -314,10 +351,12 @@ pub(crate) async fn read_current(
         .ok()
         .filter(|u| !u.is_empty());
     let store = SecretsManagerStore::new(SecretsManagerConfig {
-        secret_id: secret_id.to_owned(),
         field: field.map(str::to_owned),
         region,
         endpoint_url,
+        connect_timeout: timeouts.connect,
+        timeout: timeouts.call,
+        ..SecretsManagerConfig::new(secret_id)
     })
     .map_err(ProviderError::permanent)?;
     let client = store.client().await;
@@ -336,6 +375,10 @@ impl Store for SecretsManagerStore {
             Some(field) => format!("aws-sm:{}#{field}", self.config.secret_id),
             None => format!("aws-sm:{}", self.config.secret_id),
         }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.config.timeout
     }
 
     async fn current(&self, _ctx: StepContext<'_>) -> Result<Option<Credential>, ProviderError> {
@@ -445,12 +488,7 @@ mod tests {
     use super::*;
 
     fn config(secret_id: &str) -> SecretsManagerConfig {
-        SecretsManagerConfig {
-            secret_id: secret_id.into(),
-            field: None,
-            region: None,
-            endpoint_url: None,
-        }
+        SecretsManagerConfig::new(secret_id)
     }
 
     #[test]
