@@ -214,6 +214,35 @@ pub struct Engine {
     abort: CancellationToken,
 }
 
+/// How long one plugin may take to answer one call (its `timeout`), and its name for the error.
+type Limit = (Duration, String);
+
+trait PluginLimit {
+    fn rotator(job: &Job<'_>) -> Limit;
+    fn store(job: &Job<'_>) -> Limit;
+}
+
+impl PluginLimit for Limit {
+    fn rotator(job: &Job<'_>) -> Limit {
+        let kind = job.rotator.kind();
+        (job.rotator.timeout(), format!("rotator `{kind}`"))
+    }
+    fn store(job: &Job<'_>) -> Limit {
+        (job.store.timeout(), format!("store `{}`", job.store.kind()))
+    }
+}
+
+/// Runs one plugin call for at most its plugin's limit: a step that calls both plugins is bounded
+/// call by call, so a hung rotator fails after the rotator's `timeout`, not after the sum.
+async fn within<T>(
+    (limit, plugin): Limit,
+    call: impl std::future::Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| Err(ProviderError::no_answer(plugin, limit)))
+}
+
 /// What [`Engine::take`] found.
 enum Taken<'a> {
     /// A rotation to drive, under our lease.
@@ -505,16 +534,12 @@ impl Engine {
 
     /// How long `step` may wait for the plugins it calls (their `timeout`s), and which they are.
     fn deadline(job: &Job<'_>, step: Step) -> (Duration, String) {
-        let rotator = (
-            job.rotator.timeout(),
-            format!("rotator `{}`", job.rotator.kind()),
-        );
-        let store = (job.store.timeout(), format!("store `{}`", job.store.kind()));
+        let (rotator, store) = (Limit::rotator(job), Limit::store(job));
         match step {
             Step::Revoke => rotator,
             Step::Stage | Step::Promote | Step::Release | Step::Discard => store,
             // These steps call both: each reads the store (the current or the staged value)
-            // before it calls the rotator.
+            // before it calls the rotator, each call within its own plugin's limit.
             Step::Issue | Step::Activate | Step::Verify | Step::Rollback => (
                 rotator.0.saturating_add(store.0),
                 format!("{} and {}", rotator.1, store.1),
@@ -644,6 +669,7 @@ impl Engine {
     async fn issue_and_stage(&self, job: &mut Job<'_>) -> Result<(), Failure> {
         let ctx = self.ctx(job);
         let (rotator, store) = (job.rotator.clone(), job.store.clone());
+        let (rl, sl) = (Limit::rotator(job), Limit::store(job));
         if job.resumed && job.new.is_none() {
             // A crash hit between issuing and recording the stage. If the store has our value the
             // stage happened; otherwise the issued credential is lost and must be cleaned up.
@@ -656,17 +682,19 @@ impl Engine {
             }
             let issued = job.rotation.new_attrs.clone();
             self.step(job, Step::Rollback, async {
-                let current = store.current(ctx).await?;
-                rotator
-                    .abandon(ctx, issued.as_ref(), current.as_ref())
-                    .await
+                let current = within(sl.clone(), store.current(ctx)).await?;
+                within(
+                    rl.clone(),
+                    rotator.abandon(ctx, issued.as_ref(), current.as_ref()),
+                )
+                .await
             })
             .await?;
         }
         let (new, current) = self
             .step(job, Step::Issue, async {
-                let current = store.current(ctx).await?;
-                let new = rotator.issue(ctx, current.as_ref()).await?;
+                let current = within(sl.clone(), store.current(ctx)).await?;
+                let new = within(rl.clone(), rotator.issue(ctx, current.as_ref())).await?;
                 Ok((new, current))
             })
             .await?;
@@ -697,16 +725,17 @@ impl Engine {
     async fn activate(&self, job: &mut Job<'_>) -> Result<(), Failure> {
         let ctx = self.ctx(job);
         let (rotator, store) = (job.rotator.clone(), job.store.clone());
+        let (rl, sl) = (Limit::rotator(job), Limit::store(job));
         let (known, issued) = (job.new.clone(), job.rotation.new_attrs.as_ref());
         let new = self
             .step(job, Step::Activate, async {
                 // After a restart the new value is only in the store.
                 let new = match known {
                     Some(new) => new,
-                    None => staged(store.pending(ctx).await?, issued)?,
+                    None => staged(within(sl.clone(), store.pending(ctx)).await?, issued)?,
                 };
-                let current = store.current(ctx).await?;
-                rotator.activate(ctx, &new, current.as_ref()).await?;
+                let current = within(sl.clone(), store.current(ctx)).await?;
+                within(rl.clone(), rotator.activate(ctx, &new, current.as_ref())).await?;
                 Ok(new)
             })
             .await?;
@@ -718,18 +747,19 @@ impl Engine {
     async fn verify(&self, job: &mut Job<'_>) -> Result<(), Failure> {
         let ctx = self.ctx(job);
         let (rotator, store) = (job.rotator.clone(), job.store.clone());
+        let (rl, sl) = (Limit::rotator(job), Limit::store(job));
         let (known, issued) = (job.new.clone(), job.rotation.new_attrs.as_ref());
         let new = self
             .step(job, Step::Verify, async {
                 // Consumers will read the store, so the value there is the one that must work.
-                let pending = staged(store.pending(ctx).await?, issued)?;
+                let pending = staged(within(sl.clone(), store.pending(ctx)).await?, issued)?;
                 if known.is_some_and(|k| k.secret.expose_secret() != pending.secret.expose_secret())
                 {
                     return Err(ProviderError::permanent(
                         "the staged value read back differs from the issued one",
                     ));
                 }
-                rotator.verify(ctx, &pending).await?;
+                within(rl.clone(), rotator.verify(ctx, &pending)).await?;
                 Ok(pending)
             })
             .await?;
@@ -793,12 +823,15 @@ impl Engine {
     async fn roll_back(&self, job: &mut Job<'_>) -> Result<(), Failure> {
         let ctx = self.ctx(job);
         let (rotator, store) = (job.rotator.clone(), job.store.clone());
+        let (rl, sl) = (Limit::rotator(job), Limit::store(job));
         let issued = job.rotation.new_attrs.clone();
         self.step(job, Step::Rollback, async {
-            let current = store.current(ctx).await?;
-            rotator
-                .abandon(ctx, issued.as_ref(), current.as_ref())
-                .await
+            let current = within(sl.clone(), store.current(ctx)).await?;
+            within(
+                rl.clone(),
+                rotator.abandon(ctx, issued.as_ref(), current.as_ref()),
+            )
+            .await
         })
         .await?;
         self.step(job, Step::Discard, job.store.discard(ctx))
