@@ -12,22 +12,68 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::alert::{Alerter, AlertsConfig};
-use crate::config::{Inventory, StateUrl};
+use crate::config::{CredentialSpec, Inventory, StateUrl};
 use crate::engine::{Engine, EventSink};
 use crate::http::{serve, Endpoint};
 use crate::instrument::MeteredState;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, Table};
-use crate::state::{SqliteState, StateStore};
+use crate::state::{Phase, RotationRecord, SqliteState, StateStore};
 
 /// Opens the configured state backend.
 pub fn open_state(inventory: &Inventory) -> anyhow::Result<Arc<dyn StateStore>> {
     match &inventory.daemon.state {
         StateUrl::Sqlite(path) => {
-            Ok(Arc::new(SqliteState::open(path).with_context(|| {
-                format!("opening state {}", path.display())
-            })?))
+            let state = SqliteState::open(path)
+                .with_context(|| format!("opening state {}", path.display()))?;
+            tracing::debug!(path = %path.display(), instance = state.instance_id(), "state database opened");
+            Ok(Arc::new(state))
         }
+    }
+}
+
+/// Credentials removed from the inventory while one of their rotations is still open. Such an
+/// inventory is refused (by `check`, at start and on reload) rather than run: without the
+/// credential's rotator and store nothing can revoke the old credential after its grace period
+/// (it would stay valid for ever) or roll back an unfinished one, and revoking it at once would
+/// cut off consumers before the grace period they were promised.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct RemovedWhileOpen(pub Vec<String>);
+
+/// Refuses `specs` if a credential missing from it has an open rotation in `open`.
+pub fn check_removed(
+    specs: &[CredentialSpec],
+    open: &[RotationRecord],
+) -> Result<(), RemovedWhileOpen> {
+    let ids: std::collections::HashSet<&str> = specs.iter().map(|s| s.id.as_str()).collect();
+    let problems: Vec<String> = open
+        .iter()
+        .filter(|r| !ids.contains(r.credential_id.as_str()))
+        .map(|r| {
+            let (id, rotation) = (&r.credential_id, &r.id);
+            let why = match (r.phase, r.revoke_at) {
+                (Phase::Promoted, Some(at)) => format!(
+                    "is in its grace period until {}: the credential it replaced is still valid \
+                     and is revoked only then",
+                    crate::cli::time(Some(at))
+                ),
+                (phase, _) => format!(
+                    "is unfinished (phase {}): it must finish or roll back",
+                    phase.as_str()
+                ),
+            };
+            format!(
+                "error: credential `{id}` was removed from the inventory while its rotation \
+                 {rotation} {why}; keep `{id}` in the inventory until `keyrotd status` shows it \
+                 idle, then remove it"
+            )
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(RemovedWhileOpen(problems))
     }
 }
 
@@ -50,6 +96,7 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     // The inventory was parsed and validated just before `run` was called.
     metrics.config.loaded();
     let state = MeteredState::wrap(open_state(&inventory)?, metrics.state.clone());
+    check_removed(&inventory.credentials, &state.open_rotations().await?)?;
     let reload = Arc::new(Notify::new());
     tokio::spawn(signals(shutdown.clone(), reload.clone()));
 
@@ -87,6 +134,16 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
         };
         let ((), next) = tokio::join!(scheduler.run(cron, rx, tx), next);
         let Some(next) = next else { break };
+        // Checked once the generation has stopped, so no rotation can open in between.
+        if let Err(removed) = check_removed(&next.credentials, &state.open_rotations().await?) {
+            for problem in &removed.0 {
+                error!(error = %problem, "reload refused; keeping the running inventory");
+            }
+            metrics.config.reloaded(false);
+            // The running specs moved into the table; a refused reload is rare enough to copy.
+            inventory.credentials = table.slots().map(|s| s.spec.clone()).collect();
+            continue;
+        }
         if next.alerts != inventory.alerts {
             // New channels or routes: a fresh alerter (active alerts are raised again).
             alerts.0.cancel();

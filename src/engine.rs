@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use keyrotd_rotators::{Attrs, Credential, ProviderError, Rotator, StepContext, Store};
-use prometheus::{HistogramVec, IntCounterVec};
+use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
 use rand::Rng;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{human, CredentialSpec};
 use crate::instrument::{CallMetrics, TimedRotator, TimedStore};
@@ -101,7 +101,9 @@ pub enum Outcome {
     InGrace { rotation: String, revoke_at: i64 },
     /// Another process holds this credential's rotation.
     Busy { rotation: String, owner: String },
-    /// The credential is marked failed; only a manual rotation restarts it.
+    /// The credential is marked failed: retries ran out (a manual rotation restarts it), or its
+    /// store names a rotation the state database does not know (only `keyrotd adopt` or the
+    /// right database restarts it). The record's `last_error` says which.
     Stopped,
     /// A step failed; what happens next is in the credential record.
     Failed { rotation: String, error: String },
@@ -116,6 +118,13 @@ pub enum EngineError {
     State(#[from] StateError),
     #[error("credential `{credential}`: invalid configuration: {message}")]
     Config { credential: String, message: String },
+    #[error("credential `{credential}`: cannot read which rotation wrote the value in the store {location}, so nothing was done: {source}")]
+    StoreCheck {
+        credential: String,
+        location: String,
+        #[source]
+        source: ProviderError,
+    },
 }
 
 /// A step that failed, with everything an operator needs and no secret.
@@ -135,6 +144,8 @@ pub struct EngineMetrics {
     pub step_seconds: HistogramVec,
     /// Provider and store call latency.
     pub calls: CallMetrics,
+    /// 1 for each credential whose store names a rotation the state database does not know.
+    pub state_mismatch: IntGaugeVec,
 }
 
 impl EngineMetrics {
@@ -161,12 +172,21 @@ impl EngineMetrics {
         for step in Step::ALL {
             step_seconds.with_label_values(&[step.as_str()]);
         }
+        let state_mismatch = IntGaugeVec::new(
+            prometheus::Opts::new(
+                "keyrotd_state_mismatch",
+                "1 while the credential's store names a rotation the state database does not know (state lost or foreign); automation is stopped until `keyrotd adopt`.",
+            ),
+            &["credential"],
+        )?;
         registry.register(Box::new(rotations.clone()))?;
         registry.register(Box::new(step_seconds.clone()))?;
+        registry.register(Box::new(state_mismatch.clone()))?;
         Ok(Self {
             rotations,
             step_seconds,
             calls: CallMetrics::register(registry)?,
+            state_mismatch,
         })
     }
 }
@@ -184,6 +204,9 @@ pub enum Event {
     Stale(bool),
     /// The credential is within `warn_before` of its max age (`true`) or was renewed (`false`).
     NearMaxAge(bool),
+    /// The store names a rotation the state database does not know (`true`: state lost or
+    /// foreign, automation stopped) or the database knows it again (`false`, after adoption).
+    StateLost(bool),
 }
 
 /// Receives [`Event`]s; the alerting module implements it.
@@ -269,6 +292,12 @@ impl Engine {
             .unwrap_or_else(|| CredentialRecord::new(&spec.id));
         let now = Utc::now().timestamp();
 
+        if !self
+            .store_matches_state(spec, rotator.as_ref(), store.as_ref(), &mut record)
+            .await?
+        {
+            return Ok((Outcome::Stopped, record));
+        }
         if record.status == Status::Failed && trigger != Trigger::Manual {
             return Ok((Outcome::Stopped, record));
         }
@@ -362,6 +391,66 @@ impl Engine {
             return Box::pin(self.run_with(spec, job.rotator, job.store, trigger)).await;
         }
         Ok((outcome, job.record))
+    }
+
+    /// Checks, before anything else runs, that the state database knows the rotation that wrote
+    /// the store's current value. If it does not, the database was lost (a 0-byte file, a WAL
+    /// deleted after a crash), restored from an older backup, or belongs to another keyrotd:
+    /// rotating now would overwrite a value whose old credential may still await revocation, and
+    /// would erase the evidence. The credential is marked failed with the reason, logged, counted
+    /// and alerted; only `keyrotd adopt` (or the right database) lets it run again.
+    async fn store_matches_state(
+        &self,
+        spec: &CredentialSpec,
+        rotator: &dyn Rotator,
+        store: &dyn Store,
+        record: &mut CredentialRecord,
+    ) -> Result<bool, EngineError> {
+        let ctx = StepContext {
+            credential_id: &spec.id,
+            rotation_id: "",
+            secret_field: rotator.secret_field(),
+            started_at: std::time::SystemTime::now(),
+        };
+        let named = store
+            .last_rotation(ctx)
+            .await
+            .map_err(|source| EngineError::StoreCheck {
+                credential: spec.id.clone(),
+                location: store.location(),
+                source,
+            })?;
+        let unknown = match named {
+            Some(rotation) if !self.state.knows_rotation(&spec.id, &rotation).await? => rotation,
+            _ => {
+                if self
+                    .metrics
+                    .state_mismatch
+                    .remove_label_values(&[&spec.id])
+                    .is_ok()
+                {
+                    self.emit(
+                        &spec.id,
+                        Event::StateLost(false),
+                        "the state database knows the store's rotation again",
+                    );
+                }
+                return Ok(true);
+            }
+        };
+        let location = store.location();
+        let message = state_lost_message(&spec.id, &location, &unknown);
+        error!(credential = %spec.id, store = %location, rotation = %unknown, "state lost or foreign: the store names a rotation the state database does not know; automation stopped until `keyrotd adopt`");
+        self.metrics
+            .state_mismatch
+            .with_label_values(&[&spec.id])
+            .set(1);
+        record.status = Status::Failed;
+        record.next_attempt_at = None;
+        record.last_error = Some(message.clone());
+        self.state.put_credential(record).await?;
+        self.emit(&spec.id, Event::StateLost(true), &message);
+        Ok(false)
     }
 
     async fn claim(&self, open: &RotationRecord, now: i64) -> Result<bool, StateError> {
@@ -845,7 +934,7 @@ impl From<StateError> for Failure {
 
 /// The attributes of a value read from a store that may be journaled: only those the rotator
 /// declares public. Other members of a JSON secret may be secret themselves.
-fn public_only(rotator: &dyn Rotator, attrs: &Attrs) -> Attrs {
+pub fn public_only(rotator: &dyn Rotator, attrs: &Attrs) -> Attrs {
     let public = rotator.public_attrs();
     attrs
         .iter()
@@ -858,6 +947,16 @@ fn merge_attrs(into: &mut Attrs, from: Option<&Attrs>) {
     for (k, v) in from.into_iter().flatten() {
         into.entry(k.clone()).or_insert_with(|| v.clone());
     }
+}
+
+/// What an operator reads when a store names a rotation the state database does not know.
+pub fn state_lost_message(credential: &str, location: &str, rotation: &str) -> String {
+    format!(
+        "state lost or foreign: the store {location} holds the value of rotation {rotation}, \
+         which this state database does not know (it was lost, reset, restored from an older \
+         backup, or belongs to another keyrotd); automation of `{credential}` is stopped. Restore \
+         the right database, or run `keyrotd adopt {credential}` to accept the stored value"
+    )
 }
 
 /// Exponential backoff with equal jitter: half the delay fixed, half random.

@@ -3,12 +3,13 @@
 //! - [`config`]: the inventory, parsed once into validated types;
 //! - [`schedule`]: cron expressions, intervals and windows;
 //! - [`state`]: the durable journal (SQLite) behind the [`state::StateStore`] trait;
+//!   [`migrate`]: its versioned schema migrations;
 //! - [`engine`]: the rotation protocol (issue, stage, activate, verify, promote, revoke);
 //! - [`scheduler`]: decides when each credential needs the engine;
 //! - [`metrics`] and [`http`]: the Prometheus exposition and health endpoints; [`instrument`]:
 //!   metered wrappers around the plugins and the state store;
 //! - [`daemon`]: `keyrotd run`, wiring everything to one shutdown signal;
-//! - [`cli`]: `check`, `status`, `rotate` and `history`;
+//! - [`cli`]: `check`, `status`, `rotate`, `adopt` and `history`;
 //! - [`alert`]: email and webhook notifications of credential conditions, without spam.
 //!
 //! The provider plugins (rotators and stores) live in the `keyrotd-rotators` crate.
@@ -21,6 +22,7 @@ pub mod engine;
 pub mod http;
 pub mod instrument;
 pub mod metrics;
+pub mod migrate;
 pub mod schedule;
 pub mod scheduler;
 pub mod state;

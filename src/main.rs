@@ -50,7 +50,14 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// List past rotations and their steps.
+    /// Accept the value the store holds, written by a rotation this state database does not
+    /// know (state lost, restored or from another keyrotd), and resume automation. Issues
+    /// nothing; see README "Lost or foreign state".
+    Adopt {
+        /// The credential's id.
+        id: String,
+    },
+    /// List past rotations and their steps (also of credentials removed from the inventory).
     History {
         /// Only this credential.
         id: Option<String>,
@@ -70,7 +77,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Command::Rotate { id, .. } | Command::History { id: Some(id), .. } = &args.command {
+    if let Command::Rotate { id, .. } | Command::Adopt { id } = &args.command {
         if !inventory.credentials.iter().any(|c| &c.id == id) {
             eprintln!("error: no credential `{id}` in {}", args.config.display());
             return ExitCode::from(2);
@@ -78,7 +85,7 @@ fn main() -> ExitCode {
     }
     if matches!(
         args.command,
-        Command::Run | Command::Check | Command::Rotate { .. }
+        Command::Run | Command::Check | Command::Rotate { .. } | Command::Adopt { .. }
     ) {
         if let Err(errors) = config::check_references(&inventory) {
             eprintln!("{errors}");
@@ -96,15 +103,18 @@ fn main() -> ExitCode {
         match args.command {
             Command::Run => daemon::run(inventory).await.map(|()| 0),
             Command::Check => cli::check(&inventory).await.map(|()| 0),
-            Command::Status { json } => cli::status(&inventory, json).await.map(|()| 0),
+            Command::Status { json } => cli::status(&inventory, json).await,
             Command::Rotate { id, dry_run } => cli::rotate(&inventory, &id, dry_run).await,
-            Command::History { id, limit } => cli::history(&inventory, id.as_deref(), limit)
-                .await
-                .map(|()| 0),
+            Command::Adopt { id } => cli::adopt(&inventory, &id).await,
+            Command::History { id, limit } => cli::history(&inventory, id.as_deref(), limit).await,
         }
     });
     match result {
         Ok(code) => ExitCode::from(code),
+        Err(e) if e.downcast_ref::<daemon::RemovedWhileOpen>().is_some() => {
+            eprintln!("{e}");
+            ExitCode::from(cli::EXIT_USAGE)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(cli::EXIT_FAILED)
