@@ -205,7 +205,11 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
                 .or_else(|| spec.schedule.next_rotation(last, now));
             let age = record.issued_at.map(|t| now.timestamp() - t);
             let store = stores.remove(&spec.id);
-            let lost = store.as_ref().and_then(|s| s.lost.clone());
+            // An unreadable store: what the last run found.
+            let lost = match &store {
+                Some(s) => s.lost.clone(),
+                None => record.state_lost.as_ref().and(record.last_error.clone()),
+            };
             StatusRow {
                 id: spec.id.clone(),
                 rotator: spec.rotator.kind(),
@@ -403,6 +407,7 @@ pub async fn adopt(inventory: &Inventory, id: &str) -> anyhow::Result<u8> {
     record.succeed(Status::Idle);
     record.issued_at = None;
     record.current_attrs = attrs;
+    record.state_lost = None;
     match state.adopt(&adopted, &record, now).await? {
         Err(Busy(open)) => {
             eprintln!(

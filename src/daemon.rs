@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::alert::{Alerter, AlertsConfig};
 use crate::config::{CredentialSpec, Inventory, StateUrl};
-use crate::engine::{Engine, EventSink};
+use crate::engine::{Engine, Event, EventSink};
 use crate::http::{serve, Endpoint};
 use crate::instrument::MeteredState;
 use crate::metrics::Metrics;
@@ -190,6 +190,24 @@ async fn schedule(
     // Read before the records: a commit by another process after this point shows as a change.
     let data_version = state.external_version().await?;
     let records = state.credentials().await?;
+    // Credentials whose state an earlier run (maybe `keyrotd rotate`) found lost or foreign are
+    // not run again (their status is failed) but stay flagged and alerted until adopted.
+    for lost in records.iter().filter(|r| r.state_lost.is_some()) {
+        let Some(spec) = inventory.credentials.iter().find(|c| c.id == lost.id) else {
+            continue;
+        };
+        let location = spec.store.build().map(|s| s.location()).unwrap_or_default();
+        let rotation = lost.state_lost.as_deref().unwrap_or_default();
+        error!(credential = %lost.id, store = %location, rotation, "state lost or foreign: the store names a rotation the state database does not know; automation stays stopped until `keyrotd adopt`");
+        metrics
+            .engine
+            .state_mismatch
+            .with_label_values(&[&lost.id])
+            .set(1);
+        if let Some(why) = &lost.last_error {
+            events.event(&lost.id, Event::StateLost(true), why);
+        }
+    }
     let open = state.open_rotations().await?;
     let specs = std::mem::take(&mut inventory.credentials);
     let table = Arc::new(Table::new(specs, records, &open));

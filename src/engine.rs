@@ -423,12 +423,17 @@ impl Engine {
         let unknown = match named {
             Some(rotation) if !self.state.knows_rotation(&spec.id, &rotation).await? => rotation,
             _ => {
-                if self
+                let flagged = self
                     .metrics
                     .state_mismatch
                     .remove_label_values(&[&spec.id])
-                    .is_ok()
-                {
+                    .is_ok();
+                if record.state_lost.take().is_some() {
+                    // The store holds a known rotation again (its file was put back): the
+                    // marker goes; a failed status stays until an operator rotates by hand.
+                    self.state.put_credential(record).await?;
+                }
+                if flagged {
                     self.emit(
                         &spec.id,
                         Event::StateLost(false),
@@ -448,6 +453,7 @@ impl Engine {
         record.status = Status::Failed;
         record.next_attempt_at = None;
         record.last_error = Some(message.clone());
+        record.state_lost = Some(unknown);
         self.state.put_credential(record).await?;
         self.emit(&spec.id, Event::StateLost(true), &message);
         Ok(false)

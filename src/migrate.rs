@@ -69,9 +69,9 @@ CREATE INDEX IF NOT EXISTS steps_by_rotation ON steps(rotation_id, seq);
     )
 }
 
-/// Version 2: a `meta` table holding the database's instance id, and the public attributes of
-/// each credential's current value on its record (so revocation never depends on how far back
-/// the rotation history goes).
+/// Version 2: a `meta` table holding the database's instance id; on each credential's record,
+/// the public attributes of its current value (so revocation never depends on how far back the
+/// rotation history goes) and the unknown rotation its store named, while its state is lost.
 fn v2_meta_and_current_attrs(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     tx.execute_batch(
         "
@@ -80,6 +80,7 @@ CREATE TABLE meta (
     value TEXT NOT NULL
 );
 ALTER TABLE credentials ADD COLUMN current_attrs TEXT;
+ALTER TABLE credentials ADD COLUMN state_lost TEXT;
 ",
     )?;
     tx.execute(

@@ -155,6 +155,9 @@ pub struct CredentialRecord {
     /// Public attributes of the credential consumers use now (a key id, a user name), kept here
     /// so revoking it later never depends on how far back the rotation history reaches.
     pub current_attrs: Option<Attrs>,
+    /// Set while the store names this rotation, which the database does not know (state lost
+    /// or foreign): automation is stopped until `keyrotd adopt`.
+    pub state_lost: Option<String>,
 }
 
 impl CredentialRecord {
@@ -176,6 +179,7 @@ impl CredentialRecord {
             next_attempt_at: None,
             last_error: None,
             current_attrs: None,
+            state_lost: None,
         }
     }
 }
@@ -305,7 +309,7 @@ pub struct SqliteState {
 }
 
 const CREDENTIAL_COLUMNS: &str =
-    "id, status, issued_at, consecutive_failures, next_attempt_at, last_error, current_attrs";
+    "id, status, issued_at, consecutive_failures, next_attempt_at, last_error, current_attrs, state_lost";
 
 const ROTATION_COLUMNS: &str =
     "id, credential_id, trigger, started_at, phase, new_attrs, old_attrs, revoke_at, owner, lease_until, error, finished_at";
@@ -439,6 +443,7 @@ fn credential_record(row: &rusqlite::Row<'_>) -> Result<CredentialRecord, StateE
         next_attempt_at: row.get(4)?,
         last_error: row.get(5)?,
         current_attrs: attrs_from_json(row.get(6)?)?,
+        state_lost: row.get(7)?,
     })
 }
 
@@ -477,9 +482,10 @@ fn records<T>(
 fn upsert_credential(conn: &Connection, c: &CredentialRecord) -> rusqlite::Result<()> {
     conn.execute(
         &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS})
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-         ON CONFLICT(id) DO UPDATE SET status = ?2, issued_at = ?3, consecutive_failures = ?4, next_attempt_at = ?5, last_error = ?6, current_attrs = ?7"),
-        params![c.id, c.status.as_str(), c.issued_at, c.consecutive_failures, c.next_attempt_at, c.last_error, attrs_to_json(&c.current_attrs)],
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT(id) DO UPDATE SET status = ?2, issued_at = ?3, consecutive_failures = ?4, next_attempt_at = ?5, last_error = ?6,
+           current_attrs = ?7, state_lost = ?8"),
+        params![c.id, c.status.as_str(), c.issued_at, c.consecutive_failures, c.next_attempt_at, c.last_error, attrs_to_json(&c.current_attrs), c.state_lost],
     )?;
     Ok(())
 }
