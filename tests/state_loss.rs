@@ -376,3 +376,126 @@ fn removing_a_credential_in_grace_is_refused_and_its_history_stays_readable() {
     env.write_inventory(db, &other);
     assert_eq!(env.run(&["check"]).status.code(), Some(0));
 }
+
+/// The `AWSCURRENT` version id of `secret_id`, read as the admin.
+fn aws_current_version(
+    rt: &tokio::runtime::Runtime,
+    sm: &aws_sdk_secretsmanager::Client,
+    secret_id: &str,
+) -> String {
+    let out = rt
+        .block_on(sm.describe_secret().secret_id(secret_id).send())
+        .unwrap();
+    out.version_ids_to_stages()
+        .unwrap()
+        .iter()
+        .find(|(_, labels)| labels.iter().any(|l| l == "AWSCURRENT"))
+        .map(|(v, _)| v.clone())
+        .unwrap()
+}
+
+#[test]
+fn a_secrets_manager_version_unknown_to_the_database_is_detected() {
+    let (url, key_id, key_secret) = (
+        backend_env("KEYROTD_TEST_MOTO_URL"),
+        backend_env("KEYROTD_TEST_AWS_ACCESS_KEY_ID"),
+        backend_env("KEYROTD_TEST_AWS_SECRET_ACCESS_KEY"),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = rt
+        .block_on(keyrotd_rotators::aws::load_sdk_config(
+            Some("us-east-1"),
+            Some(&url),
+        ))
+        .to_builder()
+        .credentials_provider(
+            aws_sdk_secretsmanager::config::SharedCredentialsProvider::new(
+                aws_sdk_secretsmanager::config::Credentials::new(
+                    &key_id,
+                    &key_secret,
+                    None,
+                    None,
+                    "state-loss",
+                ),
+            ),
+        )
+        .build();
+    let sm = aws_sdk_secretsmanager::Client::new(&config);
+    let secret_id = format!(
+        "keyrotd-state-loss/{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    // Created by another tool: its version id is a random UUIDv4 and names no rotation.
+    rt.block_on(
+        sm.create_secret()
+            .name(&secret_id)
+            .secret_string("set-by-hand")
+            .send(),
+    )
+    .unwrap();
+    let env = Env::new("", "");
+    env.write_inventory(
+        "",
+        &format!(
+            "\n[[credential]]\nid = \"db\"\nrotator = {{ kind = \"random\" }}\n\
+             store = {{ kind = \"aws_secrets_manager\", secret_id = \"{secret_id}\", region = \"us-east-1\", endpoint_url = \"{url}\" }}\n\
+             rotate_every = \"1h\"\nmax_age = \"2h\"\ngrace = \"0s\"\n"
+        ),
+    );
+    let run = |args: &[&str]| {
+        support::keyrotd()
+            .arg("--config")
+            .arg(env.config())
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", &key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &key_secret)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["status", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a hand-made version is no rotation: {}",
+        text(&out)
+    );
+
+    let out = run(&["rotate", "db"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let rotation = aws_current_version(&rt, &sm, &secret_id);
+    std::fs::remove_dir_all(env.path("state")).unwrap();
+
+    let out = run(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&rotation),
+        "{}",
+        text(&out)
+    );
+    let out = run(&["rotate", "db"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("state lost or foreign"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        aws_current_version(&rt, &sm, &secret_id),
+        rotation,
+        "nothing staged or promoted"
+    );
+
+    let out = run(&["adopt", "db"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = run(&["rotate", "db"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_ne!(aws_current_version(&rt, &sm, &secret_id), rotation);
+}
