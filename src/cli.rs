@@ -42,7 +42,10 @@ pub async fn check(inventory: &Inventory) -> anyhow::Result<()> {
     let records: HashMap<String, CredentialRecord> = match &inventory.daemon.state {
         StateUrl::Sqlite(path) => match SqliteState::open_read_only(path)? {
             Some(state) => {
-                check_removed(&inventory.credentials, &state.open_rotations().await?)?;
+                // An empty database (no tables yet) has no open rotation.
+                if let Ok(open) = state.open_rotations().await {
+                    check_removed(&inventory.credentials, &open)?;
+                }
                 state
                     .credentials()
                     .await

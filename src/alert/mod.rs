@@ -710,7 +710,8 @@ mod tests {
                 "stale",
                 "near_max_age",
                 "revoke_failed",
-                "automation_stopped"
+                "automation_stopped",
+                "state_lost"
             ]
         );
         assert_eq!(Condition::Stale.severity(), Severity::Critical);
