@@ -126,6 +126,18 @@ pub fn refuse_newer(version: i64) -> Result<(), StateError> {
 
 /// Brings the database up to [`VERSION`] in one transaction and returns its instance id.
 pub fn migrate(conn: &mut Connection) -> Result<Migrated, StateError> {
+    // The common case, a current database, takes no write lock: every `status` and `history`
+    // opens the database, and must not contend with a running daemon's writes.
+    let found = version(conn)?;
+    refuse_newer(found)?;
+    if found == VERSION {
+        if let Some(instance_id) = instance_id(conn)? {
+            return Ok(Migrated {
+                from: found,
+                instance_id,
+            });
+        }
+    }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let from = version(&tx)?;
     refuse_newer(from)?;

@@ -336,7 +336,15 @@ impl SqliteState {
                 .create(dir)
                 .map_err(|e| create(dir, e))?;
         }
-        private_file(path, true).map_err(|e| create(path, e))?;
+        // All before SQLite opens them: closing any descriptor of a file drops every POSIX lock
+        // this process holds on it, SQLite's included.
+        private_file(path).map_err(|e| create(path, e))?;
+        for suffix in SIDE_FILES {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            let side = std::path::PathBuf::from(side);
+            narrow_if_present(&side).map_err(|e| create(&side, e))?;
+        }
         let mut conn = Connection::open(path)?;
         // WAL lets `keyrotd status` read while the daemon writes; FULL sync makes every journal
         // write survive power loss, not only a process crash.
@@ -346,12 +354,6 @@ impl SqliteState {
         let migrated = crate::migrate::migrate(&mut conn)?;
         if migrated.from != crate::migrate::VERSION {
             tracing::info!(path = %path.display(), from = migrated.from, to = crate::migrate::VERSION, instance = %migrated.instance_id, "state database schema migrated");
-        }
-        for suffix in SIDE_FILES {
-            let mut side = path.as_os_str().to_owned();
-            side.push(suffix);
-            let side = std::path::PathBuf::from(side);
-            private_file(&side, false).map_err(|e| create(&side, e))?;
         }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -401,24 +403,32 @@ impl SqliteState {
     }
 }
 
-/// Makes `path` a file only its owner can read and write: created with mode 0600 (the umask
-/// can only narrow that) when `create`, and narrowed to 0600 if it exists with wider bits.
-fn private_file(path: &Path, create: bool) -> std::io::Result<()> {
-    let file = match std::fs::OpenOptions::new()
+/// Creates `path` with mode 0600 if it is missing (the umask can only narrow that), and narrows
+/// an existing one to 0600.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new()
         .read(true)
-        .write(create)
-        .create(create)
+        .write(true)
+        .create(true)
+        .truncate(false)
         .mode(0o600)
-        .open(path)
-    {
-        Ok(file) => file,
-        Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
+        .open(path)?;
     if file.metadata()?.permissions().mode() & 0o077 != 0 {
         file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(())
+}
+
+/// Narrows `path` to 0600 if it exists with wider bits (a `-wal` left by an older keyrotd).
+fn narrow_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o077 != 0 => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 fn attrs_to_json(attrs: &Option<Attrs>) -> Option<String> {
