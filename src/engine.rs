@@ -118,13 +118,6 @@ pub enum EngineError {
     State(#[from] StateError),
     #[error("credential `{credential}`: invalid configuration: {message}")]
     Config { credential: String, message: String },
-    #[error("credential `{credential}`: cannot read which rotation wrote the value in the store {location}, so nothing was done: {source}")]
-    StoreCheck {
-        credential: String,
-        location: String,
-        #[source]
-        source: ProviderError,
-    },
 }
 
 /// A step that failed, with everything an operator needs and no secret.
@@ -412,14 +405,17 @@ impl Engine {
             secret_field: rotator.secret_field(),
             started_at: std::time::SystemTime::now(),
         };
-        let named = store
-            .last_rotation(ctx)
-            .await
-            .map_err(|source| EngineError::StoreCheck {
-                credential: spec.id.clone(),
-                location: store.location(),
-                source,
-            })?;
+        let named = match store.last_rotation(ctx).await {
+            Ok(named) => named,
+            Err(e) => {
+                // Every store step reads the same bookkeeping first (`current` before `issue`),
+                // so a store that cannot answer fails the rotation at its first step, journaled,
+                // counted and retried like any failure, before anything is written.
+                warn!(credential = %spec.id, store = %store.location(), error = %e, "cannot read which rotation wrote the store's value; the rotation's first step will fail the same way");
+                // A credential already found lost stays stopped.
+                return Ok(record.state_lost.is_none());
+            }
+        };
         let unknown = match named {
             Some(rotation) if !self.state.knows_rotation(&spec.id, &rotation).await? => rotation,
             _ => {
