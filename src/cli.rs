@@ -1,21 +1,24 @@
-//! The operator commands besides `run`: `check`, `status`, `rotate` and `history`. Each prints
-//! for a person by default; `status --json` prints for a program.
+//! The operator commands besides `run`: `check`, `status`, `rotate`, `adopt` and `history`. Each
+//! prints for a person by default; `status --json` prints for a program.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
-use keyrotd_rotators::StepContext;
+use futures_util::StreamExt;
+use keyrotd_rotators::{Rotator, StepContext};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{human, CredentialSpec, Inventory, StateUrl};
-use crate::daemon::open_state;
-use crate::engine::{Engine, Outcome, Trigger};
+use crate::daemon::{check_removed, open_state};
+use crate::engine::{public_only, state_lost_message, Engine, Outcome, Trigger};
 use crate::metrics::Metrics;
 use crate::scheduler::live_view;
-use crate::state::{CredentialRecord, SqliteState, StateStore};
+use crate::state::{
+    Busy, CredentialRecord, Phase, RotationRecord, SqliteState, StateStore, Status,
+};
 
 /// Exit status: the operation failed (a rotation failed, a credential is busy).
 pub const EXIT_FAILED: u8 = 1;
@@ -29,18 +32,29 @@ pub fn time(t: Option<i64>) -> String {
         )
 }
 
+/// Exit status: a usage or configuration error (also an inventory that removes a credential
+/// whose rotation is still open).
+pub const EXIT_USAGE: u8 = 2;
+
 /// `keyrotd check`: prints each credential with its next three rotation times. Reads the state
-/// database if it exists, never writes it.
+/// database if it exists, never writes it. Refuses an inventory that removed a credential whose
+/// rotation is still open (see [`check_removed`]).
 pub async fn check(inventory: &Inventory) -> anyhow::Result<()> {
     let records: HashMap<String, CredentialRecord> = match &inventory.daemon.state {
         StateUrl::Sqlite(path) => match SqliteState::open_read_only(path)? {
-            Some(state) => state
-                .credentials()
-                .await
-                .unwrap_or_default()
-                .into_iter()
-                .map(|r| (r.id.clone(), r))
-                .collect(),
+            Some(state) => {
+                // An empty database (no tables yet) has no open rotation.
+                if let Ok(open) = state.open_rotations().await {
+                    check_removed(&inventory.credentials, &open)?;
+                }
+                state
+                    .credentials()
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| (r.id.clone(), r))
+                    .collect()
+            }
             None => HashMap::new(),
         },
     };
@@ -90,11 +104,85 @@ struct StatusRow {
     next_rotation: Option<DateTime<Utc>>,
     consecutive_failures: u32,
     last_error: Option<String>,
+    /// The store names a rotation the state database does not know: state lost or foreign.
+    state_lost: bool,
+    /// The rotation the store names, when it names one.
+    store_rotation: Option<String>,
 }
 
-/// `keyrotd status [--json]`.
-pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<()> {
+/// How many stores `status` and `adopt` read at once.
+const STORE_READS: usize = 16;
+
+/// What the store says about a credential, for `status`.
+struct StoreCheck {
+    rotation: Option<String>,
+    /// The store names a rotation the state database does not know.
+    lost: Option<String>,
+}
+
+/// Asks every credential's store which rotation wrote its value, and the state database whether
+/// it knows that rotation. A store that cannot be read is reported on stderr and left out.
+async fn check_stores(
+    inventory: &Inventory,
+    state: &Arc<dyn StateStore>,
+) -> anyhow::Result<HashMap<String, StoreCheck>> {
+    let checks = futures_util::stream::iter(&inventory.credentials)
+        .map(|spec| async move {
+            let plugins = spec
+                .rotator
+                .build()
+                .and_then(|r| spec.store.build().map(|s| (r, s)));
+            let result = match plugins {
+                Ok((rotator, store)) => store
+                    .last_rotation(context(spec, rotator.as_ref()))
+                    .await
+                    .map(|named| (named, store.location()))
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            (spec, result)
+        })
+        .buffer_unordered(STORE_READS)
+        .collect::<Vec<_>>()
+        .await;
+    let mut out = HashMap::new();
+    for (spec, result) in checks {
+        match result {
+            Ok((rotation, location)) => {
+                let lost = match &rotation {
+                    Some(r) if !state.knows_rotation(&spec.id, r).await? => {
+                        Some(state_lost_message(&spec.id, &location, r))
+                    }
+                    _ => None,
+                };
+                out.insert(spec.id.clone(), StoreCheck { rotation, lost });
+            }
+            Err(e) => eprintln!(
+                "warning: credential `{}`: cannot read which rotation wrote its store's value: {e}",
+                spec.id
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// A step context for reading a store outside any rotation.
+fn context<'a>(spec: &'a CredentialSpec, rotator: &'a dyn Rotator) -> StepContext<'a> {
+    StepContext {
+        credential_id: &spec.id,
+        rotation_id: "",
+        secret_field: rotator.secret_field(),
+        old_attrs: None,
+        started_at: std::time::SystemTime::now(),
+    }
+}
+
+/// `keyrotd status [--json]`. Also reads every store, to tell whether the state database knows
+/// the rotation that wrote it. Returns [`EXIT_FAILED`] when a credential's state is lost or
+/// foreign, so that scripts and monitoring notice.
+pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
     let state = open_state(inventory)?;
+    let mut stores = check_stores(inventory, &state).await?;
     let records: HashMap<String, CredentialRecord> = state
         .credentials()
         .await?
@@ -121,24 +209,41 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<()> {
                 .and_then(|t| Utc.timestamp_opt(t, 0).single())
                 .or_else(|| spec.schedule.next_rotation(last, now));
             let age = record.issued_at.map(|t| now.timestamp() - t);
+            let store = stores.remove(&spec.id);
+            // An unreadable store: what the last run found.
+            let lost = match &store {
+                Some(s) => s.lost.clone(),
+                None => record.state_lost.as_ref().and(record.last_error.clone()),
+            };
             StatusRow {
                 id: spec.id.clone(),
                 rotator: spec.rotator.kind(),
                 store: spec.store.kind(),
-                state: record.status.as_str(),
+                state: if lost.is_some() {
+                    Status::Failed.as_str()
+                } else {
+                    record.status.as_str()
+                },
                 age_seconds: age,
                 max_age_seconds: spec.max_age.as_secs(),
                 stale: age.is_none_or(|a| a > spec.max_age.as_secs() as i64),
                 last_rotation: last,
                 next_rotation: next,
                 consecutive_failures: record.consecutive_failures,
-                last_error: record.last_error,
+                state_lost: lost.is_some(),
+                last_error: lost.or(record.last_error),
+                store_rotation: store.and_then(|s| s.rotation),
             }
         })
         .collect();
+    let code = if rows.iter().any(|r| r.state_lost) {
+        EXIT_FAILED
+    } else {
+        0
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
+        return Ok(code);
     }
     println!(
         "{:<24} {:<20} {:<20} {:>10} {:>10} {:<21} {:<21} STATE",
@@ -149,7 +254,9 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<()> {
             || "-".into(),
             |a| human(std::time::Duration::from_secs(a.max(0) as u64)),
         );
-        let state = if r.stale {
+        let state = if r.state_lost {
+            format!("{} (state lost or foreign)", r.state)
+        } else if r.stale {
             format!("{} (stale)", r.state)
         } else {
             r.state.to_owned()
@@ -166,7 +273,14 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<()> {
             state
         );
     }
-    Ok(())
+    for r in rows.iter().filter(|r| r.state_lost) {
+        eprintln!(
+            "error: credential `{}`: {}",
+            r.id,
+            r.last_error.as_deref().unwrap_or_default()
+        );
+    }
+    Ok(code)
 }
 
 /// `keyrotd rotate ID [--dry-run]`. Returns the exit status.
@@ -181,7 +295,7 @@ pub async fn rotate(inventory: &Inventory, id: &str, dry_run: bool) -> anyhow::R
         .await?;
     let metrics = Metrics::new()?;
     let engine = Engine::new(state, metrics.engine, None, CancellationToken::new());
-    let (outcome, _) = engine.run(spec, Trigger::Manual).await?;
+    let (outcome, record) = engine.run(spec, Trigger::Manual).await?;
     let (code, message) = match outcome {
         Outcome::Promoted { rotation, revoke_at } => {
             (0, format!("{id}: rotation {rotation} promoted; the old credential is revoked at {} by the daemon", time(Some(revoke_at))))
@@ -191,7 +305,7 @@ pub async fn rotate(inventory: &Inventory, id: &str, dry_run: bool) -> anyhow::R
             (EXIT_FAILED, format!("{id}: rotation {rotation} is in its grace period until {}; try again after", time(Some(revoke_at))))
         }
         Outcome::Busy { rotation, owner } => (EXIT_FAILED, format!("{id}: rotation {rotation} is being run by {owner}")),
-        Outcome::Stopped => (EXIT_FAILED, format!("{id}: marked failed")),
+        Outcome::Stopped => (EXIT_FAILED, format!("{id}: marked failed: {}", record.last_error.unwrap_or_default())),
         Outcome::Failed { rotation, error } => (EXIT_FAILED, format!("rotation {rotation} failed: {error}")),
         Outcome::Parked { rotation } => (EXIT_FAILED, format!("{id}: rotation {rotation} parked")),
     };
@@ -255,13 +369,104 @@ async fn dry_run_plan(spec: &CredentialSpec) -> anyhow::Result<u8> {
     }
 }
 
-/// `keyrotd history [ID]`.
-pub async fn history(inventory: &Inventory, id: Option<&str>, limit: usize) -> anyhow::Result<()> {
-    if let Some(id) = id {
-        find(inventory, id)?;
+/// `keyrotd adopt ID`: accepts the value the store holds, written by a rotation the state
+/// database does not know, as the credential's current value. Issues and revokes nothing: it
+/// records that rotation as finished (trigger `adopt`), so the engine's start-of-run check passes
+/// and automation resumes. The value's age is unknown, so the credential is due at once. An
+/// unfinished rotation the database still has open is closed as rolled back, and what it may
+/// have left at the provider is printed for the operator to check.
+pub async fn adopt(inventory: &Inventory, id: &str) -> anyhow::Result<u8> {
+    let spec = find(inventory, id)?;
+    let rotator = spec.rotator.build().map_err(anyhow::Error::msg)?;
+    let store = spec.store.build().map_err(anyhow::Error::msg)?;
+    let location = store.location();
+    let state = open_state(inventory)?;
+    let ctx = context(spec, rotator.as_ref());
+    let read = |what: &str, e| {
+        anyhow::anyhow!("credential `{id}`: reading {what} from the store {location} failed: {e}")
+    };
+    let Some(rotation) = store
+        .last_rotation(ctx)
+        .await
+        .map_err(|e| read("which rotation wrote its value", e))?
+    else {
+        eprintln!("error: {id}: the store {location} names no rotation: nothing to adopt");
+        return Ok(EXIT_FAILED);
+    };
+    if state.knows_rotation(id, &rotation).await? {
+        println!("{id}: rotation {rotation} in {location} is already known; nothing to adopt");
+        return Ok(0);
     }
+    let attrs = store
+        .current(ctx)
+        .await
+        .map_err(|e| read("the current value", e))?
+        .map(|c| public_only(rotator.as_ref(), &c.attrs));
+    let now = Utc::now().timestamp();
+    let adopted = RotationRecord {
+        id: rotation.clone(),
+        credential_id: id.to_owned(),
+        trigger: "adopt".into(),
+        started_at: now,
+        phase: Phase::Done,
+        new_attrs: attrs.clone(),
+        old_attrs: None,
+        revoke_at: None,
+        owner: None,
+        lease_until: 0,
+        error: None,
+        finished_at: Some(now),
+    };
+    let mut record = state
+        .credential(id)
+        .await?
+        .unwrap_or_else(|| CredentialRecord::new(id));
+    record.succeed(Status::Idle);
+    record.issued_at = None;
+    record.current_attrs = attrs;
+    record.state_lost = None;
+    match state.adopt(&adopted, &record, now).await? {
+        Err(Busy(open)) => {
+            eprintln!(
+                "error: {id}: rotation {} is being run by {}; try again once it stops",
+                open.id,
+                open.owner.unwrap_or_default()
+            );
+            return Ok(EXIT_FAILED);
+        }
+        Ok(Some(closed)) => eprintln!(
+            "warning: {id}: closed the unfinished rotation {} (phase {}); check the provider for \
+             the credential it may have issued ({:?}) and for the one it replaced ({:?}), and \
+             remove them by hand if they are not the adopted value",
+            closed.id,
+            closed.phase.as_str(),
+            closed.new_attrs.unwrap_or_default(),
+            closed.old_attrs.unwrap_or_default()
+        ),
+        Ok(None) => {}
+    }
+    println!(
+        "{id}: adopted rotation {rotation} found in {location}; nothing was issued or revoked. \
+         Its age is unknown, so it is due for rotation now"
+    );
+    Ok(0)
+}
+
+/// `keyrotd history [ID]`. A credential removed from the inventory keeps its history; an id
+/// that is neither in the inventory nor in the database is a usage error.
+pub async fn history(inventory: &Inventory, id: Option<&str>, limit: usize) -> anyhow::Result<u8> {
     let state: Arc<dyn StateStore> = open_state(inventory)?;
-    for (r, steps) in state.history(id, limit).await? {
+    let rotations = state.history(id, limit).await?;
+    if let Some(id) = id.filter(|_| rotations.is_empty()) {
+        if find(inventory, id).is_err() {
+            eprintln!(
+                "error: no credential `{id}` in {} and no history for it",
+                inventory.path.display()
+            );
+            return Ok(EXIT_USAGE);
+        }
+    }
+    for (r, steps) in rotations {
         println!(
             "{}  {}  {}  trigger={} started={} finished={}{}",
             r.id,
@@ -288,7 +493,7 @@ pub async fn history(inventory: &Inventory, id: Option<&str>, limit: usize) -> a
             );
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 fn find<'a>(inventory: &'a Inventory, id: &str) -> anyhow::Result<&'a CredentialSpec> {

@@ -12,22 +12,68 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::alert::{Alerter, AlertsConfig};
-use crate::config::{Inventory, StateUrl};
-use crate::engine::{Engine, EventSink};
+use crate::config::{CredentialSpec, Inventory, StateUrl};
+use crate::engine::{Engine, Event, EventSink};
 use crate::http::{serve, Endpoint};
 use crate::instrument::MeteredState;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, Table};
-use crate::state::{SqliteState, StateStore};
+use crate::state::{Phase, RotationRecord, SqliteState, StateStore};
 
 /// Opens the configured state backend.
 pub fn open_state(inventory: &Inventory) -> anyhow::Result<Arc<dyn StateStore>> {
     match &inventory.daemon.state {
         StateUrl::Sqlite(path) => {
-            Ok(Arc::new(SqliteState::open(path).with_context(|| {
-                format!("opening state {}", path.display())
-            })?))
+            let state = SqliteState::open(path)
+                .with_context(|| format!("opening state {}", path.display()))?;
+            tracing::debug!(path = %path.display(), instance = state.instance_id(), "state database opened");
+            Ok(Arc::new(state))
         }
+    }
+}
+
+/// Credentials removed from the inventory while one of their rotations is still open. Such an
+/// inventory is refused (by `check`, at start and on reload) rather than run: without the
+/// credential's rotator and store nothing can revoke the old credential after its grace period
+/// (it would stay valid for ever) or roll back an unfinished one, and revoking it at once would
+/// cut off consumers before the grace period they were promised.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct RemovedWhileOpen(pub Vec<String>);
+
+/// Refuses `specs` if a credential missing from it has an open rotation in `open`.
+pub fn check_removed(
+    specs: &[CredentialSpec],
+    open: &[RotationRecord],
+) -> Result<(), RemovedWhileOpen> {
+    let ids: std::collections::HashSet<&str> = specs.iter().map(|s| s.id.as_str()).collect();
+    let problems: Vec<String> = open
+        .iter()
+        .filter(|r| !ids.contains(r.credential_id.as_str()))
+        .map(|r| {
+            let (id, rotation) = (&r.credential_id, &r.id);
+            let why = match (r.phase, r.revoke_at) {
+                (Phase::Promoted, Some(at)) => format!(
+                    "is in its grace period until {}: the credential it replaced is still valid \
+                     and is revoked only then",
+                    crate::cli::time(Some(at))
+                ),
+                (phase, _) => format!(
+                    "is unfinished (phase {}): it must finish or roll back",
+                    phase.as_str()
+                ),
+            };
+            format!(
+                "error: credential `{id}` was removed from the inventory while its rotation \
+                 {rotation} {why}; keep `{id}` in the inventory until `keyrotd status` shows it \
+                 idle, then remove it"
+            )
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(RemovedWhileOpen(problems))
     }
 }
 
@@ -54,6 +100,7 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     // The inventory was parsed and validated just before `run` was called.
     metrics.config.loaded();
     let state = MeteredState::wrap(open_state(&inventory)?, metrics.state.clone());
+    check_removed(&inventory.credentials, &state.open_rotations().await?)?;
     let reload = Arc::new(Notify::new());
     tokio::spawn(signals(shutdown.clone(), reload.clone()));
 
@@ -111,6 +158,16 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
             }
         }
         let Some(next) = next else { break };
+        // Checked once the generation has stopped, so no rotation can open in between.
+        if let Err(removed) = check_removed(&next.credentials, &state.open_rotations().await?) {
+            for problem in &removed.0 {
+                error!(error = %problem, "reload refused; keeping the running inventory");
+            }
+            metrics.config.reloaded(false);
+            // The running specs moved into the table; a refused reload is rare enough to copy.
+            inventory.credentials = table.slots().map(|s| s.spec.clone()).collect();
+            continue;
+        }
         if next.alerts != inventory.alerts {
             // New channels or routes: a fresh alerter (active alerts are raised again).
             alerts.0.cancel();
@@ -174,6 +231,24 @@ async fn schedule(
     // Read before the records: a commit by another process after this point shows as a change.
     let data_version = state.external_version().await?;
     let records = state.credentials().await?;
+    // Credentials whose state an earlier run (maybe `keyrotd rotate`) found lost or foreign are
+    // not run again (their status is failed) but stay flagged and alerted until adopted.
+    for lost in records.iter().filter(|r| r.state_lost.is_some()) {
+        let Some(spec) = inventory.credentials.iter().find(|c| c.id == lost.id) else {
+            continue;
+        };
+        let location = spec.store.build().map(|s| s.location()).unwrap_or_default();
+        let rotation = lost.state_lost.as_deref().unwrap_or_default();
+        error!(credential = %lost.id, store = %location, rotation, "state lost or foreign: the store names a rotation the state database does not know; automation stays stopped until `keyrotd adopt`");
+        metrics
+            .engine
+            .state_mismatch
+            .with_label_values(&[&lost.id])
+            .set(1);
+        if let Some(why) = &lost.last_error {
+            events.event(&lost.id, Event::StateLost(true), why);
+        }
+    }
     let open = state.open_rotations().await?;
     let specs = std::mem::take(&mut inventory.credentials);
     let table = Arc::new(Table::new(specs, records, &open));

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use keyrotd_rotators::{Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext, Store};
-use prometheus::{HistogramVec, IntCounterVec};
+use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
 use rand::Rng;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{human, CredentialSpec};
 use crate::instrument::{CallMetrics, TimedRotator, TimedStore};
@@ -113,7 +113,9 @@ pub enum Outcome {
     InGrace { rotation: String, revoke_at: i64 },
     /// Another process holds this credential's rotation.
     Busy { rotation: String, owner: String },
-    /// The credential is marked failed; only a manual rotation restarts it.
+    /// The credential is marked failed: retries ran out (a manual rotation restarts it), or its
+    /// store names a rotation the state database does not know (only `keyrotd adopt` or the
+    /// right database restarts it). The record's `last_error` says which.
     Stopped,
     /// A step failed; what happens next is in the credential record.
     Failed { rotation: String, error: String },
@@ -147,6 +149,8 @@ pub struct EngineMetrics {
     pub step_seconds: HistogramVec,
     /// Provider and store call latency.
     pub calls: CallMetrics,
+    /// 1 for each credential whose store names a rotation the state database does not know.
+    pub state_mismatch: IntGaugeVec,
 }
 
 impl EngineMetrics {
@@ -173,12 +177,21 @@ impl EngineMetrics {
         for step in Step::ALL {
             step_seconds.with_label_values(&[step.as_str()]);
         }
+        let state_mismatch = IntGaugeVec::new(
+            prometheus::Opts::new(
+                "keyrotd_state_mismatch",
+                "1 while the credential's store names a rotation the state database does not know (state lost or foreign); automation is stopped until `keyrotd adopt`.",
+            ),
+            &["credential"],
+        )?;
         registry.register(Box::new(rotations.clone()))?;
         registry.register(Box::new(step_seconds.clone()))?;
+        registry.register(Box::new(state_mismatch.clone()))?;
         Ok(Self {
             rotations,
             step_seconds,
             calls: CallMetrics::register(registry)?,
+            state_mismatch,
         })
     }
 }
@@ -196,6 +209,9 @@ pub enum Event {
     Stale(bool),
     /// The credential is within `warn_before` of its max age (`true`) or was renewed (`false`).
     NearMaxAge(bool),
+    /// The store names a rotation the state database does not know (`true`: state lost or
+    /// foreign, automation stopped) or the database knows it again (`false`, after adoption).
+    StateLost(bool),
 }
 
 /// Receives [`Event`]s; the alerting module implements it.
@@ -330,6 +346,17 @@ impl Engine {
     ) -> Result<(Outcome, CredentialRecord), EngineError> {
         let rotator = TimedRotator::wrap(rotator, &self.metrics.calls);
         let store = TimedStore::wrap(store, &self.metrics.calls);
+        let mut record = self
+            .state
+            .credential(&spec.id)
+            .await?
+            .unwrap_or_else(|| CredentialRecord::new(&spec.id));
+        if !self
+            .store_matches_state(spec, rotator.as_ref(), store.as_ref(), &mut record)
+            .await?
+        {
+            return Ok((Outcome::Stopped, record));
+        }
         loop {
             let mut job = match self.take(spec, &rotator, &store, trigger).await? {
                 Taken::Job(job) => job,
@@ -467,6 +494,76 @@ impl Engine {
         // Make the new status visible (to `keyrotd status`) before any step runs.
         self.save(&mut job).await?;
         Ok(Taken::Job(Box::new(job)))
+    }
+
+    /// Checks, before anything else runs, that the state database knows the rotation that wrote
+    /// the store's current value. If it does not, the database was lost (a 0-byte file, a WAL
+    /// deleted after a crash), restored from an older backup, or belongs to another keyrotd:
+    /// rotating now would overwrite a value whose old credential may still await revocation, and
+    /// would erase the evidence. The credential is marked failed with the reason, logged, counted
+    /// and alerted; only `keyrotd adopt` (or the right database) lets it run again.
+    async fn store_matches_state(
+        &self,
+        spec: &CredentialSpec,
+        rotator: &dyn Rotator,
+        store: &dyn Store,
+        record: &mut CredentialRecord,
+    ) -> Result<bool, EngineError> {
+        let ctx = StepContext {
+            credential_id: &spec.id,
+            rotation_id: "",
+            secret_field: rotator.secret_field(),
+            old_attrs: None,
+            started_at: std::time::SystemTime::now(),
+        };
+        let named = match store.last_rotation(ctx).await {
+            Ok(named) => named,
+            Err(e) => {
+                // Every store step reads the same bookkeeping first (`current` before `issue`),
+                // so a store that cannot answer fails the rotation at its first step, journaled,
+                // counted and retried like any failure, before anything is written.
+                warn!(credential = %spec.id, store = %store.location(), error = %e, "cannot read which rotation wrote the store's value; the rotation's first step will fail the same way");
+                // A credential already found lost stays stopped.
+                return Ok(record.state_lost.is_none());
+            }
+        };
+        let unknown = match named {
+            Some(rotation) if !self.state.knows_rotation(&spec.id, &rotation).await? => rotation,
+            _ => {
+                let flagged = self
+                    .metrics
+                    .state_mismatch
+                    .remove_label_values(&[&spec.id])
+                    .is_ok();
+                if record.state_lost.take().is_some() {
+                    // The store holds a known rotation again (its file was put back): the
+                    // marker goes; a failed status stays until an operator rotates by hand.
+                    self.state.put_credential(record).await?;
+                }
+                if flagged {
+                    self.emit(
+                        &spec.id,
+                        Event::StateLost(false),
+                        "the state database knows the store's rotation again",
+                    );
+                }
+                return Ok(true);
+            }
+        };
+        let location = store.location();
+        let message = state_lost_message(&spec.id, &location, &unknown);
+        error!(credential = %spec.id, store = %location, rotation = %unknown, "state lost or foreign: the store names a rotation the state database does not know; automation stopped until `keyrotd adopt`");
+        self.metrics
+            .state_mismatch
+            .with_label_values(&[&spec.id])
+            .set(1);
+        record.status = Status::Failed;
+        record.next_attempt_at = None;
+        record.last_error = Some(message.clone());
+        record.state_lost = Some(unknown);
+        self.state.put_credential(record).await?;
+        self.emit(&spec.id, Event::StateLost(true), &message);
+        Ok(false)
     }
 
     /// Runs the protocol from the rotation's recorded phase until it finishes, fails, waits for
@@ -1008,7 +1105,7 @@ impl From<StateError> for Failure {
 
 /// The attributes of a value read from a store that may be journaled: only those the rotator
 /// declares public. Other members of a JSON secret may be secret themselves.
-fn public_only(rotator: &dyn Rotator, attrs: &Attrs) -> Attrs {
+pub fn public_only(rotator: &dyn Rotator, attrs: &Attrs) -> Attrs {
     let public = rotator.public_attrs();
     attrs
         .iter()
@@ -1045,6 +1142,16 @@ fn merge_attrs(into: &mut Attrs, from: Option<&Attrs>) {
     for (k, v) in from.into_iter().flatten() {
         into.entry(k.clone()).or_insert_with(|| v.clone());
     }
+}
+
+/// What an operator reads when a store names a rotation the state database does not know.
+pub fn state_lost_message(credential: &str, location: &str, rotation: &str) -> String {
+    format!(
+        "state lost or foreign: the store {location} holds the value of rotation {rotation}, \
+         which this state database does not know (it was lost, reset, restored from an older \
+         backup, or belongs to another keyrotd); automation of `{credential}` is stopped. Restore \
+         the right database, or run `keyrotd adopt {credential}` to accept the stored value"
+    )
 }
 
 /// Exponential backoff with equal jitter: half the delay fixed, half random.

@@ -198,6 +198,11 @@ impl Store for TimedStore {
         self.time("release_previous", self.inner.release_previous(ctx))
             .await
     }
+
+    async fn last_rotation(&self, ctx: StepContext<'_>) -> Result<Option<String>, ProviderError> {
+        self.time("last_rotation", self.inner.last_rotation(ctx))
+            .await
+    }
 }
 
 /// The state store's health metrics.
@@ -334,6 +339,25 @@ impl StateStore for MeteredState {
 
     async fn external_version(&self) -> Result<i64, StateError> {
         self.metrics.record(self.inner.external_version().await)
+    }
+
+    async fn knows_rotation(
+        &self,
+        credential_id: &str,
+        rotation_id: &str,
+    ) -> Result<bool, StateError> {
+        self.metrics
+            .record(self.inner.knows_rotation(credential_id, rotation_id).await)
+    }
+
+    async fn adopt(
+        &self,
+        adopted: &RotationRecord,
+        credential: &CredentialRecord,
+        now: i64,
+    ) -> Result<Result<Option<RotationRecord>, Busy>, StateError> {
+        self.metrics
+            .record(self.inner.adopt(adopted, credential, now).await)
     }
 }
 

@@ -2,15 +2,16 @@
 //!
 //! - [`config`]: the inventory, parsed once into validated types;
 //! - [`schedule`]: cron expressions, intervals and windows;
-//! - [`state`]: the durable journal (SQLite) behind the [`state::StateStore`] trait; [`liveness`]:
-//!   whether the process holding a rotation lease still runs;
+//! - [`state`]: the durable journal (SQLite) behind the [`state::StateStore`] trait;
+//!   [`migrate`]: its versioned schema migrations; [`liveness`]: whether the process holding a
+//!   rotation lease still runs;
 //! - [`engine`]: the rotation protocol (issue, stage, activate, verify, promote, revoke);
 //! - [`scheduler`]: decides when each credential needs the engine;
 //! - [`metrics`] and [`http`]: the Prometheus exposition and health endpoints; [`instrument`]:
 //!   metered wrappers around the plugins and the state store;
 //! - [`daemon`]: `keyrotd run`, wiring everything to one shutdown signal;
-//! - [`cli`]: `check`, `status`, `rotate` and `history`; [`logging`]: the log filter, which keeps
-//!   client libraries' statement and body logs off at every level;
+//! - [`cli`]: `check`, `status`, `rotate`, `adopt` and `history`; [`logging`]: the log filter,
+//!   which keeps client libraries' statement and body logs off at every level;
 //! - [`alert`]: email and webhook notifications of credential conditions, without spam.
 //!
 //! The provider plugins (rotators and stores) live in the `keyrotd-rotators` crate.
@@ -25,6 +26,7 @@ pub mod instrument;
 pub mod liveness;
 pub mod logging;
 pub mod metrics;
+pub mod migrate;
 pub mod schedule;
 pub mod scheduler;
 pub mod state;

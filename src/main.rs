@@ -59,7 +59,14 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// List past rotations and their steps.
+    /// Accept the value the store holds, written by a rotation this state database does not
+    /// know (state lost, restored or from another keyrotd), and resume automation. Issues
+    /// nothing; see README "Lost or foreign state".
+    Adopt {
+        /// The credential's id.
+        id: String,
+    },
+    /// List past rotations and their steps (also of credentials removed from the inventory).
     History {
         /// Only this credential.
         id: Option<String>,
@@ -85,7 +92,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Command::Rotate { id, .. } | Command::History { id: Some(id), .. } = &args.command {
+    if let Command::Rotate { id, .. } | Command::Adopt { id } = &args.command {
         if !inventory.credentials.iter().any(|c| &c.id == id) {
             complain(format_args!(
                 "error: no credential `{id}` in {}",
@@ -96,7 +103,7 @@ fn main() -> ExitCode {
     }
     if matches!(
         args.command,
-        Command::Run | Command::Check | Command::Rotate { .. }
+        Command::Run | Command::Check | Command::Rotate { .. } | Command::Adopt { .. }
     ) {
         if let Err(errors) = config::check_references(&inventory) {
             complain(format_args!("{errors}"));
@@ -114,11 +121,10 @@ fn main() -> ExitCode {
         match args.command {
             Command::Run => daemon::run(inventory).await.map(|()| 0),
             Command::Check => cli::check(&inventory).await.map(|()| 0),
-            Command::Status { json } => cli::status(&inventory, json).await.map(|()| 0),
+            Command::Status { json } => cli::status(&inventory, json).await,
             Command::Rotate { id, dry_run } => cli::rotate(&inventory, &id, dry_run).await,
-            Command::History { id, limit } => cli::history(&inventory, id.as_deref(), limit)
-                .await
-                .map(|()| 0),
+            Command::Adopt { id } => cli::adopt(&inventory, &id).await,
+            Command::History { id, limit } => cli::history(&inventory, id.as_deref(), limit).await,
         }
     });
     // A task stuck in a blocking call (the daemon gave up on it at its shutdown deadline) must
@@ -126,6 +132,10 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(code) => ExitCode::from(code),
+        Err(e) if e.downcast_ref::<daemon::RemovedWhileOpen>().is_some() => {
+            eprintln!("{e}");
+            ExitCode::from(cli::EXIT_USAGE)
+        }
         Err(e) => {
             complain(format_args!("error: {e:#}"));
             ExitCode::from(cli::EXIT_FAILED)

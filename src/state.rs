@@ -8,6 +8,7 @@
 //! - a rotation's phase is written *after* the step that reaches it has completed, so after a crash
 //!   the recorded phase is never ahead of reality.
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -33,6 +34,8 @@ pub enum StateError {
     Task(String),
     #[error("rotation {0} is no longer this process's to drive: its lease was lost or released")]
     LeaseLost(String),
+    #[error("state database: schema version {found} is newer than this keyrotd understands ({supported}); refusing to open it rather than downgrade it: run the newer keyrotd or restore a backup")]
+    TooNew { found: i64, supported: i64 },
 }
 
 /// Where a rotation is in the protocol. Stored as text. Decisions use the predicates below, never
@@ -169,6 +172,12 @@ pub struct CredentialRecord {
     pub next_attempt_at: Option<i64>,
     /// The last failure, for `status` output (no secret by contract).
     pub last_error: Option<String>,
+    /// Public attributes of the credential consumers use now (a key id, a user name), kept here
+    /// so revoking it later never depends on how far back the rotation history reaches.
+    pub current_attrs: Option<Attrs>,
+    /// Set while the store names this rotation, which the database does not know (state lost
+    /// or foreign): automation is stopped until `keyrotd adopt`.
+    pub state_lost: Option<String>,
 }
 
 impl CredentialRecord {
@@ -189,6 +198,8 @@ impl CredentialRecord {
             consecutive_failures: 0,
             next_attempt_at: None,
             last_error: None,
+            current_attrs: None,
+            state_lost: None,
         }
     }
 }
@@ -305,6 +316,24 @@ pub trait StateStore: Send + Sync {
     /// stays the same after this process's own writes. Cheap: the daemon polls it to notice
     /// manual rotations within seconds instead of re-reading every record.
     async fn external_version(&self) -> Result<i64, StateError>;
+    /// Whether the database has a rotation `rotation_id` of credential `credential_id`. A store
+    /// naming a rotation this database never saw means the state was lost or belongs to another
+    /// keyrotd (see the engine's start-of-run check).
+    async fn knows_rotation(
+        &self,
+        credential_id: &str,
+        rotation_id: &str,
+    ) -> Result<bool, StateError>;
+    /// Records `adopted` (a finished rotation standing for the value a store holds although this
+    /// database never saw it written) and `credential` in one transaction, with a journal line
+    /// saying so. An open rotation of the credential is closed as rolled back first, unless a
+    /// live lease holds it (then [`Busy`]). Returns the rotation it closed, if any.
+    async fn adopt(
+        &self,
+        adopted: &RotationRecord,
+        credential: &CredentialRecord,
+        now: i64,
+    ) -> Result<Result<Option<RotationRecord>, Busy>, StateError>;
 }
 
 /// The embedded SQLite backend.
@@ -313,63 +342,57 @@ pub struct SqliteState {
     conn: Arc<Mutex<Connection>>,
     /// Who this process is as a lease owner; `None` for a read-only handle, which never leases.
     me: Option<Arc<Liveness>>,
+    /// The database's instance id (see [`crate::migrate`]).
+    instance_id: Arc<str>,
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS credentials (
-    id TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    issued_at INTEGER,
-    consecutive_failures INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at INTEGER,
-    last_error TEXT
-);
-CREATE TABLE IF NOT EXISTS rotations (
-    id TEXT PRIMARY KEY,
-    credential_id TEXT NOT NULL,
-    trigger TEXT NOT NULL,
-    started_at INTEGER NOT NULL,
-    phase TEXT NOT NULL,
-    new_attrs TEXT,
-    old_attrs TEXT,
-    revoke_at INTEGER,
-    owner TEXT,
-    lease_until INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    finished_at INTEGER
-);
-CREATE UNIQUE INDEX IF NOT EXISTS one_open_rotation ON rotations(credential_id) WHERE finished_at IS NULL;
-CREATE INDEX IF NOT EXISTS rotations_by_credential ON rotations(credential_id, started_at);
-CREATE TABLE IF NOT EXISTS steps (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    rotation_id TEXT NOT NULL,
-    at_ms INTEGER NOT NULL,
-    step TEXT NOT NULL,
-    event TEXT NOT NULL,
-    detail TEXT
-);
-CREATE INDEX IF NOT EXISTS steps_by_rotation ON steps(rotation_id, seq);
-";
+const CREDENTIAL_COLUMNS: &str =
+    "id, status, issued_at, consecutive_failures, next_attempt_at, last_error, current_attrs, state_lost";
 
 const ROTATION_COLUMNS: &str =
     "id, credential_id, trigger, started_at, phase, new_attrs, old_attrs, revoke_at, owner, lease_until, error, finished_at";
 
+/// Suffixes of the files SQLite keeps beside the database in WAL mode.
+const SIDE_FILES: [&str; 2] = ["-wal", "-shm"];
+
 impl SqliteState {
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens (creating if needed) the database at `path` and migrates it to the current schema.
+    ///
+    /// The database holds no secret, but its history tells an attacker which credentials exist
+    /// and when they change: its directory is created 0700 and the database 0600, whatever the
+    /// umask. SQLite creates `-wal` and `-shm` with the database file's mode; they are checked
+    /// as well, in case an older keyrotd left them wider.
     pub fn open(path: &Path) -> Result<Self, StateError> {
+        let create = |p: &Path, source| StateError::Create {
+            path: p.display().to_string(),
+            source,
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StateError::Create {
-                path: dir.display().to_string(),
-                source,
-            })?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| create(dir, e))?;
         }
-        let conn = Connection::open(path)?;
+        // All before SQLite opens them: closing any descriptor of a file drops every POSIX lock
+        // this process holds on it, SQLite's included.
+        private_file(path).map_err(|e| create(path, e))?;
+        for suffix in SIDE_FILES {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            let side = std::path::PathBuf::from(side);
+            narrow_if_present(&side).map_err(|e| create(&side, e))?;
+        }
+        let mut conn = Connection::open(path)?;
         // WAL lets `keyrotd status` read while the daemon writes; FULL sync makes every journal
         // write survive power loss, not only a process crash.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.execute_batch(SCHEMA)?;
+        let migrated = crate::migrate::migrate(&mut conn)?;
+        if migrated.from != crate::migrate::VERSION {
+            tracing::info!(path = %path.display(), from = migrated.from, to = crate::migrate::VERSION, instance = %migrated.instance_id, "state database schema migrated");
+        }
         let me = Liveness::acquire(path).map_err(|source| StateError::Create {
             path: format!("{}.owners", path.display()),
             source,
@@ -377,20 +400,34 @@ impl SqliteState {
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             me: Some(Arc::new(me)),
+            instance_id: migrated.instance_id.into(),
         })
     }
 
     /// Opens an existing database without changing it (for `keyrotd check`); `None` if absent.
+    /// A database from a newer keyrotd is refused; an older one is read as it is (its rotations
+    /// table has not changed), and `run` upgrades it.
     pub fn open_read_only(path: &Path) -> Result<Option<Self>, StateError> {
         if !path.exists() {
             return Ok(None);
         }
         let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        crate::migrate::refuse_newer(crate::migrate::version(&conn)?)?;
+        let instance_id = crate::migrate::instance_id(&conn)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         Ok(Some(Self {
             conn: Arc::new(Mutex::new(conn)),
             me: None,
+            instance_id: instance_id.into(),
         }))
+    }
+
+    /// The id created with this database; a copy of it elsewhere has the same one.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
     }
 
     fn me(&self) -> Result<Arc<Liveness>, StateError> {
@@ -416,6 +453,34 @@ impl SqliteState {
     }
 }
 
+/// Creates `path` with mode 0600 if it is missing (the umask can only narrow that), and narrows
+/// an existing one to 0600.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    if file.metadata()?.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// Narrows `path` to 0600 if it exists with wider bits (a `-wal` left by an older keyrotd).
+fn narrow_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o077 != 0 => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 fn attrs_to_json(attrs: &Option<Attrs>) -> Option<String> {
     attrs
         .as_ref()
@@ -437,6 +502,8 @@ fn credential_record(row: &rusqlite::Row<'_>) -> Result<CredentialRecord, StateE
         consecutive_failures: row.get(3)?,
         next_attempt_at: row.get(4)?,
         last_error: row.get(5)?,
+        current_attrs: attrs_from_json(row.get(6)?)?,
+        state_lost: row.get(7)?,
     })
 }
 
@@ -474,10 +541,11 @@ fn records<T>(
 
 fn upsert_credential(conn: &Connection, c: &CredentialRecord) -> rusqlite::Result<()> {
     conn.execute(
-        "INSERT INTO credentials (id, status, issued_at, consecutive_failures, next_attempt_at, last_error)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT(id) DO UPDATE SET status = ?2, issued_at = ?3, consecutive_failures = ?4, next_attempt_at = ?5, last_error = ?6",
-        params![c.id, c.status.as_str(), c.issued_at, c.consecutive_failures, c.next_attempt_at, c.last_error],
+        &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT(id) DO UPDATE SET status = ?2, issued_at = ?3, consecutive_failures = ?4, next_attempt_at = ?5, last_error = ?6,
+           current_attrs = ?7, state_lost = ?8"),
+        params![c.id, c.status.as_str(), c.issued_at, c.consecutive_failures, c.next_attempt_at, c.last_error, attrs_to_json(&c.current_attrs), c.state_lost],
     )?;
     Ok(())
 }
@@ -497,7 +565,7 @@ fn query_rotations(
 impl StateStore for SqliteState {
     async fn credentials(&self) -> Result<Vec<CredentialRecord>, StateError> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT id, status, issued_at, consecutive_failures, next_attempt_at, last_error FROM credentials")?;
+            let mut stmt = c.prepare(&format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials"))?;
             // Sized up front: growing a 100,000-record vector among the rows' string allocations
             // fragments the heap (measured: +14 MiB resident at 100k credentials).
             let count: usize = c.query_row("SELECT COUNT(*) FROM credentials", [], |r| r.get(0))?;
@@ -509,9 +577,9 @@ impl StateStore for SqliteState {
     async fn credential(&self, id: &str) -> Result<Option<CredentialRecord>, StateError> {
         let id = id.to_owned();
         self.with(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, status, issued_at, consecutive_failures, next_attempt_at, last_error FROM credentials WHERE id = ?1",
-            )?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = ?1"
+            ))?;
             Ok(records(&mut stmt, &[&id], 1, credential_record)?.pop())
         })
         .await
@@ -550,6 +618,73 @@ impl StateStore for SqliteState {
         // every call of this process shares one connection. In WAL mode it reads shared memory.
         self.with(|c| Ok(c.query_row("PRAGMA data_version", [], |r| r.get(0))?))
             .await
+    }
+
+    async fn knows_rotation(
+        &self,
+        credential_id: &str,
+        rotation_id: &str,
+    ) -> Result<bool, StateError> {
+        let (cred, id) = (credential_id.to_owned(), rotation_id.to_owned());
+        self.with(move |c| {
+            Ok(c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM rotations WHERE id = ?1 AND credential_id = ?2)",
+                params![id, cred],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+
+    async fn adopt(
+        &self,
+        adopted: &RotationRecord,
+        credential: &CredentialRecord,
+        now: i64,
+    ) -> Result<Result<Option<RotationRecord>, Busy>, StateError> {
+        let (r, credential) = (adopted.clone(), credential.clone());
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let open = query_rotations(
+                &tx,
+                "WHERE finished_at IS NULL AND credential_id = ?1",
+                &[&r.credential_id],
+            )?
+            .pop();
+            if let Some(open) = &open {
+                if open.owner.is_some() && open.lease_until >= now {
+                    return Ok(Err(Busy(Box::new(open.clone()))));
+                }
+                let error = format!(
+                    "closed unfinished by `keyrotd adopt`, which adopted rotation {} found in the store",
+                    r.id
+                );
+                tx.execute(
+                    "UPDATE rotations SET phase = ?2, error = COALESCE(error || '; ' || ?3, ?3), owner = NULL,
+                       lease_until = 0, finished_at = ?4 WHERE id = ?1",
+                    params![open.id, Phase::RolledBack.as_str(), error, now],
+                )?;
+                tx.execute(
+                    "INSERT INTO steps (rotation_id, at_ms, step, event, detail) VALUES (?1, ?2, 'adopt', 'skip', ?3)",
+                    params![open.id, now * 1000, error],
+                )?;
+            }
+            tx.execute(
+                &format!("INSERT INTO rotations ({ROTATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                params![
+                    r.id, r.credential_id, r.trigger, r.started_at, r.phase.as_str(), attrs_to_json(&r.new_attrs),
+                    attrs_to_json(&r.old_attrs), r.revoke_at, r.owner, r.lease_until, r.error, r.finished_at
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO steps (rotation_id, at_ms, step, event, detail) VALUES (?1, ?2, 'adopt', 'ok', 'the value in the store was adopted by an operator; nothing was issued')",
+                params![r.id, now * 1000],
+            )?;
+            upsert_credential(&tx, &credential)?;
+            tx.commit()?;
+            Ok(Ok(open))
+        })
+        .await
     }
 
     async fn open_rotation(

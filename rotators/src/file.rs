@@ -455,6 +455,17 @@ impl Store for FileStore {
         let (this, id) = (self.clone(), ctx.rotation_id.to_owned());
         blocking(move || this.release_previous_sync(&id)).await
     }
+
+    /// The rotation the sidecar names as current.
+    async fn last_rotation(&self, _ctx: StepContext<'_>) -> Result<Option<String>, ProviderError> {
+        let this = self.clone();
+        blocking(move || match StoreDir::open(&this.dir)? {
+            // No directory yet: nothing was ever written here.
+            None => Ok(None),
+            Some(dir) => Ok(this.read_meta(&dir)?.current),
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -257,6 +257,17 @@ pub trait Store: Send + Sync {
 
     /// Drops the previous value kept since this rotation's promotion (after revocation).
     async fn release_previous(&self, ctx: StepContext<'_>) -> Result<(), ProviderError>;
+
+    /// The id of the rotation that wrote the current value, when the store records it (the
+    /// `file` store's sidecar, a Secrets Manager version id). `None` when nothing keyrotd wrote is
+    /// current, or when the store keeps no such record (the default).
+    ///
+    /// The engine compares it with its state database before every run: a rotation the database
+    /// does not know means the database was lost, reset or belongs to another keyrotd, and
+    /// rotating on top of it would silently discard what that rotation still has to do.
+    async fn last_rotation(&self, _ctx: StepContext<'_>) -> Result<Option<String>, ProviderError> {
+        Ok(None)
+    }
 }
 
 /// Whether `host` (a name, an IP address, or an IPv6 address in brackets) is this machine's

@@ -90,16 +90,19 @@ pub enum Condition {
     RevokeFailed,
     /// The credential is marked failed: automation stopped until an operator rotates it.
     AutomationStopped,
+    /// The store holds a rotation the state database does not know: state lost or foreign.
+    StateLost,
 }
 
 impl Condition {
     /// Every condition, in a stable order.
-    pub const ALL: [Condition; 5] = [
+    pub const ALL: [Condition; 6] = [
         Self::RotationFailed,
         Self::Stale,
         Self::NearMaxAge,
         Self::RevokeFailed,
         Self::AutomationStopped,
+        Self::StateLost,
     ];
 
     /// The stable snake_case name used in payloads and subjects.
@@ -110,13 +113,14 @@ impl Condition {
             Self::NearMaxAge => "near_max_age",
             Self::RevokeFailed => "revoke_failed",
             Self::AutomationStopped => "automation_stopped",
+            Self::StateLost => "state_lost",
         }
     }
 
     /// How urgent the condition is.
     pub fn severity(self) -> Severity {
         match self {
-            Self::Stale | Self::AutomationStopped => Severity::Critical,
+            Self::Stale | Self::AutomationStopped | Self::StateLost => Severity::Critical,
             Self::RotationFailed | Self::NearMaxAge | Self::RevokeFailed => Severity::Warning,
         }
     }
@@ -129,6 +133,7 @@ impl Condition {
             Self::NearMaxAge => "credential is close to its max age",
             Self::RevokeFailed => "revoking the previous credential failed",
             Self::AutomationStopped => "credential marked failed; automatic rotation stopped",
+            Self::StateLost => "state database lost or foreign; automatic rotation stopped",
         }
     }
 }
@@ -702,6 +707,7 @@ impl crate::engine::EventSink for Alerter {
             Event::AutomationStopped(active) => (Condition::AutomationStopped, active),
             Event::Stale(active) => (Condition::Stale, active),
             Event::NearMaxAge(active) => (Condition::NearMaxAge, active),
+            Event::StateLost(active) => (Condition::StateLost, active),
         };
         if active {
             self.raise(credential, condition, summary);
@@ -730,7 +736,8 @@ mod tests {
                 "stale",
                 "near_max_age",
                 "revoke_failed",
-                "automation_stopped"
+                "automation_stopped",
+                "state_lost"
             ]
         );
         assert_eq!(Condition::Stale.severity(), Severity::Critical);

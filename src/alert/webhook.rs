@@ -35,7 +35,8 @@ use keyrotd_rotators::Timeouts;
 /// - `version`: schema version, `1`. Fields may be added within a version, never removed or changed.
 /// - `status`: `firing` (the condition is active) or `resolved` (it is over).
 /// - `credential`: the credential id from the inventory.
-/// - `condition`: `rotation_failed`, `stale`, `near_max_age`, `revoke_failed` or `automation_stopped`.
+/// - `condition`: `rotation_failed`, `stale`, `near_max_age`, `revoke_failed`, `automation_stopped`
+///   or `state_lost`.
 /// - `severity`: `warning` or `critical` (fixed per condition).
 /// - `description`: a fixed human description of the condition.
 /// - `summary`: the daemon's one-line summary of this occurrence (never secret).

@@ -481,6 +481,29 @@ impl Store for SecretsManagerStore {
         // deprecates versions without labels. Keeping it lets an operator roll back.
         Ok(())
     }
+
+    /// The `AWSCURRENT` version id when keyrotd wrote it: the engine's rotation ids are UUIDv7
+    /// and become version ids through `ClientRequestToken`. Versions written by anything else
+    /// (the console, the CLI, AWS's own Lambda rotation) get random UUIDv4 ids and name no
+    /// rotation.
+    async fn last_rotation(&self, _ctx: StepContext<'_>) -> Result<Option<String>, ProviderError> {
+        let client = self.client().await;
+        let versions = self.versions(&client).await?;
+        Ok(labelled(&versions, CURRENT)
+            .filter(|v| is_uuid_v7(v))
+            .map(str::to_owned))
+    }
+}
+
+/// Whether `id` is a hyphenated UUID of version 7, as the engine's rotation ids are.
+fn is_uuid_v7(id: &str) -> bool {
+    let bytes = id.as_bytes();
+    bytes.len() == 36
+        && bytes.iter().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+        && bytes[14] == b'7'
 }
 
 #[cfg(test)]
@@ -489,6 +512,19 @@ mod tests {
 
     fn config(secret_id: &str) -> SecretsManagerConfig {
         SecretsManagerConfig::new(secret_id)
+    }
+
+    #[test]
+    fn only_uuid_v7_version_ids_name_a_rotation() {
+        assert!(is_uuid_v7("019ad0a1-7b2c-7d3e-8f40-123456789abc"));
+        for other in [
+            "6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b",
+            "019ad0a1-7b2c-7d3e-8f40-123456789ab",
+            "019ad0a17b2c7d3e8f40123456789abcdef0",
+            "",
+        ] {
+            assert!(!is_uuid_v7(other), "{other}");
+        }
     }
 
     #[test]
