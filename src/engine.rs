@@ -799,12 +799,8 @@ impl Engine {
             .as_ref()
             .map(|c| public_only(job.rotator.as_ref(), &c.attrs));
         if let Some(old) = old_attrs.as_mut() {
-            merge_attrs(
-                old,
-                self.last_promoted_attrs(&job.spec.id, &job.rotation.id)
-                    .await?
-                    .as_ref(),
-            );
+            // A raw store keeps only the secret: the key id is on the credential's record.
+            merge_attrs(old, job.record.current_attrs.as_ref());
         }
         job.rotation.old_attrs = old_attrs;
         job.rotation.new_attrs = Some(new.attrs.clone());
@@ -875,6 +871,7 @@ impl Engine {
         job.rotation.revoke_at = Some(revoke_at);
         job.rotation.error = None;
         job.record.issued_at = Some(now.timestamp());
+        job.record.current_attrs = job.rotation.new_attrs.clone();
         let was_failing = job.record.consecutive_failures > 0;
         job.record.succeed(Status::Grace);
         self.save(job).await?;
@@ -1047,21 +1044,6 @@ impl Engine {
                 .saturating_add(LEASE.as_secs() as i64);
         }
         self.state.save(&job.rotation, &job.record).await
-    }
-
-    /// Attributes of the credential promoted by the last finished or promoted rotation (a raw
-    /// store keeps only the secret, so the key id comes from the journal).
-    async fn last_promoted_attrs(
-        &self,
-        credential_id: &str,
-        this: &str,
-    ) -> Result<Option<Attrs>, StateError> {
-        let history = self.state.history(Some(credential_id), 5).await?;
-        Ok(history
-            .into_iter()
-            .map(|(r, _)| r)
-            .find(|r| r.id != this && matches!(r.phase, Phase::Promoted | Phase::Done))
-            .and_then(|r| r.new_attrs))
     }
 
     fn emit(&self, credential: &str, event: Event, summary: &str) {

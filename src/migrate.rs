@@ -81,6 +81,12 @@ CREATE TABLE meta (
 );
 ALTER TABLE credentials ADD COLUMN current_attrs TEXT;
 ALTER TABLE credentials ADD COLUMN state_lost TEXT;
+-- The current value is the one the newest promoted (or finished) rotation issued.
+UPDATE credentials SET current_attrs = (
+    SELECT r.new_attrs FROM rotations r
+    WHERE r.credential_id = credentials.id AND r.phase IN ('promoted', 'done')
+    ORDER BY r.started_at DESC, r.id DESC LIMIT 1
+);
 ",
     )?;
     tx.execute(
@@ -208,7 +214,11 @@ INSERT INTO steps (rotation_id, at_ms, step, event) VALUES ('r2', 1700000000000,
         assert_eq!(state.open_rotations().await.unwrap().len(), 1);
         let record = state.credential("db").await.unwrap().unwrap();
         assert_eq!(record.issued_at, Some(1700000000));
-        assert_eq!(record.current_attrs, None);
+        assert_eq!(
+            record.current_attrs.unwrap()["user"],
+            "app2",
+            "the newest promoted rotation's attributes: its old key stays revocable"
+        );
 
         let conn = Connection::open(&path).unwrap();
         assert_eq!(version(&conn).unwrap(), VERSION);

@@ -639,3 +639,33 @@ async fn revoke_and_release_are_journaled_as_separate_steps() {
         ["revoke start", "revoke ok", "release start", "release ok"]
     );
 }
+
+#[tokio::test]
+async fn the_old_key_stays_revocable_after_many_rollbacks_in_a_row() {
+    let f = Fixture::new(Duration::ZERO, 20);
+    assert!(matches!(
+        f.run(Trigger::Schedule).await,
+        Outcome::Completed { .. }
+    ));
+    let Outcome::Completed { rotation } = f.run(Trigger::Schedule).await else {
+        panic!("second rotation")
+    };
+    // More rolled-back rotations than any history window holds.
+    f.rotator.fail("verify", true);
+    for _ in 0..7 {
+        assert!(matches!(
+            f.run(Trigger::Retry).await,
+            Outcome::Failed { .. }
+        ));
+    }
+    f.rotator.fail("verify", false);
+    assert!(matches!(
+        f.run(Trigger::Retry).await,
+        Outcome::Completed { .. }
+    ));
+    assert_eq!(
+        f.rotator.calls().last().unwrap(),
+        &format!("revoke key-{rotation}"),
+        "the current key is on the credential's record, not looked up in the history"
+    );
+}
