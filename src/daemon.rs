@@ -17,7 +17,7 @@ use crate::engine::{Engine, EventSink};
 use crate::http::{serve, Endpoint};
 use crate::instrument::MeteredState;
 use crate::metrics::Metrics;
-use crate::scheduler::{Scheduler, Table};
+use crate::scheduler::{Scheduler, Settings, Table};
 use crate::state::{SqliteState, StateStore};
 
 /// Opens the configured state backend.
@@ -66,7 +66,6 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
             generation.clone(),
         )
         .await?;
-        let (cron, rx, tx) = scheduler.start_cron().await?;
         let table = scheduler.table();
         *endpoint.table.write().unwrap_or_else(|p| p.into_inner()) = Some(table.clone());
         endpoint.ready.store(true, Ordering::Release);
@@ -85,7 +84,7 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
                 _ = shutdown.cancelled() => None,
             }
         };
-        let ((), next) = tokio::join!(scheduler.run(cron, rx, tx), next);
+        let ((), next) = tokio::join!(scheduler.run(), next);
         let Some(next) = next else { break };
         if next.alerts != inventory.alerts {
             // New channels or routes: a fresh alerter (active alerts are raised again).
@@ -144,15 +143,14 @@ async fn schedule(
         events.clone(),
         generation.clone(),
     ));
-    Ok(Scheduler::new(
-        table,
-        engine,
-        inventory.daemon.max_concurrent_rotations,
+    let settings = Settings {
+        max_concurrent: inventory.daemon.max_concurrent_rotations,
         events,
-        inventory.alerts.warn_before,
+        warn_before: inventory.alerts.warn_before,
         data_version,
-        generation,
-    ))
+        metrics: metrics.scheduler.clone(),
+    };
+    Ok(Scheduler::new(table, engine, settings, generation))
 }
 
 /// Waits for SIGHUP and a valid inventory at the same path; invalid ones are logged, counted and
