@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, LocalResult, NaiveDateTime, TimeDelta, TimeZone, Utc};
+use chrono::{DateTime, LocalResult, NaiveDateTime, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds, Year};
 use croner::Cron;
@@ -551,7 +551,7 @@ impl Schedule {
 
 #[cfg(test)]
 mod tests {
-    use chrono::Timelike;
+    use chrono::{Datelike, Timelike};
 
     use super::*;
 
