@@ -10,14 +10,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use chrono::Utc;
 use chrono_tz::Tz;
 use keyrotd_rotators::{AwsDefaults, RotatorConfig, StoreConfig};
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::alert::AlertsConfig;
-use crate::schedule::{parse_duration, CronSchedule, Schedule};
+use crate::schedule::{parse_duration, Accepts, CronSchedule, Schedule};
 
 mod locate;
 
@@ -196,7 +195,7 @@ struct RawDefaults {
     retry: Option<RawRetry>,
 }
 
-#[derive(Deserialize, Clone, Default)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawRetry {
     max_attempts: Option<Spanned<i64>>,
@@ -251,9 +250,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
         first_line: 1,
         errors: Vec::new(),
         seen: HashMap::with_capacity(sections.len()),
-        gaps: HashMap::new(),
         crons: HashMap::new(),
-        now: Utc::now(),
     };
     let head = blank_sections(text, &sections);
     let raw = v.deserialize::<RawInventory>(&head, 0);
@@ -462,7 +459,7 @@ struct Defaults {
     grace: Option<Duration>,
     window: Option<Duration>,
     timezone: Option<Tz>,
-    retry: Option<RawRetry>,
+    retry: RetryPolicy,
     /// The `[aws]` table.
     aws: AwsDefaults,
     /// Whether `[defaults]` had errors (reported already); credentials then stop quietly.
@@ -478,11 +475,9 @@ struct Validator<'a> {
     errors: Vec<ConfigError>,
     /// Credential ids seen so far, and the line each was defined on.
     seen: HashMap<String, usize>,
-    /// Longest gap of each distinct cron schedule.
-    gaps: HashMap<(String, Tz), Duration>,
-    /// Each distinct (expression, timezone) parsed once: a parsed cron is kilobytes.
+    /// Each distinct (expression, timezone) parsed once: a parsed cron is kilobytes, and
+    /// parsing computes its longest gap.
     crons: HashMap<(String, Tz), Result<CronSchedule, String>>,
-    now: chrono::DateTime<Utc>,
 }
 
 impl Validator<'_> {
@@ -537,29 +532,21 @@ impl Validator<'_> {
         }
     }
 
+    /// Parses a positive duration in whole seconds (see [`Accepts::SECONDS`]).
     fn duration(&mut self, value: &Spanned<String>, field: &str) -> Option<Duration> {
-        match parse_duration(value.get_ref()) {
-            Ok(d) if d.is_zero() => {
-                self.error_at(Some(value.span()), field, "must be longer than zero");
-                None
-            }
-            Ok(d) => Some(d),
-            Err(e) => {
-                self.error_at(Some(value.span()), field, e);
-                None
-            }
-        }
+        self.duration_accepting(value, field, Accepts::SECONDS)
     }
 
-    /// Parses a duration that may be zero (a grace period).
-    fn duration_or_zero(&mut self, value: &Spanned<String>, field: &str) -> Option<Duration> {
-        match parse_duration(value.get_ref()) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                self.error_at(Some(value.span()), field, e);
-                None
-            }
-        }
+    /// Parses a duration within the bounds every duration respects, plus those of `accepts`.
+    fn duration_accepting(
+        &mut self,
+        value: &Spanned<String>,
+        field: &str,
+        accepts: Accepts,
+    ) -> Option<Duration> {
+        parse_duration(value.get_ref(), accepts)
+            .map_err(|e| self.error_at(Some(value.span()), field, e))
+            .ok()
     }
 
     fn timezone(&mut self, value: &Spanned<String>, field: &str) -> Option<Tz> {
@@ -591,7 +578,7 @@ impl Validator<'_> {
             grace: raw
                 .grace
                 .as_ref()
-                .and_then(|s| self.duration_or_zero(s, "defaults.grace")),
+                .and_then(|s| self.duration_accepting(s, "defaults.grace", Accepts::GRACE)),
             window: raw
                 .window
                 .as_ref()
@@ -600,11 +587,13 @@ impl Validator<'_> {
                 .timezone
                 .as_ref()
                 .and_then(|s| self.timezone(s, "defaults.timezone")),
-            retry: raw.retry.clone(),
+            retry: RetryPolicy::default(),
             aws,
             broken: false,
         };
-        self.retry(d.retry.as_ref(), None, "defaults");
+        // Validated here once: a credential starts from the result, so an error in
+        // [defaults] is reported once, at its own place.
+        d.retry = self.retry(d.retry, raw.retry.as_ref(), "defaults");
         d.broken = self.errors.len() > before;
         d
     }
@@ -780,10 +769,10 @@ impl Validator<'_> {
             None => defaults.max_age,
         };
         let grace = match &raw.grace {
-            Some(s) => self.duration_or_zero(s, &format!("{field}.grace")),
+            Some(s) => self.duration_accepting(s, &format!("{field}.grace"), Accepts::GRACE),
             None => Some(defaults.grace.unwrap_or(Duration::from_secs(3600))),
         };
-        let retry = self.retry(defaults.retry.as_ref(), raw.retry.as_ref(), &field);
+        let retry = self.retry(defaults.retry, raw.retry.as_ref(), &field);
         if self.errors.len() > errors_before || defaults.broken {
             return None;
         }
@@ -793,17 +782,7 @@ impl Validator<'_> {
             every,
             window,
         };
-        let period = match &schedule.cron {
-            Some(c) => {
-                let now = self.now;
-                let gap = *self
-                    .gaps
-                    .entry((c.expression.clone(), c.timezone))
-                    .or_insert_with(|| c.longest_gap(now));
-                gap.min(every.unwrap_or(Duration::MAX))
-            }
-            None => schedule.period(self.now),
-        };
+        let period = schedule.period();
         // Errors about values inherited from [defaults] point at the credential.
         let max_age_span = raw
             .max_age
@@ -851,14 +830,15 @@ impl Validator<'_> {
         })
     }
 
+    /// `inherited` with the settings of `own` applied.
     fn retry(
         &mut self,
-        defaults: Option<&RawRetry>,
+        inherited: RetryPolicy,
         own: Option<&RawRetry>,
         field: &str,
     ) -> RetryPolicy {
-        let mut policy = RetryPolicy::default();
-        for raw in [defaults, own].into_iter().flatten() {
+        let mut policy = inherited;
+        if let Some(raw) = own {
             if let Some(n) = &raw.max_attempts {
                 match u32::try_from(*n.get_ref()) {
                     Ok(n @ 1..=100) => policy.max_attempts = n,
@@ -920,21 +900,29 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// A duration in the form the config uses (`40d`, `1h30m`, `10s`).
+/// A duration in the form the config uses (`40d`, `1h30m`, `10s`, `500ms`).
 pub fn human(d: Duration) -> String {
     if d == Duration::MAX {
         return "never".into();
     }
-    let mut secs = d.as_secs();
-    if secs == 0 {
+    if d.is_zero() {
         return "0s".into();
     }
+    let mut secs = d.as_secs();
     let mut out = String::new();
     for (unit, size) in [("d", 86400), ("h", 3600), ("m", 60), ("s", 1)] {
         if secs >= size {
             out.push_str(&format!("{}{unit}", secs / size));
             secs %= size;
         }
+    }
+    // A grace period may keep a fraction of a second; show it rather than round it away.
+    let nanos = d.subsec_nanos();
+    match nanos {
+        0 => {}
+        n if n % 1_000_000 == 0 => out.push_str(&format!("{}ms", n / 1_000_000)),
+        n if n % 1_000 == 0 => out.push_str(&format!("{}us", n / 1_000)),
+        n => out.push_str(&format!("{n}ns")),
     }
     out
 }
@@ -1037,6 +1025,104 @@ store = { kind = "file", path = "/tmp/x/weekly" }
             ),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn every_duration_is_bounded_with_its_place_and_field() {
+        // (replaced in GOOD, by, the place of the only error, its field and message). Fields of
+        // the [alerts] table are matched by their last part only.
+        let cases = [
+            (
+                "rotate_every = \"30d\"",
+                "rotate_every = \"99999999999d\"",
+                "inv.toml:13:16:", "credential[api-token].rotate_every: `99999999999d` is too long: at most 100y",
+            ),
+            (
+                "rotate_every = \"30d\"",
+                "rotate_every = \"300000y\"",
+                "inv.toml:13:16:", "credential[api-token].rotate_every: `300000y` is too long: at most 100y",
+            ),
+            (
+                "rotate_every = \"30d\"",
+                "rotate_every = \"0s\"",
+                "inv.toml:13:16:", "credential[api-token].rotate_every: must be longer than zero",
+            ),
+            (
+                "rotate_every = \"30d\"",
+                "rotate_every = \"1ns\"",
+                "inv.toml:13:16:", "credential[api-token].rotate_every: `1ns` must be a whole number of seconds",
+            ),
+            (
+                "max_age = \"40d\"",
+                "max_age = \"300000y\"",
+                "inv.toml:6:11:", "defaults.max_age: `300000y` is too long",
+            ),
+            (
+                "max_age = \"8d\"",
+                "max_age = \"8d500ms\"",
+                "inv.toml:18:11:", "credential[weekly].max_age: `8d500ms` must be a whole number of seconds",
+            ),
+            (
+                "grace = \"1h\"",
+                "grace = \"101y\"",
+                "inv.toml:7:9:", "defaults.grace: `101y` is too long",
+            ),
+            (
+                "schedule = \"0 3 * * 1\"",
+                "schedule = \"0 3 * * 1\"\nwindow = \"99999999999d\"",
+                "inv.toml:18:10:", "credential[weekly].window: `99999999999d` is too long",
+            ),
+            (
+                "grace = \"1h\"",
+                "grace = \"1h\"\nretry = { backoff = \"1ns\" }",
+                "inv.toml:8:21:", "defaults.retry.backoff: `1ns` must be a whole number of seconds",
+            ),
+            (
+                "grace = \"1h\"",
+                "grace = \"1h\"\nretry = { max_backoff = \"300000y\" }",
+                "inv.toml:8:25:", "defaults.retry.max_backoff: `300000y` is too long",
+            ),
+            (
+                "[defaults]",
+                "[alerts]\nrepeat_interval = \"300000y\"\n\n[defaults]",
+                "inv.toml:6:19:", "repeat_interval: `300000y` is too long",
+            ),
+            (
+                "[defaults]",
+                "[alerts]\nwarn_before = \"1500ms\"\n\n[defaults]",
+                "inv.toml:6:15:", "warn_before: `1500ms` must be a whole number of seconds",
+            ),
+            (
+                "[defaults]",
+                "[alerts]\ndelivery_backoff = \"0s\"\n\n[defaults]",
+                "inv.toml:6:20:", "delivery_backoff: must be longer than zero",
+            ),
+            (
+                "[defaults]",
+                "[alerts]\n[[alerts.channel]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"https://h.example\"\ntimeout = \"300000y\"\n\n[defaults]",
+                // serde buffers a `kind`-tagged table, so the place is the [alerts] table's.
+                "inv.toml:6:1:",
+                "channel[0]: `300000y` is too long",
+            ),
+        ];
+        for (from, to, place, want) in cases {
+            let text = GOOD.replacen(from, to, 1);
+            let e = errors(&text);
+            assert_eq!(e.len(), 1, "{to}: {e:?}");
+            assert!(
+                e[0].starts_with(place) && e[0].contains(want),
+                "{to}:\n{}\nwant {place} ... {want}",
+                e[0]
+            );
+        }
+        // A grace period keeps its precision: the engine rounds revocation times up.
+        let inv = parse(
+            Path::new("inv.toml"),
+            &GOOD.replace("grace = \"1h\"", "grace = \"1ns\""),
+        )
+        .unwrap();
+        assert_eq!(inv.credentials[0].grace, Duration::from_nanos(1));
+        assert_eq!(human(Duration::from_millis(2500)), "2s500ms");
     }
 
     #[test]

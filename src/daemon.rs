@@ -17,7 +17,7 @@ use crate::engine::{Engine, Event, EventSink};
 use crate::http::{serve, Endpoint};
 use crate::instrument::MeteredState;
 use crate::metrics::Metrics;
-use crate::scheduler::{Scheduler, Table};
+use crate::scheduler::{Scheduler, Settings, Table};
 use crate::state::{Phase, RotationRecord, SqliteState, StateStore};
 
 /// Opens the configured state backend.
@@ -119,7 +119,6 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
             abort.clone(),
         )
         .await?;
-        let (cron, rx, tx) = scheduler.start_cron().await?;
         let table = scheduler.table();
         *endpoint.table.write().unwrap_or_else(|p| p.into_inner()) = Some(table.clone());
         endpoint.ready.store(true, Ordering::Release);
@@ -140,7 +139,7 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
         };
         let stopped = async {
             tokio::select! {
-                () = scheduler.run(cron, rx, tx) => true,
+                () = scheduler.run() => true,
                 // Interrupted steps park at once; a run still busy long after is stuck outside
                 // any step (a plugin blocking its thread, a wedged state store).
                 () = async { abort.cancelled().await; tokio::time::sleep(STRAGGLER_GRACE).await } => false,
@@ -263,15 +262,14 @@ async fn schedule(
         )
         .abort_steps_on(abort),
     );
-    Ok(Scheduler::new(
-        table,
-        engine,
-        inventory.daemon.max_concurrent_rotations,
+    let settings = Settings {
+        max_concurrent: inventory.daemon.max_concurrent_rotations,
         events,
-        inventory.alerts.warn_before,
+        warn_before: inventory.alerts.warn_before,
         data_version,
-        generation,
-    ))
+        metrics: metrics.scheduler.clone(),
+    };
+    Ok(Scheduler::new(table, engine, settings, generation))
 }
 
 /// Waits for SIGHUP and a valid inventory at the same path; invalid ones are logged, counted and

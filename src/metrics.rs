@@ -18,7 +18,7 @@ use prometheus::{
 
 use crate::engine::EngineMetrics;
 use crate::instrument::StateMetrics;
-use crate::scheduler::{lock, Live, Table};
+use crate::scheduler::{lock, Live, SchedulerMetrics, Table};
 use crate::state::Status;
 
 /// Credentials rendered per chunk of the streamed response.
@@ -29,6 +29,7 @@ const CHUNK: usize = 2000;
 pub struct Metrics {
     pub registry: Registry,
     pub engine: EngineMetrics,
+    pub scheduler: SchedulerMetrics,
     pub state: StateMetrics,
     pub config: ConfigMetrics,
 }
@@ -95,6 +96,7 @@ impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
         let engine = EngineMetrics::register(&registry)?;
+        let scheduler = SchedulerMetrics::register(&registry)?;
         let build = IntGaugeVec::new(
             Opts::new(
                 "keyrotd_build_info",
@@ -109,6 +111,7 @@ impl Metrics {
         Ok(Self {
             registry,
             engine,
+            scheduler,
             state,
             config,
         })

@@ -1,14 +1,26 @@
 //! The *when*: decides which credential needs the engine next and runs it, within the global
 //! concurrency limit.
 //!
-//! Two sources of wake-ups, neither of which scans the inventory:
-//! - cron schedules go to tokio-cron-scheduler, one job per distinct (expression, timezone), not
-//!   one per credential: a fire enqueues every credential of its group;
-//! - everything else (intervals, overdue rotations, retries, revocations after grace) waits in a
-//!   due-time heap; the loop sleeps until the earliest entry.
+//! Everything waits in due-time heaps, none of which scans the inventory: one per credential
+//! for intervals, overdue rotations, retries and revocations after grace; one entry per distinct
+//! cron schedule (expression and timezone), not per credential, whose fire enqueues every
+//! credential of its group; and the age alerts' deadlines. The loop sleeps until the earliest
+//! entry. The heaps belong to the loop alone: an entry added by a finished run is seen at once,
+//! because the loop itself adds it before it sleeps again.
+//!
+//! Cron fire times come from [`crate::schedule`], the one place that computes them (crontab
+//! day rules, the zone's rules for every fire). Heap entries are wall-clock instants, but
+//! sleeping is on tokio's monotonic clock, so a sleep lasts at most [`MAX_SLEEP`] and every
+//! wake-up compares the heaps with the wall clock again: a clock jump is noticed within a
+//! minute. After a jump forward past several fire times a group fires once; after a jump back,
+//! a fire time already acted on does not fire again ([`CronCursor`]).
 //!
 //! Besides, every 2 s it asks the state store one cheap question (SQLite's `data_version`): has
 //! another process (`keyrotd rotate`) committed? Only a change costs a re-read of the records.
+//!
+//! Engine runs are tasks in a [`JoinSet`]: a run that panics is logged, counted, alerted, and
+//! its credential released and retried with backoff, rather than left busy forever (which also
+//! held shutdown, waiting for it).
 //!
 //! Invariants: a credential is queued or running at most once in this process (the state store
 //! stops other processes); at most `max_concurrent_rotations` engine runs are in flight; a rotation
@@ -20,14 +32,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use tokio::sync::mpsc;
-use tokio_cron_scheduler::{Job, JobScheduler};
+use keyrotd_rotators::{Rotator, Store};
+use prometheus::IntCounter;
+use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::CredentialSpec;
-use crate::engine::{Engine, Event, EventSink, Outcome, Trigger};
-use crate::schedule::{CronSchedule, Due};
+use crate::config::{human, CredentialSpec};
+use crate::engine::{backoff, Engine, EngineError, Event, EventSink, Outcome, Trigger};
+use crate::schedule::{secs, CronCursor, CronSchedule, Due};
 use crate::state::{CredentialRecord, Phase, RotationRecord, StateError, Status};
 
 /// How long to wait before looking again at a credential another process is rotating.
@@ -36,6 +49,9 @@ const BUSY_RETRY: i64 = 60;
 /// committed anything. The question is one `PRAGMA data_version` (shared memory in WAL mode);
 /// only a change costs a read of the credential records.
 const WATCH_EVERY: Duration = Duration::from_secs(2);
+/// The longest sleep: heap entries are wall-clock instants and tokio sleeps on the monotonic
+/// clock, so the loop looks at the wall clock at least this often to notice a jump.
+pub const MAX_SLEEP: Duration = Duration::from_secs(60);
 
 /// What the daemon knows of one credential now; read by metrics and updated after each run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,12 +196,40 @@ pub fn live_view(
     }
 }
 
-/// What the scheduling loop hears about.
-pub enum Msg {
-    /// A cron group fired at this instant.
-    CronFired(usize, DateTime<Utc>),
-    /// An engine run finished.
-    Done(usize, Result<(Outcome, CredentialRecord), String>),
+/// Builds a credential's rotator and store for an engine run. The daemon builds them from the
+/// inventory; tests hand in their own plugins (one that panics, for instance).
+pub type Plugins = Arc<dyn Fn(&CredentialSpec) -> (Arc<dyn Rotator>, Arc<dyn Store>) + Send + Sync>;
+
+/// The scheduler's own metrics, owned by the daemon's registry.
+#[derive(Clone)]
+pub struct SchedulerMetrics {
+    /// Engine runs that panicked.
+    pub panics: IntCounter,
+}
+
+impl SchedulerMetrics {
+    /// Creates and registers the metrics.
+    pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        let panics = IntCounter::new(
+            "keyrotd_rotation_panics_total",
+            "Rotation tasks that panicked (a bug); each credential is released and retried.",
+        )?;
+        registry.register(Box::new(panics.clone()))?;
+        Ok(Self { panics })
+    }
+}
+
+/// What a [`Scheduler`] needs besides its table and engine.
+pub struct Settings {
+    /// How many engine runs may be in flight.
+    pub max_concurrent: usize,
+    /// Where age conditions and panics are reported.
+    pub events: Option<Arc<dyn EventSink>>,
+    /// How long before `max_age` the near-max-age condition is raised.
+    pub warn_before: Duration,
+    /// The state store's change counter, read before the table was built.
+    pub data_version: i64,
+    pub metrics: SchedulerMetrics,
 }
 
 /// Runs the schedule until `shutdown`.
@@ -197,6 +241,10 @@ pub struct Scheduler {
     ages: AgeWatch,
     /// The state store's change counter, read before the table was built.
     data_version: i64,
+    metrics: SchedulerMetrics,
+    plugins: Option<Plugins>,
+    /// Per credential: whether its last run panicked (a failure alert to clear once it succeeds).
+    panicked: Vec<bool>,
 }
 
 /// Raises and clears the age conditions (near max age, stale) at their deadlines.
@@ -215,12 +263,12 @@ impl AgeWatch {
     fn check(&mut self, i: usize, slot: Slot<'_>, now: i64) -> Option<i64> {
         let events = self.events.as_ref()?;
         let issued = lock(slot.live).issued_at?;
-        let max_age = slot.spec.max_age.as_secs() as i64;
-        let stale_at = issued + max_age;
+        let max_age = secs(slot.spec.max_age);
+        let stale_at = issued.saturating_add(max_age);
         // Warn only once a rotation is overdue: a `warn_before` longer than the slack between
         // the schedule and max_age would warn about every healthy credential.
-        let slack = max_age - slot.spec.period.as_secs().min(max_age as u64) as i64;
-        let near_at = stale_at - self.warn_before.min(slack);
+        let slack = max_age.saturating_sub(secs(slot.spec.period).min(max_age));
+        let near_at = stale_at.saturating_sub(self.warn_before.min(slack));
         let want = if now >= stale_at {
             STALE
         } else if now >= near_at {
@@ -239,7 +287,7 @@ impl AgeWatch {
                     let summary = if bit == STALE {
                         format!(
                             "credential `{id}` is past its max age of {}",
-                            crate::config::human(slot.spec.max_age)
+                            human(slot.spec.max_age)
                         )
                     } else {
                         format!(
@@ -261,30 +309,40 @@ impl AgeWatch {
 /// A queued run: which slot, why, and for cron runs the fire time its window counts from.
 type Queued = (usize, Trigger, Option<DateTime<Utc>>);
 
+/// What an engine run returns, with the slot it ran for.
+type RunResult = (usize, Result<(Outcome, CredentialRecord), String>);
+
 impl Scheduler {
     /// Creates a scheduler over `table`.
     pub fn new(
         table: Arc<Table>,
         engine: Arc<Engine>,
-        max_concurrent: usize,
-        events: Option<Arc<dyn EventSink>>,
-        warn_before: Duration,
-        data_version: i64,
+        settings: Settings,
         shutdown: CancellationToken,
     ) -> Self {
         let ages = AgeWatch {
-            events,
-            warn_before: warn_before.as_secs() as i64,
+            events: settings.events,
+            warn_before: secs(settings.warn_before),
             raised: vec![0; table.len()],
         };
         Self {
+            panicked: vec![false; table.len()],
             table,
             engine,
-            max_concurrent,
+            max_concurrent: settings.max_concurrent,
             shutdown,
             ages,
-            data_version,
+            data_version: settings.data_version,
+            metrics: settings.metrics,
+            plugins: None,
         }
+    }
+
+    /// Runs the engine with these plugins instead of building them from each credential's
+    /// configuration.
+    pub fn with_plugins(mut self, plugins: Plugins) -> Self {
+        self.plugins = Some(plugins);
+        self
     }
 
     /// The table this scheduler works on.
@@ -292,43 +350,13 @@ impl Scheduler {
         self.table.clone()
     }
 
-    /// Registers the cron jobs. Returns the running cron scheduler and the channel its jobs
-    /// report to; call before announcing readiness.
-    pub async fn start_cron(
-        &self,
-    ) -> anyhow::Result<(JobScheduler, mpsc::Receiver<Msg>, mpsc::Sender<Msg>)> {
-        let (tx, rx) = mpsc::channel(1024);
-        let cron = JobScheduler::new().await?;
-        for (g, group) in self.table.groups.iter().enumerate() {
-            let tx = tx.clone();
-            let job = Job::new_async_tz(
-                group.schedule.expression.as_str(),
-                group.schedule.timezone,
-                move |_, _| {
-                    let tx = tx.clone();
-                    Box::pin(async move {
-                        // The queue is bounded; a full one means the loop is gone (shutting down).
-                        let _ = tx.send(Msg::CronFired(g, Utc::now())).await;
-                    })
-                },
-            )?;
-            cron.add(job).await?;
-        }
-        cron.start().await?;
-        Ok((cron, rx, tx))
-    }
-
-    /// The scheduling loop. Returns after shutdown once every in-flight run has finished or
-    /// parked its rotation.
-    pub async fn run(
-        mut self,
-        mut cron: JobScheduler,
-        mut rx: mpsc::Receiver<Msg>,
-        tx: mpsc::Sender<Msg>,
-    ) {
+    /// The scheduling loop. Returns after shutdown once every in-flight run has finished,
+    /// parked its rotation, or panicked.
+    pub async fn run(mut self) {
         let n = self.table.len();
         let mut age_heap: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
-        let now = Utc::now().timestamp();
+        let started = Utc::now();
+        let now = started.timestamp();
         for (i, slot) in self.table.slots().enumerate() {
             if let Some(at) = self.ages.check(i, slot, now) {
                 age_heap.push(Reverse((at, i)));
@@ -338,12 +366,25 @@ impl Scheduler {
         let mut generation = vec![0u64; n];
         let mut busy = vec![false; n];
         let mut ready: VecDeque<Queued> = VecDeque::new();
-        let mut running = 0usize;
+        let mut runs: JoinSet<RunResult> = JoinSet::new();
+        // Which slot each task runs: a panicked task returns no value, only its id.
+        let mut run_slot: HashMap<tokio::task::Id, usize> = HashMap::new();
         for (i, slot) in self.table.slots().enumerate() {
             if let Some(at) = lock(slot.live).wake {
                 heap.push(Reverse((at, i, 0)));
             }
         }
+        let mut crons: Vec<CronCursor> = self
+            .table
+            .groups
+            .iter()
+            .map(|g| CronCursor::new(g.schedule.clone(), started))
+            .collect();
+        let mut cron_heap: BinaryHeap<Reverse<(i64, usize)>> = crons
+            .iter()
+            .enumerate()
+            .filter_map(|(g, c)| Some(Reverse((c.next()?.timestamp(), g))))
+            .collect();
         info!(
             credentials = n,
             cron_groups = self.table.groups.len(),
@@ -356,7 +397,7 @@ impl Scheduler {
         let mut seen_version = self.data_version;
 
         loop {
-            while running < self.max_concurrent {
+            while runs.len() < self.max_concurrent {
                 let Some((i, trigger, fire)) = ready.pop_front() else {
                     break;
                 };
@@ -366,64 +407,52 @@ impl Scheduler {
                     busy[i] = false;
                     continue;
                 }
-                running += 1;
                 lock(self.table.slot(i).live).status = Status::Rotating;
-                let (engine, table, tx) = (self.engine.clone(), self.table.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let result = engine
-                        .run(table.slot(i).spec, trigger)
-                        .await
-                        .map_err(|e| e.to_string());
-                    let _ = tx.send(Msg::Done(i, result)).await;
-                });
+                let task = runs.spawn(self.engine_run(i, trigger));
+                run_slot.insert(task.id(), i);
             }
-            if self.shutdown.is_cancelled() && running == 0 {
+            if self.shutdown.is_cancelled() && runs.is_empty() {
                 break;
             }
-            let next_age = age_heap.peek().map(|Reverse((at, _))| *at);
-            let next = heap
-                .peek()
-                .map(|Reverse((at, _, _))| *at)
-                .into_iter()
-                .chain(next_age)
-                .min();
-            let sleep = next.map(|at| {
-                Duration::from_millis((at * 1000 - Utc::now().timestamp_millis()).max(0) as u64)
-            });
+            let next = [
+                heap.peek().map(|Reverse((at, _, _))| *at),
+                age_heap.peek().map(|Reverse((at, _))| *at),
+                cron_heap.peek().map(|Reverse((at, _))| *at),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let sleep = until(next, Utc::now().timestamp_millis());
             tokio::select! {
                 _ = self.shutdown.cancelled(), if !self.shutdown.is_cancelled() => {
-                    info!(running, "shutdown: letting in-flight rotations finish or park");
-                    ready.clear();
-                    let _ = cron.shutdown().await;
-                }
-                Some(msg) = rx.recv() => match msg {
-                    Msg::CronFired(g, fire) => {
-                        if self.shutdown.is_cancelled() { continue; }
-                        debug!(group = g, "cron fired");
-                        for &i in &self.table.groups[g].members {
-                            let live = *lock(self.table.slot(i).live);
-                            // A retrying credential waits for its backoff (a heap entry), not the cron.
-                            if !busy[i] && !matches!(live.status, Status::Failed | Status::Retrying) {
-                                busy[i] = true;
-                                ready.push_back((i, Trigger::Schedule, Some(fire)));
-                            }
-                        }
-                    }
-                    Msg::Done(i, result) => {
-                        running -= 1;
+                    info!(running = runs.len(), "shutdown: letting in-flight rotations finish or park");
+                    for (i, _, _) in ready.drain(..) {
                         busy[i] = false;
-                        let wake = self.finished(i, result);
-                        generation[i] += 1;
-                        if let Some(at) = wake {
-                            heap.push(Reverse((at, i, generation[i])));
-                        }
-                        if let Some(at) = self.ages.check(i, self.table.slot(i), Utc::now().timestamp()) {
-                            age_heap.push(Reverse((at, i)));
-                        }
                     }
-                },
-                _ = sleep_for(sleep), if !self.shutdown.is_cancelled() => {
-                    let now = Utc::now().timestamp();
+                }
+                Some(joined) = runs.join_next_with_id() => {
+                    let (i, wake) = match joined {
+                        Ok((id, (i, result))) => {
+                            run_slot.remove(&id);
+                            (i, self.finished(i, result))
+                        }
+                        Err(e) => {
+                            let Some(i) = run_slot.remove(&e.id()) else { continue };
+                            (i, self.panicked(i, e))
+                        }
+                    };
+                    busy[i] = false;
+                    generation[i] += 1;
+                    if let Some(at) = wake {
+                        heap.push(Reverse((at, i, generation[i])));
+                    }
+                    if let Some(at) = self.ages.check(i, self.table.slot(i), Utc::now().timestamp()) {
+                        age_heap.push(Reverse((at, i)));
+                    }
+                }
+                _ = tokio::time::sleep(sleep), if !self.shutdown.is_cancelled() => {
+                    let wall = Utc::now();
+                    let now = wall.timestamp();
                     while let Some(Reverse((at, i))) = age_heap.peek().copied() {
                         if at > now { break; }
                         age_heap.pop();
@@ -438,6 +467,24 @@ impl Scheduler {
                         busy[i] = true;
                         let trigger = if lock(self.table.slot(i).live).status == Status::Retrying { Trigger::Retry } else { Trigger::Schedule };
                         ready.push_back((i, trigger, None));
+                    }
+                    while let Some(Reverse((at, g))) = cron_heap.peek().copied() {
+                        if at > now { break; }
+                        cron_heap.pop();
+                        if let Some(fire) = crons[g].poll(wall) {
+                            debug!(group = g, fire = %fire, "cron fired");
+                            for &i in &self.table.groups[g].members {
+                                let live = *lock(self.table.slot(i).live);
+                                // A retrying credential waits for its backoff (a heap entry), not the cron.
+                                if !busy[i] && !matches!(live.status, Status::Failed | Status::Retrying) {
+                                    busy[i] = true;
+                                    ready.push_back((i, Trigger::Schedule, Some(fire)));
+                                }
+                            }
+                        }
+                        if let Some(next) = crons[g].next() {
+                            cron_heap.push(Reverse((next.timestamp(), g)));
+                        }
                     }
                 }
                 _ = watch.tick(), if !self.shutdown.is_cancelled() => {
@@ -468,9 +515,68 @@ impl Scheduler {
         info!("scheduler stopped");
     }
 
+    /// The engine run for slot `i`, as a task of its own.
+    fn engine_run(
+        &self,
+        i: usize,
+        trigger: Trigger,
+    ) -> impl std::future::Future<Output = RunResult> + Send + 'static {
+        let (engine, table, plugins) = (
+            self.engine.clone(),
+            self.table.clone(),
+            self.plugins.clone(),
+        );
+        async move {
+            let spec = table.slot(i).spec;
+            let result = match plugins {
+                Some(build) => {
+                    let (rotator, store) = build(spec);
+                    engine.run_with(spec, rotator, store, trigger).await
+                }
+                None => engine.run(spec, trigger).await,
+            };
+            (i, result.map_err(|e: EngineError| e.to_string()))
+        }
+    }
+
+    /// An engine run panicked (a bug in keyrotd or a plugin): reports it and schedules a retry
+    /// with the credential's backoff. The rotation stays open in the state store under this
+    /// process's lease, which the retry takes over at once, resuming from the journal.
+    fn panicked(&mut self, i: usize, e: JoinError) -> Option<i64> {
+        let slot = self.table.slot(i);
+        let why = match e.try_into_panic() {
+            Ok(payload) => payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into()),
+            Err(e) => e.to_string(),
+        };
+        self.metrics.panics.inc();
+        let mut live = lock(slot.live);
+        live.status = Status::Retrying;
+        live.consecutive_failures = live.consecutive_failures.saturating_add(1);
+        let retry = slot.spec.retry;
+        let delay = backoff(retry.backoff, retry.max_backoff, live.consecutive_failures);
+        live.wake = Some(Utc::now().timestamp().saturating_add(secs(delay).max(1)));
+        error!(credential = %slot.spec.id, panic = %why, retry_in = %human(delay), "rotation task panicked; the credential is released and retried");
+        if let Some(events) = &self.ages.events {
+            events.event(
+                &slot.spec.id,
+                Event::RotationFailed(true),
+                &format!(
+                    "the rotation task panicked (a bug; the daemon log has the details); retrying in {}",
+                    human(delay)
+                ),
+            );
+        }
+        self.panicked[i] = true;
+        live.wake
+    }
+
     /// Updates the live view after a run and returns the next heap wake-up.
     fn finished(
-        &self,
+        &mut self,
         i: usize,
         result: Result<(Outcome, CredentialRecord), String>,
     ) -> Option<i64> {
@@ -495,6 +601,21 @@ impl Scheduler {
             Outcome::Parked { .. } | Outcome::Stopped => Some(None),
             Outcome::Completed { .. } | Outcome::Failed { .. } => None,
         };
+        if self.panicked[i]
+            && matches!(
+                outcome,
+                Outcome::Promoted { .. } | Outcome::Completed { .. } | Outcome::InGrace { .. }
+            )
+        {
+            self.panicked[i] = false;
+            if let Some(events) = &self.ages.events {
+                events.event(
+                    &slot.spec.id,
+                    Event::RotationFailed(false),
+                    "rotation succeeded",
+                );
+            }
+        }
         let mut live = live_view(slot.spec, &record, None, now);
         if let Some(wake) = open_wake {
             live.wake = wake;
@@ -572,11 +693,13 @@ impl Scheduler {
     }
 }
 
-async fn sleep_for(d: Option<Duration>) {
-    match d {
-        Some(d) => tokio::time::sleep(d).await,
-        None => std::future::pending().await,
-    }
+/// How long to sleep, from the wall clock in milliseconds, until the wall-clock second `next`:
+/// never longer than [`MAX_SLEEP`], and never negative.
+fn until(next: Option<i64>, now_ms: i64) -> Duration {
+    let ms = next.map_or(i64::MAX, |at| {
+        at.saturating_mul(1000).saturating_sub(now_ms)
+    });
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0)).min(MAX_SLEEP)
 }
 
 /// Locks a live view; a poisoned lock still holds plain data that is safe to read.

@@ -110,6 +110,30 @@ fn check_names_file_line_column_and_field_and_exits_2() {
 }
 
 #[test]
+fn check_refuses_out_of_bound_durations_without_panicking() {
+    for (value, message) in [
+        ("99999999999d", "`99999999999d` is too long: at most 100y"),
+        ("300000y", "`300000y` is too long: at most 100y"),
+        ("0s", "must be longer than zero"),
+        ("1ns", "`1ns` must be a whole number of seconds"),
+    ] {
+        let s = Setup::new(&format!("rotate_every = \"{value}\"\nmax_age = \"40d\""));
+        let out = cli(&s.config(), &["check"]);
+        assert_eq!(out.status.code(), Some(2), "{value}: {}", stderr(&out));
+        let want = format!(
+            "{}:9:16: credential[db].rotate_every: {message}",
+            s.config().display()
+        );
+        assert!(
+            stderr(&out).contains(&want),
+            "want `{want}` in:\n{}",
+            stderr(&out)
+        );
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    }
+}
+
+#[test]
 fn check_never_panics_on_garbage() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");

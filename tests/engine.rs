@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keyrotd::config::{CredentialSpec, RetryPolicy};
-use keyrotd::engine::{Engine, EngineMetrics, Outcome, Trigger};
+use keyrotd::engine::{Engine, EngineMetrics, Event, EventSink, Outcome, Trigger};
 use keyrotd::schedule::Schedule;
+use keyrotd::scheduler::{lock, Scheduler, SchedulerMetrics, Settings, Table};
 use keyrotd::state::{Phase, SqliteState, StateStore, Status};
 use keyrotd_rotators::file::{FileConfig, FileStore, Format};
 use keyrotd_rotators::random::{Alphabet, RandomConfig, RandomRotator};
 use keyrotd_rotators::{
-    Attrs, Credential, ProviderError, Rotator, RotatorConfig, StepContext, StoreConfig,
+    Attrs, Credential, ProviderError, Rotator, RotatorConfig, StepContext, Store, StoreConfig,
 };
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,8 @@ struct Scripted {
     fail: Mutex<HashSet<&'static str>>,
     /// Steps in `fail` whose error is permanent rather than transient.
     permanent: Mutex<HashSet<&'static str>>,
+    /// Steps that panic the next time they run (once each).
+    panic: Mutex<HashSet<&'static str>>,
     calls: Mutex<Vec<String>>,
     /// Every secret it issued, rolled-back ones included, for leak scans.
     issued: Mutex<Vec<String>>,
@@ -42,6 +45,7 @@ impl Scripted {
             inner: RandomRotator::new(config),
             fail: Mutex::default(),
             permanent: Mutex::default(),
+            panic: Mutex::default(),
             calls: Mutex::default(),
             issued: Mutex::default(),
         })
@@ -63,6 +67,9 @@ impl Scripted {
 
     fn call(&self, step: &'static str, detail: String) -> Result<(), ProviderError> {
         self.calls.lock().unwrap().push(format!("{step}{detail}"));
+        if self.panic.lock().unwrap().remove(step) {
+            panic!("{step} panicked in the test plugin");
+        }
         if self.fail.lock().unwrap().contains(step) {
             let message = format!("{step} refused by the test");
             let err = if self.permanent.lock().unwrap().contains(step) {
@@ -668,4 +675,96 @@ async fn the_old_key_stays_revocable_after_many_rollbacks_in_a_row() {
         &format!("revoke key-{rotation}"),
         "the current key is on the credential's record, not looked up in the history"
     );
+}
+
+/// Every event raised or cleared, as `(credential, event, summary)`.
+#[derive(Default)]
+struct Events(Mutex<Vec<(String, Event, String)>>);
+
+impl EventSink for Events {
+    fn event(&self, credential: &str, event: Event, summary: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((credential.into(), event, summary.into()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_rotation_is_reported_released_and_retried_and_shutdown_does_not_hang() {
+    let f = Fixture::new(Duration::ZERO, 5);
+    f.rotator.panic.lock().unwrap().insert("issue");
+    let shutdown = CancellationToken::new();
+    let registry = prometheus::Registry::new();
+    let engine = Arc::new(Engine::new(
+        f.state.clone(),
+        EngineMetrics::register(&registry).unwrap(),
+        None,
+        shutdown.clone(),
+    ));
+    let events = Arc::new(Events::default());
+    let metrics = SchedulerMetrics::register(&registry).unwrap();
+    let table = Arc::new(Table::new(vec![f.spec.clone()], vec![], &[]));
+    let (rotator, store) = (f.rotator.clone(), f.store.clone());
+    let settings = Settings {
+        max_concurrent: 1,
+        events: Some(events.clone()),
+        warn_before: Duration::from_secs(3600),
+        data_version: f.state.external_version().await.unwrap(),
+        metrics: metrics.clone(),
+    };
+    let scheduler = Scheduler::new(table.clone(), engine, settings, shutdown.clone()).with_plugins(
+        Arc::new(move |_| {
+            (
+                rotator.clone() as Arc<dyn Rotator>,
+                store.clone() as Arc<dyn Store>,
+            )
+        }),
+    );
+    let run = tokio::spawn(scheduler.run());
+
+    // The credential was never rotated: due at once. Its first run panics in `issue`; the retry
+    // (after a backoff of at most a second) resumes the rotation and completes it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while f.current().is_none() || lock(table.slot(0).live).status == Status::Rotating {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the credential was never rotated after the panic: {:?}",
+            f.rotator.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metrics.panics.get(), 1);
+    let calls = f.rotator.calls();
+    assert_eq!(
+        calls.iter().filter(|c| *c == "issue").count(),
+        2,
+        "{calls:?}"
+    );
+    let events = events.0.lock().unwrap().clone();
+    assert!(
+        matches!(&events[0], (id, Event::RotationFailed(true), summary) if id == "db" && summary.contains("panicked")),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|(_, e, _)| *e == Event::RotationFailed(false)),
+        "the failure alert is cleared by the successful retry: {events:?}"
+    );
+    let (rotation, steps) = f.state.history(Some("db"), 1).await.unwrap().remove(0);
+    assert!(
+        matches!(rotation.phase, Phase::Promoted | Phase::Done),
+        "{rotation:?}"
+    );
+    assert!(
+        steps.iter().any(|s| s.step == "promote" && s.event == "ok"),
+        "{steps:?}"
+    );
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("shutdown must not hang after a panicked run")
+        .unwrap();
 }

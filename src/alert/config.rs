@@ -54,6 +54,7 @@ use keyrotd_rotators::Timeouts;
 use serde::{Deserialize, Deserializer};
 
 use super::Severity;
+use crate::schedule::{parse_duration, Accepts};
 
 /// Bounds of a channel's `timeout`.
 const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -66,20 +67,20 @@ pub struct AlertsConfig {
     /// How often a notification is repeated while its condition stays active.
     #[serde(
         default = "default_repeat_interval",
-        deserialize_with = "human_duration"
+        deserialize_with = "whole_seconds"
     )]
     pub repeat_interval: Duration,
     /// How long before `max_age` the engine raises [`super::Condition::NearMaxAge`].
-    #[serde(default = "default_warn_before", deserialize_with = "human_duration")]
+    #[serde(
+        default = "default_warn_before",
+        deserialize_with = "whole_seconds_or_zero"
+    )]
     pub warn_before: Duration,
     /// Delivery attempts per notification and channel (the first one included).
     #[serde(default = "default_delivery_attempts")]
     pub delivery_attempts: u32,
     /// Wait before the first retry; it doubles after every failed attempt (capped at 5 minutes).
-    #[serde(
-        default = "default_delivery_backoff",
-        deserialize_with = "human_duration"
-    )]
+    #[serde(default = "default_delivery_backoff", deserialize_with = "timer")]
     pub delivery_backoff: Duration,
     /// `[[alerts.channel]]`: where notifications can go.
     #[serde(default, rename = "channel")]
@@ -118,14 +119,26 @@ fn default_delivery_backoff() -> Duration {
     Duration::from_secs(2)
 }
 
-fn human_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+/// A duration within the bounds of every configured duration (see [`Accepts`]).
+fn duration<'de, D: Deserializer<'de>>(d: D, accepts: Accepts) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("bad duration `{s}`: {e}")))
+    parse_duration(&s, accepts).map_err(serde::de::Error::custom)
 }
 
-fn optional_human_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    human_duration(d).map(Some)
+fn whole_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration(d, Accepts::SECONDS)
+}
+
+fn whole_seconds_or_zero<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration(d, Accepts::SECONDS_OR_ZERO)
+}
+
+fn timer<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration(d, Accepts::TIMER)
+}
+
+fn optional_timer<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    timer(d).map(Some)
 }
 
 /// One `[[alerts.channel]]`, selected by `kind`. Every kind has a unique `name`, used by routes
@@ -208,7 +221,7 @@ pub struct EmailConfig {
     /// Recipients (at least one).
     pub to: Vec<String>,
     /// Timeout of one delivery attempt (default 30s).
-    #[serde(default, deserialize_with = "optional_human_duration")]
+    #[serde(default, deserialize_with = "optional_timer")]
     pub timeout: Option<Duration>,
 }
 
@@ -258,7 +271,7 @@ pub struct WebhookConfig {
     /// Optional secret reference whose value is sent verbatim as the `Authorization` header.
     pub authorization: Option<SecretRef>,
     /// Timeout of one delivery attempt (default 10s).
-    #[serde(default, deserialize_with = "optional_human_duration")]
+    #[serde(default, deserialize_with = "optional_timer")]
     pub timeout: Option<Duration>,
 }
 
@@ -271,7 +284,7 @@ pub struct SlackConfig {
     /// The incoming-webhook URL. It embeds a token, so it must be a secret reference.
     pub url: UrlSource,
     /// Timeout of one delivery attempt (default 10s).
-    #[serde(default, deserialize_with = "optional_human_duration")]
+    #[serde(default, deserialize_with = "optional_timer")]
     pub timeout: Option<Duration>,
 }
 
