@@ -129,7 +129,7 @@ fn check_refuses_special_files_symlinks_open_directories_and_readable_modes() {
         (file(&out.join("linked")), format!("path: {} is a symbolic link: refused", out.join("linked").display())),
         (file(&out.join("side")), format!("path: {} is a symbolic link: refused", out.join("side.keyrotd").display())),
         (file(&open.join("x")), format!("path: directory {} is writable by group or others (mode 0777", open.display())),
-        (format!("{{ kind = \"file\", path = \"{}\", mode = \"0644\" }}", out.join("x").display()), "credential[a].store: mode: 0644 gives every user on the host access to the secret".to_owned()),
+        (format!("{{ kind = \"file\", path = \"{}\", mode = \"0644\" }}", out.join("x").display()), "credential[a].store.mode: 0644 gives every user on the host access to the secret".to_owned()),
         (format!("{{ kind = \"file\", path = \"{}\", owner = \"no-such-user-here\" }}", out.join("x").display()), "credential[a].store: owner: no user `no-such-user-here`".to_owned()),
     ];
     for (store, expected) in cases {
