@@ -4,6 +4,7 @@
 //! column and field, and loading never panics, whatever the input. Loading changes nothing on
 //! disk or at any provider.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::BuildHasher;
@@ -308,24 +309,24 @@ fn shared_targets(file: &Path, credentials: &[CredentialSpec]) -> Vec<ConfigErro
         _ => c.store.targets(),
     };
     let hasher = std::hash::RandomState::new();
-    let mut seen: Vec<(u64, usize, usize)> = Vec::with_capacity(credentials.len());
+    // (hash, credential, part, position among the part's targets)
+    let mut seen: Vec<(u64, usize, usize, usize)> = Vec::with_capacity(credentials.len());
     for (i, c) in credentials.iter().enumerate() {
         for part in 0..PARTS.len() {
             seen.extend(
                 targets(c, part)
                     .iter()
-                    .map(|t| (hasher.hash_one(t), i, part)),
+                    .enumerate()
+                    .map(|(k, t)| (hasher.hash_one(t), i, part, k)),
             );
         }
     }
     seen.sort_unstable();
-    let target_of = |(hash, i, part): (u64, usize, usize)| {
-        targets(&credentials[i], part)
-            .into_iter()
-            .find(|t| hasher.hash_one(t) == hash)
+    let target_of = |(_, i, part, k): (u64, usize, usize, usize)| {
+        targets(&credentials[i], part).into_iter().nth(k)
     };
-    // Each later credential's first clash, in inventory order.
-    let mut clashes: BTreeMap<usize, (usize, String, usize)> = BTreeMap::new();
+    // Each later credential's first clash (in the order of its own targets), in inventory order.
+    let mut clashes: BTreeMap<usize, ((usize, usize), String, usize)> = BTreeMap::new();
     for run in seen.chunk_by(|a, b| a.0 == b.0).filter(|run| run.len() > 1) {
         for (k, &later) in run.iter().enumerate().skip(1) {
             let Some(target) = target_of(later) else {
@@ -334,14 +335,23 @@ fn shared_targets(file: &Path, credentials: &[CredentialSpec]) -> Vec<ConfigErro
             let first = run[..k].iter().find(|&&earlier| {
                 earlier.1 != later.1 && target_of(earlier) == Some(target.clone())
             });
-            if let Some(&(_, first, _)) = first {
-                clashes.entry(later.1).or_insert((later.2, target, first));
+            if let Some(&(_, first, _, _)) = first {
+                let clash = ((later.2, later.3), target, first);
+                match clashes.entry(later.1) {
+                    Entry::Occupied(mut o) if o.get().0 > clash.0 => {
+                        o.insert(clash);
+                    }
+                    Entry::Occupied(_) => {}
+                    Entry::Vacant(v) => {
+                        v.insert(clash);
+                    }
+                }
             }
         }
     }
     clashes
         .into_iter()
-        .map(|(i, (part, target, first))| {
+        .map(|(i, ((part, _), target, first))| {
             let (c, first) = (&credentials[i], &credentials[first]);
             ConfigError {
                 file: file.to_owned(),
