@@ -523,6 +523,11 @@ async fn email_goes_through_a_real_smtp_server() {
         mails[2]
     );
     assert!(mails[2].contains("resolved_at: "), "{}", mails[2]);
+    // The sink has the message before the SMTP session ends and the delivery is counted.
+    eventually("three deliveries counted", Duration::from_secs(5), || {
+        deliveries(&registry, "mail", "delivered") == 3
+    })
+    .await;
     assert_eq!(deliveries(&registry, "mail", "delivered"), 3);
 
     shutdown.cancel();
