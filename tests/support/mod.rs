@@ -39,13 +39,22 @@ pub fn backend_env(name: &str) -> String {
     })
 }
 
-/// A free loopback port.
+/// A free loopback port for a server a test starts later. It is taken below the kernel's
+/// ephemeral range: a port from that range can be handed to some client's outgoing connection
+/// (a PostgreSQL login, say) before the server binds it, which fails the bind.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let floor = 10_000.min(low.saturating_sub(1_000));
+    for _ in 0..1_000 {
+        let port = rand::random_range(floor..low);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below {low}")
 }
 
 /// A running `keyrotd run`, killed when dropped.
