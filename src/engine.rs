@@ -516,7 +516,16 @@ impl Engine {
             old_attrs: None,
             started_at: std::time::SystemTime::now(),
         };
-        let named = match store.last_rotation(ctx).await {
+        // Bounded like every other store call: a silent store must not hang the run here,
+        // before any step (and its deadline) has started.
+        let limit = store.timeout();
+        let asked = tokio::time::timeout(limit, store.last_rotation(ctx)).await;
+        let named = match asked.unwrap_or_else(|_| {
+            Err(ProviderError::no_answer(
+                format!("store `{}`", store.kind()),
+                limit,
+            ))
+        }) {
             Ok(named) => named,
             Err(e) => {
                 // Every store step reads the same bookkeeping first (`current` before `issue`),

@@ -768,3 +768,53 @@ async fn a_panicking_rotation_is_reported_released_and_retried_and_shutdown_does
         .expect("shutdown must not hang after a panicked run")
         .unwrap();
 }
+
+/// A file store whose `last_rotation` never answers, with a 1 s timeout.
+struct SilentBookkeeping(Arc<FileStore>);
+
+#[async_trait]
+impl Store for SilentBookkeeping {
+    fn kind(&self) -> &'static str {
+        "silent"
+    }
+    fn location(&self) -> String {
+        self.0.location()
+    }
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    async fn current(&self, ctx: StepContext<'_>) -> Result<Option<Credential>, ProviderError> {
+        self.0.current(ctx).await
+    }
+    async fn stage(&self, ctx: StepContext<'_>, new: &Credential) -> Result<(), ProviderError> {
+        self.0.stage(ctx, new).await
+    }
+    async fn pending(&self, ctx: StepContext<'_>) -> Result<Option<Credential>, ProviderError> {
+        self.0.pending(ctx).await
+    }
+    async fn promote(&self, ctx: StepContext<'_>) -> Result<(), ProviderError> {
+        self.0.promote(ctx).await
+    }
+    async fn discard(&self, ctx: StepContext<'_>) -> Result<(), ProviderError> {
+        self.0.discard(ctx).await
+    }
+    async fn release_previous(&self, ctx: StepContext<'_>) -> Result<(), ProviderError> {
+        self.0.release_previous(ctx).await
+    }
+    async fn last_rotation(&self, _: StepContext<'_>) -> Result<Option<String>, ProviderError> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_never_says_which_rotation_wrote_it_does_not_hang_the_run() {
+    let f = Fixture::new(Duration::ZERO, 3);
+    let engine = f.engine(CancellationToken::new());
+    let store = Arc::new(SilentBookkeeping(f.store.clone()));
+    let run = engine.run_with(&f.spec, f.rotator.clone(), store, Trigger::Schedule);
+    let (outcome, _) = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the lookup is bounded by the store's timeout")
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
+}
