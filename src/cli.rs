@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
 use futures_util::StreamExt;
-use keyrotd_rotators::{Rotator, StepContext};
+use keyrotd_plugin::{Rotator, StepContext};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono_tz::Tz;
-use keyrotd_rotators::{AwsDefaults, RotatorConfig, StoreConfig};
+use keyrotd_providers::resolve::Resolve;
+use keyrotd_providers::{AwsDefaults, RotatorConfig, StoreConfig};
 use serde::Deserialize;
 use toml::Spanned;
 

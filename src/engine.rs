@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use keyrotd_rotators::{Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext, Store};
+use keyrotd_plugin::{Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext, Store};
 use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
 use rand::Rng;
 use secrecy::ExposeSecret;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use keyrotd_rotators::{Attrs, Credential, ProviderError, Rotator, StepContext, Store};
+use keyrotd_plugin::{Attrs, Credential, ProviderError, Rotator, StepContext, Store};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntGauge, Registry};
 
 use crate::state::{

@@ -14,7 +14,7 @@
 //!   which keeps client libraries' statement and body logs off at every level;
 //! - [`alert`]: email and webhook notifications of credential conditions, without spam.
 //!
-//! The provider plugins (rotators and stores) live in the `keyrotd-rotators` crate.
+//! The provider plugins (rotators and stores) live in the `keyrotd-providers` crate.
 
 pub mod alert;
 pub mod cli;

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use keyrotd_rotators::{Rotator, Store};
+use keyrotd_plugin::{Rotator, Store};
 use prometheus::IntCounter;
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use keyrotd_rotators::Attrs;
+use keyrotd_plugin::Attrs;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::liveness::Liveness;

@@ -78,10 +78,10 @@ impl Aws {
             .build()
             .unwrap();
         let (id, secret) = admin_key();
-        let loaded = rt.block_on(keyrotd_rotators::aws::load_sdk_config(
+        let loaded = rt.block_on(keyrotd_providers::aws::load_sdk_config(
             Some("us-east-1"),
             Some(&moto_url()),
-            keyrotd_rotators::Timeouts::default(),
+            keyrotd_plugin::Timeouts::default(),
         ));
         // Explicit credentials: the test process does not touch its own environment.
         let config = loaded

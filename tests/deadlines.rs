@@ -18,9 +18,8 @@ use keyrotd::alert::{Alerter, AlertsConfig};
 use keyrotd::config::CredentialSpec;
 use keyrotd::engine::{Engine, EngineMetrics, EventSink, Outcome, Trigger};
 use keyrotd::state::{Phase, SqliteState, StateStore, Status};
-use keyrotd_rotators::{
-    Attrs, Credential, ProviderError, Rotator, RotatorConfig, StepContext, Store,
-};
+use keyrotd_plugin::{Attrs, Credential, ProviderError, Rotator, StepContext, Store};
+use keyrotd_providers::RotatorConfig;
 use prometheus::Registry;
 use support::silent::Silent;
 use tokio::io::AsyncReadExt;

@@ -13,11 +13,10 @@ use keyrotd::engine::{Engine, EngineMetrics, Event, EventSink, Outcome, Trigger}
 use keyrotd::schedule::Schedule;
 use keyrotd::scheduler::{lock, Scheduler, SchedulerMetrics, Settings, Table};
 use keyrotd::state::{Phase, SqliteState, StateStore, Status};
-use keyrotd_rotators::file::{FileConfig, FileStore, Format};
-use keyrotd_rotators::random::{Alphabet, RandomConfig, RandomRotator};
-use keyrotd_rotators::{
-    Attrs, Credential, ProviderError, Rotator, RotatorConfig, StepContext, Store, StoreConfig,
-};
+use keyrotd_plugin::{Attrs, Credential, ProviderError, Rotator, StepContext, Store};
+use keyrotd_providers::file::{FileConfig, FileStore, Format};
+use keyrotd_providers::random::{Alphabet, RandomConfig, RandomRotator};
+use keyrotd_providers::{RotatorConfig, StoreConfig};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 

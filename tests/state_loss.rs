@@ -406,7 +406,7 @@ fn a_secrets_manager_version_unknown_to_the_database_is_detected() {
         .build()
         .unwrap();
     let config = rt
-        .block_on(keyrotd_rotators::aws::load_sdk_config(
+        .block_on(keyrotd_providers::aws::load_sdk_config(
             Some("us-east-1"),
             Some(&url),
             Default::default(),

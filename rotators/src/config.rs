@@ -8,14 +8,21 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use std::sync::OnceLock;
+
+use keyrotd_plugin::reference::SecretRef;
+use keyrotd_plugin::{Rotator, Store};
+
+#[cfg(feature = "aws")]
 use crate::aws::iam::{IamAccessKeyConfig, IamAccessKeyRotator};
+#[cfg(feature = "aws")]
 use crate::aws::secrets_manager::{SecretsManagerConfig, SecretsManagerStore};
 use crate::file::{FileConfig, FileStore};
+#[cfg(feature = "http")]
 use crate::http::{HttpConfig, HttpRotator};
+#[cfg(feature = "postgres")]
 use crate::postgres::{PostgresConfig, PostgresRotator};
 use crate::random::{RandomConfig, RandomRotator};
-use crate::reference::SecretRef;
-use crate::{Rotator, Store};
 
 /// The inventory's `[aws]` table: defaults for every AWS rotator and store.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -28,6 +35,7 @@ pub struct AwsDefaults {
 }
 
 impl AwsDefaults {
+    #[cfg(feature = "aws")]
     fn fill(&self, region: &mut Option<String>, endpoint_url: &mut Option<String>) {
         if region.is_none() {
             region.clone_from(&self.region);
@@ -38,11 +46,55 @@ impl AwsDefaults {
     }
 }
 
-/// The rotator kinds, as written in the inventory.
-const ROTATOR_KINDS: &[&str] = &["random", "aws_iam_access_key", "postgres_password", "http"];
+/// Every rotator kind, as written in the inventory, with the cargo feature that compiles its
+/// provider in (`None`: always there).
+const ROTATOR_KINDS: &[(&str, Option<&str>)] = &[
+    ("random", None),
+    ("aws_iam_access_key", Some("aws")),
+    ("postgres_password", Some("postgres")),
+    ("http", Some("http")),
+];
 
-/// The store kinds, as written in the inventory.
-const STORE_KINDS: &[&str] = &["file", "aws_secrets_manager"];
+/// Every store kind, as [`ROTATOR_KINDS`].
+const STORE_KINDS: &[(&str, Option<&str>)] =
+    &[("file", None), ("aws_secrets_manager", Some("aws"))];
+
+/// Whether this build has the provider of `feature`.
+fn compiled_in(feature: Option<&str>) -> bool {
+    match feature {
+        None => true,
+        Some("aws") => cfg!(feature = "aws"),
+        Some("postgres") => cfg!(feature = "postgres"),
+        Some("http") => cfg!(feature = "http"),
+        Some(_) => false,
+    }
+}
+
+/// The error for a `kind` this build cannot deserialize. A kind whose provider was left out of
+/// the build says which feature it needs, rather than that it does not exist. The message starts
+/// with serde's `unknown variant`, which the inventory loader attributes to the `kind` field.
+fn unknown_kind<E: serde::de::Error>(
+    kind: &str,
+    all: &'static [(&'static str, Option<&'static str>)],
+    compiled: &'static OnceLock<Vec<&'static str>>,
+) -> E {
+    if let Some((_, Some(feature))) = all.iter().find(|(name, _)| *name == kind) {
+        return E::custom(format!(
+            "unknown variant `{kind}`: its provider is not compiled into this keyrotd (built \
+             without the `{feature}` cargo feature)"
+        ));
+    }
+    let names = compiled.get_or_init(|| {
+        all.iter()
+            .filter(|(_, feature)| compiled_in(*feature))
+            .map(|(name, _)| *name)
+            .collect()
+    });
+    E::unknown_variant(kind, names)
+}
+
+static COMPILED_ROTATORS: OnceLock<Vec<&'static str>> = OnceLock::new();
+static COMPILED_STORES: OnceLock<Vec<&'static str>> = OnceLock::new();
 
 /// A credential's `rotator` table. Large variants are boxed: every credential pays for the
 /// largest inline variant, and inventories hold 100,000 of them.
@@ -52,10 +104,13 @@ pub enum RotatorConfig {
     /// A generated password or token.
     Random(RandomConfig),
     /// An IAM user's access keys (dual-phase).
+    #[cfg(feature = "aws")]
     AwsIamAccessKey(Box<IamAccessKeyConfig>),
     /// The password of a PostgreSQL role (single or alternating roles).
+    #[cfg(feature = "postgres")]
     PostgresPassword(Box<PostgresConfig>),
     /// An API key issued, verified and revoked through configured HTTP requests.
+    #[cfg(feature = "http")]
     Http(Box<HttpConfig>),
 }
 
@@ -66,6 +121,7 @@ pub enum StoreConfig {
     /// A local file.
     File(FileConfig),
     /// An AWS Secrets Manager secret, versioned with AWS's staging labels.
+    #[cfg(feature = "aws")]
     AwsSecretsManager(Box<SecretsManagerConfig>),
 }
 
@@ -74,8 +130,11 @@ impl RotatorConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Random(_) => "random",
+            #[cfg(feature = "aws")]
             Self::AwsIamAccessKey(_) => "aws_iam_access_key",
+            #[cfg(feature = "postgres")]
             Self::PostgresPassword(_) => "postgres_password",
+            #[cfg(feature = "http")]
             Self::Http(_) => "http",
         }
     }
@@ -85,8 +144,11 @@ impl RotatorConfig {
     pub fn validate(&self) -> Result<(), String> {
         match self {
             Self::Random(c) => c.validate(),
+            #[cfg(feature = "aws")]
             Self::AwsIamAccessKey(c) => c.validate().map(drop),
+            #[cfg(feature = "postgres")]
             Self::PostgresPassword(c) => c.validate(),
+            #[cfg(feature = "http")]
             Self::Http(c) => c.validate(),
         }
     }
@@ -94,9 +156,12 @@ impl RotatorConfig {
     /// Fills the AWS region and endpoint from the inventory's `[aws]` table where the credential
     /// sets none.
     pub fn inherit_aws(&mut self, defaults: &AwsDefaults) {
+        #[cfg(feature = "aws")]
         if let Self::AwsIamAccessKey(c) = self {
             defaults.fill(&mut c.region, &mut c.endpoint_url);
         }
+        #[cfg(not(feature = "aws"))]
+        let _ = defaults;
     }
 
     /// What this rotator changes at its provider, as identities that are equal exactly when two
@@ -104,12 +169,16 @@ impl RotatorConfig {
     /// is identified by the admin connection's reference, since the server it names is secret.
     pub fn targets(&self) -> Vec<String> {
         match self {
-            Self::Random(_) | Self::Http(_) => vec![],
+            Self::Random(_) => vec![],
+            #[cfg(feature = "http")]
+            Self::Http(_) => vec![],
+            #[cfg(feature = "aws")]
             Self::AwsIamAccessKey(c) => vec![format!(
                 "IAM user `{}` at {}",
                 c.user_name,
                 c.endpoint_url.as_deref().unwrap_or("AWS")
             )],
+            #[cfg(feature = "postgres")]
             Self::PostgresPassword(c) => c
                 .role
                 .iter()
@@ -123,8 +192,12 @@ impl RotatorConfig {
     /// the field that holds it.
     pub fn secret_refs(&self) -> Vec<(&'static str, &SecretRef)> {
         match self {
-            Self::Random(_) | Self::AwsIamAccessKey(_) => vec![],
+            Self::Random(_) => vec![],
+            #[cfg(feature = "aws")]
+            Self::AwsIamAccessKey(_) => vec![],
+            #[cfg(feature = "postgres")]
             Self::PostgresPassword(c) => vec![("admin_dsn", &c.admin_dsn)],
+            #[cfg(feature = "http")]
             Self::Http(c) => vec![("auth", &c.auth)],
         }
     }
@@ -142,10 +215,13 @@ impl RotatorConfig {
     ) -> Result<(), D::Error> {
         match kind {
             "random" => RandomConfig::deserialize(d).map(drop),
+            #[cfg(feature = "aws")]
             "aws_iam_access_key" => IamAccessKeyConfig::deserialize(d).map(drop),
+            #[cfg(feature = "postgres")]
             "postgres_password" => PostgresConfig::deserialize(d).map(drop),
+            #[cfg(feature = "http")]
             "http" => HttpConfig::deserialize(d).map(drop),
-            other => Err(serde::de::Error::unknown_variant(other, ROTATOR_KINDS)),
+            other => Err(unknown_kind(other, ROTATOR_KINDS, &COMPILED_ROTATORS)),
         }
     }
 
@@ -154,8 +230,11 @@ impl RotatorConfig {
         self.validate()?;
         Ok(match self {
             Self::Random(c) => Arc::new(RandomRotator::new(c.clone())),
+            #[cfg(feature = "aws")]
             Self::AwsIamAccessKey(c) => Arc::new(IamAccessKeyRotator::new((**c).clone())?),
+            #[cfg(feature = "postgres")]
             Self::PostgresPassword(c) => Arc::new(PostgresRotator::new((**c).clone())?),
+            #[cfg(feature = "http")]
             Self::Http(c) => Arc::new(HttpRotator::new((**c).clone())?),
         })
     }
@@ -166,6 +245,7 @@ impl StoreConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::File(_) => "file",
+            #[cfg(feature = "aws")]
             Self::AwsSecretsManager(_) => "aws_secrets_manager",
         }
     }
@@ -175,6 +255,7 @@ impl StoreConfig {
     pub fn validate(&self) -> Result<(), String> {
         match self {
             Self::File(c) => c.validate().map(drop),
+            #[cfg(feature = "aws")]
             Self::AwsSecretsManager(c) => c.validate(),
         }
     }
@@ -185,6 +266,7 @@ impl StoreConfig {
     pub fn check_location(&self) -> Result<(), String> {
         match self {
             Self::File(c) => c.check_location(),
+            #[cfg(feature = "aws")]
             Self::AwsSecretsManager(_) => Ok(()),
         }
     }
@@ -194,6 +276,7 @@ impl StoreConfig {
     pub fn targets(&self) -> Vec<String> {
         match self {
             Self::File(c) => c.targets(),
+            #[cfg(feature = "aws")]
             Self::AwsSecretsManager(c) => vec![c.target()],
         }
     }
@@ -201,9 +284,12 @@ impl StoreConfig {
     /// Fills the AWS region and endpoint from the inventory's `[aws]` table where the credential
     /// sets none.
     pub fn inherit_aws(&mut self, defaults: &AwsDefaults) {
+        #[cfg(feature = "aws")]
         if let Self::AwsSecretsManager(c) = self {
             defaults.fill(&mut c.region, &mut c.endpoint_url);
         }
+        #[cfg(not(feature = "aws"))]
+        let _ = defaults;
     }
 
     /// [`RotatorConfig::check_fields`] for stores.
@@ -213,8 +299,9 @@ impl StoreConfig {
     ) -> Result<(), D::Error> {
         match kind {
             "file" => FileConfig::deserialize(d).map(drop),
+            #[cfg(feature = "aws")]
             "aws_secrets_manager" => SecretsManagerConfig::deserialize(d).map(drop),
-            other => Err(serde::de::Error::unknown_variant(other, STORE_KINDS)),
+            other => Err(unknown_kind(other, STORE_KINDS, &COMPILED_STORES)),
         }
     }
 
@@ -222,6 +309,7 @@ impl StoreConfig {
     pub fn build(&self) -> Result<Arc<dyn Store>, String> {
         Ok(match self {
             Self::File(c) => Arc::new(FileStore::new(c.clone())?),
+            #[cfg(feature = "aws")]
             Self::AwsSecretsManager(c) => Arc::new(SecretsManagerStore::new((**c).clone())?),
         })
     }

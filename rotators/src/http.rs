@@ -38,6 +38,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::reference::SecretRef;
+use crate::resolve::Resolve;
 use crate::timeouts::{self, Timeouts};
 use crate::{Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext};
 

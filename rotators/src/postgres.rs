@@ -47,6 +47,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::random::{generate, Alphabet};
 use crate::reference::SecretRef;
+use crate::resolve::Resolve;
 use crate::timeouts::{self, Timeouts};
 use crate::{Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext};
 

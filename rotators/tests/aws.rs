@@ -12,12 +12,12 @@ use std::time::{Duration, SystemTime};
 use aws_config::SdkConfig;
 use aws_sdk_iam::types::StatusType;
 use aws_sdk_sts::config::Credentials;
-use keyrotd_rotators::aws::iam::{IamAccessKeyConfig, IamAccessKeyRotator};
-use keyrotd_rotators::aws::secrets_manager::{SecretsManagerConfig, SecretsManagerStore};
-use keyrotd_rotators::timeouts::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT};
-use keyrotd_rotators::{
+use keyrotd_plugin::timeouts::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT};
+use keyrotd_plugin::{
     Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext, Store, Timeouts,
 };
+use keyrotd_providers::aws::iam::{IamAccessKeyConfig, IamAccessKeyRotator};
+use keyrotd_providers::aws::secrets_manager::{SecretsManagerConfig, SecretsManagerStore};
 use secrecy::{ExposeSecret, SecretString};
 
 fn moto_url() -> String {
@@ -48,7 +48,7 @@ fn admin_env() {
 /// The SDK configuration the tests use to set up and inspect AWS behind the plugins' back.
 async fn admin() -> SdkConfig {
     admin_env();
-    keyrotd_rotators::aws::load_sdk_config(
+    keyrotd_providers::aws::load_sdk_config(
         Some("us-east-1"),
         Some(&moto_url()),
         Timeouts::default(),
@@ -801,7 +801,8 @@ async fn errors_carry_the_aws_code_and_name_the_operation() {
 
 #[tokio::test]
 async fn aws_sm_secret_references_resolve_awscurrent_against_moto() {
-    use keyrotd_rotators::reference::{RefError, SecretRef};
+    use keyrotd_plugin::reference::{RefError, SecretRef};
+    use keyrotd_providers::resolve::Resolve;
     let admin = admin().await;
     let name = "refs/admin-dsn";
     let created = sm(&admin)
@@ -846,7 +847,7 @@ async fn aws_sm_secret_references_resolve_awscurrent_against_moto() {
     let err = resolve(format!("aws-sm:{name}#pasword")).await.unwrap_err();
     let text = err.to_string();
     assert!(
-        matches!(err, RefError::Aws { .. })
+        matches!(err, RefError::Remote { .. })
             && text.contains(&format!("aws-sm:{name}#pasword"))
             && text.contains("no string member `pasword`")
             && !text.contains("ref-pw"),

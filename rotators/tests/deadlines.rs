@@ -10,10 +10,8 @@ use std::future::Future;
 use std::sync::{Once, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use keyrotd_rotators::{
-    Attrs, Credential, ErrorClass, ProviderError, Rotator, RotatorConfig, StepContext, Store,
-    StoreConfig,
-};
+use keyrotd_plugin::{Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext, Store};
+use keyrotd_providers::{RotatorConfig, StoreConfig};
 use secrecy::SecretString;
 use serde_json::json;
 use silent::Silent;

@@ -12,10 +12,9 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use keyrotd_rotators::file::{FileConfig, FileStore, Format};
-use keyrotd_rotators::{
-    Credential, ErrorClass, ProviderError, Rotator, RotatorConfig, StepContext, Store,
-};
+use keyrotd_plugin::{Credential, ErrorClass, ProviderError, Rotator, StepContext, Store};
+use keyrotd_providers::file::{FileConfig, FileStore, Format};
+use keyrotd_providers::RotatorConfig;
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 

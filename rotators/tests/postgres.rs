@@ -6,10 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use keyrotd_rotators::file::{FileConfig, FileStore, Format};
-use keyrotd_rotators::{
-    Credential, ErrorClass, ProviderError, Rotator, RotatorConfig, StepContext, Store,
-};
+use keyrotd_plugin::{Credential, ErrorClass, ProviderError, Rotator, StepContext, Store};
+use keyrotd_providers::file::{FileConfig, FileStore, Format};
+use keyrotd_providers::RotatorConfig;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 

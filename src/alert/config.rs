@@ -48,9 +48,10 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use keyrotd_rotators::reference::SecretRef;
-use keyrotd_rotators::timeouts::{describe, DEFAULT_CONNECT_TIMEOUT};
-use keyrotd_rotators::Timeouts;
+use keyrotd_plugin::reference::SecretRef;
+use keyrotd_plugin::timeouts::{describe, DEFAULT_CONNECT_TIMEOUT};
+use keyrotd_plugin::Timeouts;
+use keyrotd_providers::resolve::Resolve;
 use serde::{Deserialize, Deserializer};
 
 use super::Severity;

@@ -16,7 +16,8 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use secrecy::ExposeSecret;
 
-use keyrotd_rotators::Timeouts;
+use keyrotd_plugin::Timeouts;
+use keyrotd_providers::resolve::Resolve;
 
 use super::config::{EmailConfig, SmtpTls};
 use super::{rfc3339, DeliveryError, Notification, Status};

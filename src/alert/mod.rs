@@ -256,7 +256,7 @@ impl Channel {
             .unwrap_or_else(|_| {
                 Err(DeliveryError::transient(format!(
                     "no answer within {}",
-                    keyrotd_rotators::timeouts::describe(self.timeout)
+                    keyrotd_plugin::timeouts::describe(self.timeout)
                 )))
             })
     }

@@ -11,8 +11,9 @@ use serde::Serialize;
 
 use super::config::{resolve_url_async, validate_url, SlackConfig, UrlSource, WebhookConfig};
 use super::{rfc3339, DeliveryError, Notification, Status};
-use keyrotd_rotators::reference::SecretRef;
-use keyrotd_rotators::Timeouts;
+use keyrotd_plugin::reference::SecretRef;
+use keyrotd_plugin::Timeouts;
+use keyrotd_providers::resolve::Resolve;
 
 /// The generic webhook body (`Content-Type: application/json`), one object per notification.
 ///

@@ -9,7 +9,7 @@
 
 use std::ops::Range;
 
-use keyrotd_rotators::{RotatorConfig, StoreConfig};
+use keyrotd_providers::{RotatorConfig, StoreConfig};
 use serde_path_to_error::Segment;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;

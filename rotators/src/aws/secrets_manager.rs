@@ -23,6 +23,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use keyrotd_plugin::reference::check_secret_id;
+
 use super::{aws_error, Connection};
 use crate::timeouts::{self, Timeouts};
 use crate::{Attrs, Credential, ProviderError, StepContext, Store};
@@ -111,58 +113,6 @@ impl SecretsManagerConfig {
         super::validate_endpoint_url(self.endpoint_url.as_deref())?;
         timeouts::validate(self.connect_timeout, self.timeout)
     }
-}
-
-/// Checks a secret id (a name or an ARN). The reason never quotes the id, so a secret reference
-/// that holds a pasted secret instead of an id can be refused without echoing it.
-pub(crate) fn check_secret_id(id: &str) -> Result<(), &'static str> {
-    if id.trim().is_empty() {
-        return Err("must not be empty");
-    }
-    if id.len() > 2048 {
-        return Err("longer than 2048 characters");
-    }
-    if id.starts_with("arn:") {
-        validate_secret_arn(id)
-    } else if !id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "/_+=.@-".contains(c))
-    {
-        Err("a secret name may only contain letters, digits and /_+=.@-")
-    } else {
-        Ok(())
-    }
-}
-
-/// `arn:PARTITION:secretsmanager:REGION:ACCOUNT:secret:NAME`
-fn validate_secret_arn(arn: &str) -> Result<(), &'static str> {
-    let parts: Vec<&str> = arn.splitn(7, ':').collect();
-    let [_, partition, service, region, account, kind, name] = parts[..] else {
-        return Err("expected arn:PARTITION:secretsmanager:REGION:ACCOUNT:secret:NAME");
-    };
-    if !partition.starts_with("aws") {
-        return Err("the partition must be aws, aws-cn, aws-us-gov, ...");
-    }
-    if service != "secretsmanager" {
-        return Err("the service must be secretsmanager");
-    }
-    if region.is_empty()
-        || !region
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-    {
-        return Err("the region is missing or malformed");
-    }
-    if account.len() != 12 || !account.chars().all(|c| c.is_ascii_digit()) {
-        return Err("the account id must be 12 digits");
-    }
-    if kind != "secret" {
-        return Err("the resource type must be secret");
-    }
-    if name.is_empty() {
-        return Err("the secret name is missing");
-    }
-    Ok(())
 }
 
 /// The `aws_secrets_manager` store.

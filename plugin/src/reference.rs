@@ -6,22 +6,15 @@
 //! string member of it when it is a JSON object; `SECRET_ID` is a name or a full ARN).
 //! Anything else is refused, so a literal password pasted into the config never gets used.
 //!
-//! `aws-sm:` needs the network: it resolves only through [`SecretRef::resolve_async`], with the
-//! daemon's standard AWS credential chain, the region of the ARN or of the chain,
-//! `AWS_ENDPOINT_URL` when set, and the connect timeout and deadline of the plugin (or alert
-//! channel) that needs the secret, so a silent AWS endpoint fails its step instead of hanging it.
-//! [`SecretRef::resolve`] handles the local schemes.
+//! This module is the syntax and the errors of references. Reading one is I/O and, for
+//! `aws-sm:`, a provider's SDK: that lives in the providers crate (`keyrotd_providers::resolve`),
+//! so that this crate stays free of both.
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
-use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 
-use secrecy::{ExposeSecret, SecretString};
-
-use crate::{ErrorClass, Timeouts};
+use crate::ErrorClass;
 
 /// A parsed secret reference. `Display` prints the reference, never the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +28,9 @@ pub enum SecretRef {
     /// `aws-sm:SECRET_ID` or `aws-sm:SECRET_ID#field`: the `AWSCURRENT` value of a Secrets
     /// Manager secret, or the string member `field` of it (a JSON object).
     AwsSecretsManager {
+        /// The secret's name or full ARN.
         secret_id: String,
+        /// The string member of a JSON secret to read, or `None` for the whole value.
         field: Option<String>,
     },
 }
@@ -51,49 +46,88 @@ pub const MAX_SECRET_BYTES: u64 = 64 * 1024;
 /// wrong in general terms and never repeat any part of the text.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RefError {
+    /// Not a reference at all: a literal value (or an unknown scheme).
     #[error("expected a secret reference (env:NAME, file:/path, credential:NAME or aws-sm:SECRET_ID#field), found a literal value; secrets never belong in the config file")]
     Literal,
+    /// `env:` followed by something that is not a variable name.
     #[error("`env:` must be followed by a variable name (letters, digits and _, not starting with a digit); the text given is not one and is not repeated here in case it is a secret")]
     EnvName,
+    /// `credential:` followed by something that is not a credential name.
     #[error("`credential:` must be followed by a credential name (letters, digits and ._-@, no path); the text given is not one and is not repeated here in case it is a secret")]
     CredentialName,
+    /// `file:` followed by something that is not an absolute path.
     #[error("`file:` must be followed by an absolute path; the text given is not one and is not repeated here in case it is a secret")]
     RelativePath,
+    /// A malformed `aws-sm:` reference, with the reason.
     #[error("invalid `aws-sm:` reference: {0}; the text given is not repeated here in case it is a secret")]
     AwsSmInvalid(&'static str),
+    /// A remote reference asked for synchronously.
     #[error("`{0}` is read from AWS Secrets Manager and needs async resolution (resolve_async)")]
     NeedsAsync(String),
-    #[error("cannot read `{reference}`: {message}")]
-    Aws {
+    /// A remote reference whose provider is not compiled into this build.
+    #[error(
+        "`{reference}` cannot be read: this keyrotd was built without the `{feature}` feature"
+    )]
+    Unsupported {
+        /// The reference, which is not secret.
         reference: String,
+        /// The cargo feature that would read it.
+        feature: &'static str,
+    },
+    /// The provider of a remote reference refused or did not answer.
+    #[error("cannot read `{reference}`: {message}")]
+    Remote {
+        /// The reference, which is not secret.
+        reference: String,
+        /// What the provider said.
         message: String,
-        /// Whether AWS may answer a retry (a timeout, throttling) or not (access denied).
+        /// Whether the provider may answer a retry (a timeout, throttling) or not (access denied).
         class: ErrorClass,
     },
+    /// A scheme with nothing after it.
     #[error("secret reference `{0}:` names nothing")]
     Empty(&'static str),
+    /// The environment variable is not set.
     #[error("environment variable `{0}` is not set")]
     EnvMissing(String),
+    /// The file cannot be opened or read.
     #[error("cannot read `{path}`: {kind}")]
-    FileUnreadable { path: String, kind: String },
+    FileUnreadable {
+        /// The file.
+        path: String,
+        /// Why it cannot be read.
+        kind: String,
+    },
+    /// The path names a directory, FIFO, device or socket.
     #[error("`{path}` is {what}, not a regular file")]
-    NotRegularFile { path: String, what: &'static str },
+    NotRegularFile {
+        /// The path.
+        path: String,
+        /// What it is instead.
+        what: &'static str,
+    },
+    /// The file exceeds [`MAX_SECRET_BYTES`].
     #[error("`{path}` is larger than {MAX_SECRET_BYTES} bytes, too large for a secret")]
-    TooLarge { path: String },
+    TooLarge {
+        /// The file.
+        path: String,
+    },
+    /// `credential:` outside systemd (no `$CREDENTIALS_DIRECTORY`).
     #[error(
         "`credential:{0}` needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=), which is not set"
     )]
     NoCredentialsDirectory(String),
+    /// The reference names an empty value.
     #[error("secret referenced by `{0}` is empty")]
     EmptyValue(String),
 }
 
 impl RefError {
-    /// Whether resolving again may succeed: only an AWS lookup that failed transiently (no
+    /// Whether resolving again may succeed: only a provider lookup that failed transiently (no
     /// answer, throttling); a missing variable or file needs an operator.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Self::Aws { class, .. } => *class,
+            Self::Remote { class, .. } => *class,
             _ => ErrorClass::Permanent,
         }
     }
@@ -185,7 +219,7 @@ fn parse_aws_sm(rest: &str) -> Result<SecretRef, RefError> {
         Some((id, field)) => (id, Some(field.to_owned())),
         None => (rest, None),
     };
-    crate::aws::secrets_manager::check_secret_id(secret_id).map_err(RefError::AwsSmInvalid)?;
+    check_secret_id(secret_id).map_err(RefError::AwsSmInvalid)?;
     Ok(SecretRef::AwsSecretsManager {
         secret_id: secret_id.to_owned(),
         field,
@@ -198,138 +232,59 @@ impl SecretRef {
     pub fn needs_async(&self) -> bool {
         matches!(self, Self::AwsSecretsManager { .. })
     }
-
-    /// Reads the referenced secret, whatever its scheme. `timeouts` bound the AWS call of an
-    /// `aws-sm:` reference: pass those of the plugin that needs the secret.
-    pub async fn resolve_async(&self, timeouts: Timeouts) -> Result<SecretString, RefError> {
-        match self {
-            Self::AwsSecretsManager { secret_id, field } => {
-                let value = crate::aws::secrets_manager::read_current(
-                    secret_id,
-                    field.as_deref(),
-                    timeouts,
-                )
-                .await
-                .map_err(|e| RefError::Aws {
-                    reference: self.to_string(),
-                    message: e.to_string(),
-                    class: e.class,
-                })?;
-                if value.expose_secret().is_empty() {
-                    return Err(RefError::EmptyValue(self.to_string()));
-                }
-                Ok(value)
-            }
-            _ => self.resolve(),
-        }
-    }
-
-    /// Checks that the referenced secret is there (the variable is set, the file opens) without
-    /// reading it, so `keyrotd check` can report a missing one before any rotation needs it.
-    /// An `aws-sm:` reference needs AWS: it passes here and is checked when it is resolved.
-    pub fn check_available(&self) -> Result<(), RefError> {
-        match self {
-            Self::Env(name) => match std::env::var_os(name) {
-                Some(v) if !v.is_empty() => Ok(()),
-                Some(_) => Err(RefError::EmptyValue(self.to_string())),
-                None => Err(RefError::EnvMissing(name.clone())),
-            },
-            Self::File(path) => open_secret_file(path).map(drop),
-            Self::SystemdCredential(name) => {
-                open_secret_file(&credentials_directory(name)?.join(name)).map(drop)
-            }
-            Self::AwsSecretsManager { .. } => Ok(()),
-        }
-    }
-
-    /// Reads the referenced secret when that needs no network: `env:`, `file:` and
-    /// `credential:`. An `aws-sm:` reference is [`RefError::NeedsAsync`].
-    pub fn resolve(&self) -> Result<SecretString, RefError> {
-        let value = SecretString::from(match self {
-            Self::AwsSecretsManager { .. } => return Err(RefError::NeedsAsync(self.to_string())),
-            Self::Env(name) => {
-                std::env::var(name).map_err(|_| RefError::EnvMissing(name.clone()))?
-            }
-            Self::File(path) => read_file(path)?,
-            Self::SystemdCredential(name) => read_file(&credentials_directory(name)?.join(name))?,
-        });
-        let value = value.expose_secret();
-        let trimmed = value.strip_suffix('\n').unwrap_or(value);
-        if trimmed.is_empty() {
-            return Err(RefError::EmptyValue(self.to_string()));
-        }
-        Ok(SecretString::from(trimmed.to_owned()))
-    }
 }
 
-fn credentials_directory(name: &str) -> Result<PathBuf, RefError> {
-    std::env::var_os("CREDENTIALS_DIRECTORY")
-        .map(PathBuf::from)
-        .ok_or_else(|| RefError::NoCredentialsDirectory(name.to_owned()))
-}
-
-/// Opens a secret file for reading, refusing anything but a regular file of at most
-/// [`MAX_SECRET_BYTES`]. The open is non-blocking, so a FIFO planted at the path is refused
-/// instead of hanging the process until a writer appears; a device or a directory is refused
-/// before a single byte is read.
-fn open_secret_file(path: &Path) -> Result<File, RefError> {
-    let unreadable = |e: std::io::Error| RefError::FileUnreadable {
-        path: path.display().to_string(),
-        kind: e.kind().to_string(),
-    };
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
-        .open(path)
-        .map_err(unreadable)?;
-    let meta = file.metadata().map_err(unreadable)?;
-    let kind = meta.file_type();
-    let what = if kind.is_file() {
-        None
-    } else if kind.is_dir() {
-        Some("a directory")
-    } else if kind.is_fifo() {
-        Some("a FIFO")
-    } else if kind.is_char_device() || kind.is_block_device() {
-        Some("a device")
-    } else if kind.is_socket() {
-        Some("a socket")
+/// Checks an AWS Secrets Manager secret id (a name or an ARN), as the `aws-sm:` reference and the
+/// `aws_secrets_manager` store accept it. The reason never quotes the id, so a secret reference
+/// that holds a pasted secret instead of an id can be refused without echoing it.
+pub fn check_secret_id(id: &str) -> Result<(), &'static str> {
+    if id.trim().is_empty() {
+        return Err("must not be empty");
+    }
+    if id.len() > 2048 {
+        return Err("longer than 2048 characters");
+    }
+    if id.starts_with("arn:") {
+        validate_secret_arn(id)
+    } else if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/_+=.@-".contains(c))
+    {
+        Err("a secret name may only contain letters, digits and /_+=.@-")
     } else {
-        Some("a special file")
-    };
-    if let Some(what) = what {
-        return Err(RefError::NotRegularFile {
-            path: path.display().to_string(),
-            what,
-        });
+        Ok(())
     }
-    if meta.len() > MAX_SECRET_BYTES {
-        return Err(RefError::TooLarge {
-            path: path.display().to_string(),
-        });
-    }
-    Ok(file)
 }
 
-/// Reads a secret file, at most [`MAX_SECRET_BYTES`] of it even if it grows while being read.
-fn read_file(path: &Path) -> Result<String, RefError> {
-    let file = open_secret_file(path)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_SECRET_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| RefError::FileUnreadable {
-            path: path.display().to_string(),
-            kind: e.kind().to_string(),
-        })?;
-    if bytes.len() as u64 > MAX_SECRET_BYTES {
-        return Err(RefError::TooLarge {
-            path: path.display().to_string(),
-        });
+/// `arn:PARTITION:secretsmanager:REGION:ACCOUNT:secret:NAME`
+fn validate_secret_arn(arn: &str) -> Result<(), &'static str> {
+    let parts: Vec<&str> = arn.splitn(7, ':').collect();
+    let [_, partition, service, region, account, kind, name] = parts[..] else {
+        return Err("expected arn:PARTITION:secretsmanager:REGION:ACCOUNT:secret:NAME");
+    };
+    if !partition.starts_with("aws") {
+        return Err("the partition must be aws, aws-cn, aws-us-gov, ...");
     }
-    String::from_utf8(bytes).map_err(|_| RefError::FileUnreadable {
-        path: path.display().to_string(),
-        kind: "not UTF-8 text".to_owned(),
-    })
+    if service != "secretsmanager" {
+        return Err("the service must be secretsmanager");
+    }
+    if region.is_empty()
+        || !region
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err("the region is missing or malformed");
+    }
+    if account.len() != 12 || !account.chars().all(|c| c.is_ascii_digit()) {
+        return Err("the account id must be 12 digits");
+    }
+    if kind != "secret" {
+        return Err("the resource type must be secret");
+    }
+    if name.is_empty() {
+        return Err("the secret name is missing");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -372,25 +327,6 @@ mod tests {
             Err(RefError::Empty("aws-sm"))
         );
         assert_eq!("aws:x".parse::<SecretRef>(), Err(RefError::Literal));
-    }
-
-    #[test]
-    fn sync_resolution_refuses_aws_sm_and_async_resolution_handles_the_rest() {
-        let r: SecretRef = "aws-sm:prod/db#password".parse().unwrap();
-        let err = r.resolve().unwrap_err();
-        assert_eq!(err, RefError::NeedsAsync("aws-sm:prod/db#password".into()));
-        assert!(err.to_string().contains("needs async resolution"), "{err}");
-
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s");
-        std::fs::write(&path, "s3cret\n").unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let value = rt
-            .block_on(SecretRef::File(path).resolve_async(Timeouts::default()))
-            .unwrap();
-        assert_eq!(value.expose_secret(), "s3cret");
     }
 
     #[test]
@@ -467,55 +403,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn file_references_must_be_small_regular_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let as_ref = |p: &Path| SecretRef::File(p.to_owned());
-        let err = as_ref(dir.path()).check_available().unwrap_err();
-        assert!(err.to_string().contains("is a directory"), "{err}");
-        assert!(as_ref(dir.path()).resolve().is_err());
-
-        // A FIFO with no writer: a blocking open would hang here for good.
-        let fifo = dir.path().join("fifo");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        let err = as_ref(&fifo).check_available().unwrap_err();
-        assert!(err.to_string().contains("is a FIFO"), "{err}");
-        assert!(matches!(
-            as_ref(&fifo).resolve(),
-            Err(RefError::NotRegularFile { .. })
-        ));
-
-        for device in ["/dev/zero", "/dev/null"] {
-            let err = as_ref(Path::new(device)).resolve().unwrap_err();
-            assert!(err.to_string().contains("is a device"), "{err}");
-        }
-
-        let big = dir.path().join("big");
-        std::fs::write(&big, vec![b'a'; MAX_SECRET_BYTES as usize + 1]).unwrap();
-        assert!(matches!(
-            as_ref(&big).check_available(),
-            Err(RefError::TooLarge { .. })
-        ));
-        assert!(matches!(
-            as_ref(&big).resolve(),
-            Err(RefError::TooLarge { .. })
-        ));
-    }
-
-    #[test]
-    fn resolves_files_without_the_trailing_newline() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s");
-        std::fs::write(&path, "s3cret\n").unwrap();
-        let r = SecretRef::File(path);
-        assert_eq!(r.resolve().unwrap().expose_secret(), "s3cret");
-        let missing = SecretRef::File(dir.path().join("nope"));
-        assert!(matches!(
-            missing.resolve(),
-            Err(RefError::FileUnreadable { .. })
-        ));
     }
 }
