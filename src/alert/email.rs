@@ -18,8 +18,8 @@ use secrecy::ExposeSecret;
 
 use keyrotd_rotators::Timeouts;
 
-use super::config::{EmailConfig, SmtpTls};
 use super::{rfc3339, DeliveryError, Notification, Status};
+use crate::config::alerts::{EmailConfig, SmtpTls};
 
 /// A configured SMTP channel.
 pub(crate) struct EmailChannel {
@@ -31,7 +31,7 @@ pub(crate) struct EmailChannel {
 
 impl EmailChannel {
     pub(crate) fn new(config: &EmailConfig, timeouts: Timeouts) -> anyhow::Result<Self> {
-        if config.tls == SmtpTls::None && !super::config::is_loopback_host(&config.host) {
+        if config.tls == SmtpTls::None && !crate::config::alerts::is_loopback_host(&config.host) {
             anyhow::bail!("plain SMTP is only allowed to a loopback host");
         }
         let from = config.from.parse()?;

@@ -53,7 +53,7 @@ use keyrotd_rotators::timeouts::{describe, DEFAULT_CONNECT_TIMEOUT};
 use keyrotd_rotators::Timeouts;
 use serde::{Deserialize, Deserializer};
 
-use super::Severity;
+use crate::alert::Severity;
 use crate::schedule::{parse_duration, Accepts};
 
 /// Bounds of a channel's `timeout`.
@@ -70,7 +70,7 @@ pub struct AlertsConfig {
         deserialize_with = "whole_seconds"
     )]
     pub repeat_interval: Duration,
-    /// How long before `max_age` the engine raises [`super::Condition::NearMaxAge`].
+    /// How long before `max_age` the engine raises [`crate::alert::Condition::NearMaxAge`].
     #[serde(
         default = "default_warn_before",
         deserialize_with = "whole_seconds_or_zero"

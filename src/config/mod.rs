@@ -17,9 +17,10 @@ use keyrotd_rotators::{AwsDefaults, RotatorConfig, StoreConfig};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::alert::AlertsConfig;
+use self::alerts::AlertsConfig;
 use crate::schedule::{parse_duration, Accepts, CronSchedule, Schedule};
 
+pub mod alerts;
 mod locate;
 
 /// The validated inventory.
@@ -1222,7 +1223,7 @@ max_age = "2d"
     }
     #[test]
     fn no_prefix_or_byte_flip_of_the_example_inventory_panics() {
-        let example = include_str!("../config.toml");
+        let example = include_str!("../../config.toml");
         for end in (0..example.len()).filter(|i| example.is_char_boundary(*i)) {
             let _ = parse(Path::new("config.toml"), &example[..end]);
         }
