@@ -21,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod fmt;
 pub mod http;
 pub mod instrument;
 pub mod liveness;
