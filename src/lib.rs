@@ -1,6 +1,7 @@
 //! keyrotd: a daemon that rotates credentials on a schedule.
 //!
-//! - [`config`]: the inventory, parsed once into validated types;
+//! - [`config`]: the inventory, parsed once into validated types (the `[alerts]` table included);
+//! - [`fmt`]: human-readable durations and times;
 //! - [`schedule`]: cron expressions, intervals and windows;
 //! - [`state`]: the durable journal (SQLite) behind the [`state::StateStore`] trait;
 //!   [`migrate`]: its versioned schema migrations; [`liveness`]: whether the process holding a
