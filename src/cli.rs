@@ -11,9 +11,10 @@ use keyrotd_plugin::{Rotator, StepContext};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{human, CredentialSpec, Inventory, StateUrl};
+use crate::config::{CredentialSpec, Inventory, StateUrl};
 use crate::daemon::{check_removed, open_state};
 use crate::engine::{public_only, state_lost_message, Engine, Outcome, Trigger};
+use crate::fmt::{human, time};
 use crate::metrics::Metrics;
 use crate::scheduler::live_view;
 use crate::state::{
@@ -22,15 +23,6 @@ use crate::state::{
 
 /// Exit status: the operation failed (a rotation failed, a credential is busy).
 pub const EXIT_FAILED: u8 = 1;
-
-/// A Unix time for people: `2026-01-31 03:00:00Z`, or `-`.
-pub fn time(t: Option<i64>) -> String {
-    t.and_then(|t| Utc.timestamp_opt(t, 0).single())
-        .map_or_else(
-            || "-".into(),
-            |t| t.format("%Y-%m-%d %H:%M:%SZ").to_string(),
-        )
-}
 
 /// Exit status: a usage or configuration error (also an inventory that removes a credential
 /// whose rotation is still open).

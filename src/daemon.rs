@@ -56,7 +56,7 @@ pub fn check_removed(
                 (Phase::Promoted, Some(at)) => format!(
                     "is in its grace period until {}: the credential it replaced is still valid \
                      and is revoked only then",
-                    crate::cli::time(Some(at))
+                    crate::fmt::time(Some(at))
                 ),
                 (phase, _) => format!(
                     "is unfinished (phase {}): it must finish or roll back",

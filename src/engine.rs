@@ -24,7 +24,8 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{human, CredentialSpec};
+use crate::config::CredentialSpec;
+use crate::fmt::human;
 use crate::instrument::{CallMetrics, TimedRotator, TimedStore};
 use crate::state::{
     Busy, Claim, CredentialRecord, Phase, RotationRecord, StateError, StateStore, Status,

@@ -1,6 +1,7 @@
 //! keyrotd: a daemon that rotates credentials on a schedule.
 //!
-//! - [`config`]: the inventory, parsed once into validated types;
+//! - [`config`]: the inventory, parsed once into validated types (the `[alerts]` table included);
+//! - [`fmt`]: human-readable durations and times;
 //! - [`schedule`]: cron expressions, intervals and windows;
 //! - [`state`]: the durable journal (SQLite) behind the [`state::StateStore`] trait;
 //!   [`migrate`]: its versioned schema migrations; [`liveness`]: whether the process holding a
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod fmt;
 pub mod http;
 pub mod instrument;
 pub mod liveness;

@@ -38,8 +38,9 @@ use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{human, CredentialSpec};
+use crate::config::CredentialSpec;
 use crate::engine::{backoff, Engine, EngineError, Event, EventSink, Outcome, Trigger};
+use crate::fmt::human;
 use crate::schedule::{secs, CronCursor, CronSchedule, Due};
 use crate::state::{CredentialRecord, Phase, RotationRecord, StateError, Status};
 
@@ -292,7 +293,7 @@ impl AgeWatch {
                     } else {
                         format!(
                             "credential `{id}` reaches its max age at {}",
-                            crate::cli::time(Some(stale_at))
+                            crate::fmt::time(Some(stale_at))
                         )
                     };
                     events.event(id, event(true), &summary);

@@ -19,8 +19,8 @@ use secrecy::ExposeSecret;
 use keyrotd_plugin::Timeouts;
 use keyrotd_providers::resolve::Resolve;
 
-use super::config::{EmailConfig, SmtpTls};
 use super::{rfc3339, DeliveryError, Notification, Status};
+use crate::config::alerts::{EmailConfig, SmtpTls};
 
 /// A configured SMTP channel.
 pub(crate) struct EmailChannel {
@@ -32,7 +32,7 @@ pub(crate) struct EmailChannel {
 
 impl EmailChannel {
     pub(crate) fn new(config: &EmailConfig, timeouts: Timeouts) -> anyhow::Result<Self> {
-        if config.tls == SmtpTls::None && !super::config::is_loopback_host(&config.host) {
+        if config.tls == SmtpTls::None && !crate::config::alerts::is_loopback_host(&config.host) {
             anyhow::bail!("plain SMTP is only allowed to a loopback host");
         }
         let from = config.from.parse()?;

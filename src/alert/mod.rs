@@ -22,7 +22,6 @@
 //! Modules: [`config`] (the `[alerts]` table and its validation), [`email`] (SMTP via lettre),
 //! [`webhook`] (generic JSON and Slack-compatible HTTP via reqwest).
 
-pub mod config;
 pub mod email;
 pub mod webhook;
 
@@ -39,7 +38,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{delay_queue, DelayQueue};
 
-pub use config::{AlertsConfig, ChannelConfig, RouteConfig};
+pub use crate::config::alerts::{AlertsConfig, ChannelConfig, RouteConfig};
 
 /// Events waiting for the dispatcher. Far more than the engine produces in a burst; past it,
 /// events are dropped (and counted) rather than blocking the caller.

@@ -9,8 +9,10 @@ use reqwest::header::{HeaderValue, AUTHORIZATION};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
-use super::config::{resolve_url_async, validate_url, SlackConfig, UrlSource, WebhookConfig};
 use super::{rfc3339, DeliveryError, Notification, Status};
+use crate::config::alerts::{
+    resolve_url_async, validate_url, SlackConfig, UrlSource, WebhookConfig,
+};
 use keyrotd_plugin::reference::SecretRef;
 use keyrotd_plugin::Timeouts;
 use keyrotd_providers::resolve::Resolve;

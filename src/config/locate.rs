@@ -55,7 +55,7 @@ pub(super) fn locate(
                 .and_then(|d| nth_credential(d.get_ref(), *index));
             let label = match credential
                 .and_then(|c| string(c, "id"))
-                .filter(|id| super::valid_id(id))
+                .filter(|id| super::credential::valid_id(id))
             {
                 Some(id) => format!("credential[{id}]"),
                 None => format!("credential[{}]", first_index + index),

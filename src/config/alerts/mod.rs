@@ -18,7 +18,7 @@
 //!
 //! [[alerts.channel]]
 //! name = "pager"
-//! kind = "webhook"          # generic JSON, see `webhook::WebhookPayload`
+//! kind = "webhook"          # generic JSON, see `alert::webhook::WebhookPayload`
 //! url = "https://hooks.example.com/keyrotd"
 //! authorization = "env:PAGER_TOKEN"   # sent verbatim as the Authorization header
 //! timeout = "10s"           # one delivery attempt (default 10s; 1s to 5m)
@@ -43,9 +43,11 @@
 //! A delivery attempt that gets no answer within its channel's `timeout` (a server that accepts
 //! the connection and stays silent) fails as transient and is retried with backoff; connections
 //! are given at most 10s of it.
+//!
+//! The types here are pure configuration: the `alert` module delivers with them. `url.rs` holds
+//! [`UrlSource`], a URL given literally or as a secret reference, and its checks.
 
 use std::collections::HashSet;
-use std::net::IpAddr;
 use std::time::Duration;
 
 use keyrotd_plugin::reference::SecretRef;
@@ -54,8 +56,13 @@ use keyrotd_plugin::Timeouts;
 use keyrotd_providers::resolve::Resolve;
 use serde::{Deserialize, Deserializer};
 
-use super::Severity;
+use crate::alert::Severity;
 use crate::schedule::{parse_duration, Accepts};
+
+mod url;
+
+pub use self::url::UrlSource;
+pub(crate) use self::url::{is_loopback_host, resolve_url_async, validate_url};
 
 /// Bounds of a channel's `timeout`.
 const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -71,7 +78,7 @@ pub struct AlertsConfig {
         deserialize_with = "whole_seconds"
     )]
     pub repeat_interval: Duration,
-    /// How long before `max_age` the engine raises [`super::Condition::NearMaxAge`].
+    /// How long before `max_age` the engine raises [`crate::alert::Condition::NearMaxAge`].
     #[serde(
         default = "default_warn_before",
         deserialize_with = "whole_seconds_or_zero"
@@ -233,30 +240,6 @@ impl EmailConfig {
             SmtpTls::Starttls => 587,
             SmtpTls::Tls => 465,
             SmtpTls::None => 25,
-        })
-    }
-}
-
-/// A URL given either literally (`https://...`) or as a secret reference (`env:HOOK_URL`), for
-/// endpoints whose URL is itself a credential (Slack incoming webhooks).
-#[derive(Debug, Clone, PartialEq)]
-pub enum UrlSource {
-    /// A literal `http://` or `https://` URL from the config file.
-    Literal(String),
-    /// A reference resolved when the channel is built.
-    Secret(SecretRef),
-}
-
-impl<'de> Deserialize<'de> for UrlSource {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        if s.starts_with("http://") || s.starts_with("https://") {
-            return Ok(Self::Literal(s));
-        }
-        s.parse().map(Self::Secret).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "expected an http(s):// URL or a secret reference: {e}"
-            ))
         })
     }
 }
@@ -431,76 +414,6 @@ fn validate_email(email: &EmailConfig) -> Result<(), (&'static str, String)> {
             .map_err(|e| ("to", format!("`{to}` is not a mailbox: {e}")))?;
     }
     Ok(())
-}
-
-/// Checks a URL source at configuration time: resolves and checks it, except an `aws-sm:`
-/// reference, which needs AWS and is resolved (and checked) when an alert is sent.
-pub(crate) fn validate_url(source: &UrlSource) -> Result<(), String> {
-    match source {
-        UrlSource::Secret(reference) if reference.needs_async() => Ok(()),
-        _ => resolve_url(source).map(drop),
-    }
-}
-
-/// [`resolve_url`] for every kind of reference, `aws-sm:` included.
-pub(crate) async fn resolve_url_async(
-    source: &UrlSource,
-    timeouts: Timeouts,
-) -> Result<reqwest::Url, String> {
-    use secrecy::ExposeSecret;
-    match source {
-        UrlSource::Secret(reference) => {
-            let secret = reference
-                .resolve_async(timeouts)
-                .await
-                .map_err(|e| e.to_string())?;
-            check_url(secret.expose_secret(), format!("the URL in `{reference}`"))
-        }
-        UrlSource::Literal(_) => resolve_url(source),
-    }
-}
-
-/// Resolves a URL source and checks its scheme. Errors never contain a resolved (secret) URL.
-pub(crate) fn resolve_url(source: &UrlSource) -> Result<reqwest::Url, String> {
-    use secrecy::ExposeSecret;
-    let (text, shown) = match source {
-        UrlSource::Literal(url) => (url.clone(), format!("`{url}`")),
-        UrlSource::Secret(reference) => (
-            reference
-                .resolve()
-                .map_err(|e| e.to_string())?
-                .expose_secret()
-                .to_owned(),
-            format!("the URL in `{reference}`"),
-        ),
-    };
-    check_url(&text, shown)
-}
-
-/// Checks the scheme and host of a resolved URL; `shown` names it in errors without the value.
-fn check_url(text: &str, shown: String) -> Result<reqwest::Url, String> {
-    let url = reqwest::Url::parse(text).map_err(|e| format!("{shown} is not a URL: {e}"))?;
-    match url.scheme() {
-        "https" => {}
-        "http" if url.host_str().is_some_and(is_loopback_host) => {}
-        "http" => {
-            return Err(format!(
-                "{shown}: plain http:// is only allowed to a loopback host; use https://"
-            ))
-        }
-        other => return Err(format!("{shown}: unsupported scheme `{other}`")),
-    }
-    if url.host_str().is_none() {
-        return Err(format!("{shown} has no host"));
-    }
-    Ok(url)
-}
-
-/// `localhost`, `127.0.0.0/8` or `::1` (brackets allowed).
-pub(crate) fn is_loopback_host(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    bare.eq_ignore_ascii_case("localhost")
-        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]

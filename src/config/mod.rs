@@ -1,0 +1,360 @@
+//! The inventory: `config.toml` parsed once into a validated [`Inventory`].
+//!
+//! Invariant: nothing outside this module sees raw TOML. Every error names the file, line,
+//! column and field, and loading never panics, whatever the input. Loading changes nothing on
+//! disk or at any provider. This module imports nothing from the crate but leaf modules
+//! (`schedule`, `fmt`) and the plugin crate: every other module may use the config types.
+//!
+//! Files: this one holds the validated types and [`parse`], the entry point; `sections` finds
+//! the `[[credential]]` sections so each is parsed on its own; `raw` holds the serde shapes of
+//! the TOML; `validate` turns them into the validated types (`credential` for one
+//! `[[credential]]`), and `locate` places a serde error at its line, column and field;
+//! `targets` refuses two credentials that write the same location; `references` checks the
+//! secrets and store locations an inventory points at; [`alerts`] holds the `[alerts]` table.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keyrotd_providers::{RotatorConfig, StoreConfig};
+
+use self::alerts::AlertsConfig;
+use self::raw::{OneCredential, RawInventory};
+use self::sections::{blank_sections, credential_sections};
+use self::targets::shared_targets;
+use self::validate::Validator;
+use crate::schedule::Schedule;
+
+pub mod alerts;
+mod credential;
+mod locate;
+mod raw;
+mod references;
+mod sections;
+mod targets;
+mod validate;
+
+pub use self::references::check_references;
+
+/// The validated inventory.
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// The `[daemon]` table.
+    pub daemon: DaemonSettings,
+    /// Every `[[credential]]`, in file order.
+    pub credentials: Vec<CredentialSpec>,
+    /// The `[alerts]` table (no channels: alerting off).
+    pub alerts: AlertsConfig,
+}
+
+/// The `[daemon]` table.
+#[derive(Debug, Clone)]
+pub struct DaemonSettings {
+    /// The state backend.
+    pub state: StateUrl,
+    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz).
+    pub listen: SocketAddr,
+    /// How many rotations may run at once.
+    pub max_concurrent_rotations: usize,
+    /// How long SIGTERM and SIGHUP wait for steps in flight before interrupting them (they
+    /// resume from the journal). Keep it below the service manager's stop timeout.
+    pub shutdown_timeout: Duration,
+}
+
+/// The default `daemon.shutdown_timeout`: 10 s below the shipped unit's `TimeoutStopSec=30s`.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Where the daemon keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateUrl {
+    /// `sqlite:PATH`: an embedded SQLite database (relative paths count from the config file).
+    Sqlite(PathBuf),
+}
+
+/// One validated `[[credential]]`.
+#[derive(Debug, Clone)]
+pub struct CredentialSpec {
+    /// Unique id.
+    pub id: String,
+    /// How it is rotated.
+    pub rotator: RotatorConfig,
+    /// Where consumers read it.
+    pub store: StoreConfig,
+    /// When it rotates.
+    pub schedule: Schedule,
+    /// Past this age the credential is stale.
+    pub max_age: Duration,
+    /// How long the old credential stays valid after promotion.
+    pub grace: Duration,
+    /// What happens when a rotation fails.
+    pub retry: RetryPolicy,
+    /// Line and column of the credential's `rotator` table, for later error messages.
+    pub place: (usize, usize),
+    /// The longest time the schedule lets pass between two rotations (shorter than `max_age`).
+    pub period: Duration,
+}
+
+/// Retries with exponential backoff and jitter; after `max_attempts` consecutive failures the
+/// credential is marked failed and automation stops until an operator rotates it by hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Consecutive failed attempts before the credential is marked failed.
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubled for each later one.
+    pub backoff: Duration,
+    /// Upper bound of the delay.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            backoff: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// One problem in the inventory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// 1-based line, 0 when the problem has no place in the file (it cannot be read).
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// The field's path, like `credential[db].schedule`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.field,
+                self.message
+            )
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}: {}",
+                self.file.display(),
+                self.line,
+                self.column,
+                self.field,
+                self.message
+            )
+        }
+    }
+}
+
+/// All problems found in one inventory.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The default config path, overridden by `--config` or `KEYROTD_CONFIG`.
+pub const DEFAULT_PATH: &str = "/etc/keyrotd/config.toml";
+
+/// Reads and validates the inventory at `path`.
+pub fn load(path: &Path) -> Result<Inventory, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            field: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates inventory text; `path` is used for messages and relative state paths.
+///
+/// Each `[[credential]]` section is parsed on its own, so a 100,000-credential inventory never
+/// exists as one TOML tree (which would take several times the file's size in memory). The rest
+/// of the document is parsed with the credential sections blanked out, which keeps every line
+/// and column where it was.
+pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
+    let sections = credential_sections(text);
+    let mut v = Validator {
+        file: path,
+        // The blanked head keeps every byte offset, so its spans index `text` too.
+        text,
+        first_line: 1,
+        errors: Vec::new(),
+        seen: HashMap::with_capacity(sections.len()),
+        crons: HashMap::new(),
+    };
+    let head = blank_sections(text, &sections);
+    let raw = v.deserialize::<RawInventory>(&head, 0);
+    drop(head);
+    let Some(raw) = raw else {
+        return Err(ConfigErrors(v.errors));
+    };
+    let daemon = v.daemon(raw.daemon);
+    let defaults = v.defaults(&raw.defaults, raw.aws);
+    let alerts = v.alerts(raw.alerts);
+    let mut credentials = Vec::with_capacity(sections.len() + raw.credentials.len());
+    let mut index = 0;
+    for cred in raw.credentials {
+        if let Some(spec) = v.credential(&defaults, cred, index) {
+            credentials.push(spec);
+        }
+        index += 1;
+    }
+    for section in &sections {
+        v.text = &text[section.bytes.clone()];
+        v.first_line = section.first_line;
+        let parsed = v.deserialize::<OneCredential>(v.text, index);
+        for cred in parsed.into_iter().flat_map(|one| one.credential) {
+            if let Some(spec) = v.credential(&defaults, cred, index) {
+                credentials.push(spec);
+            }
+        }
+        index += 1;
+    }
+    v.errors.extend(shared_targets(path, &credentials));
+    if v.errors.is_empty() {
+        Ok(Inventory {
+            path: path.to_owned(),
+            daemon,
+            credentials,
+            alerts,
+        })
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn errors(text: &str) -> Vec<String> {
+        match parse(Path::new("inv.toml"), text) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    pub(super) const GOOD: &str = r#"
+[daemon]
+state = "sqlite:state.db"
+
+[defaults]
+max_age = "40d"
+grace = "1h"
+
+[[credential]]
+id = "api-token"
+rotator = { kind = "random", length = 40 }
+store = { kind = "file", path = "/tmp/x/api-token" }
+rotate_every = "30d"
+
+[[credential]]
+id = "weekly"
+schedule = "0 3 * * 1"
+max_age = "8d"
+rotator = { kind = "random" }
+store = { kind = "file", path = "/tmp/x/weekly" }
+"#;
+
+    #[test]
+    fn a_good_inventory_loads_with_defaults_applied() {
+        let inv = parse(Path::new("/etc/k/inv.toml"), GOOD).unwrap();
+        assert_eq!(inv.daemon.state, StateUrl::Sqlite("/etc/k/state.db".into()));
+        assert_eq!(inv.credentials.len(), 2);
+        assert_eq!(inv.credentials[0].max_age, Duration::from_secs(40 * 86400));
+        assert_eq!(
+            inv.credentials[1]
+                .schedule
+                .cron
+                .as_ref()
+                .unwrap()
+                .expression,
+            "0 0 3 * * 1"
+        );
+        assert_eq!(inv.credentials[1].grace, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn unknown_keys_name_line_column_and_field() {
+        let e = errors(&GOOD.replace("length = 40", "lenght = 40"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("inv.toml:11:"), "{}", e[0]);
+        assert!(
+            e[0].contains("credential[api-token].rotator.lenght: unknown field `lenght`"),
+            "{}",
+            e[0]
+        );
+        let e = errors(&GOOD.replace("[daemon]", "[daemon]\nlisten_on = 1"));
+        assert!(
+            e[0].starts_with("inv.toml:3:1: daemon.listen_on: unknown field `listen_on`"),
+            "{}",
+            e[0]
+        );
+    }
+
+    #[test]
+    fn malformed_toml_and_wrong_types_are_errors_not_panics() {
+        for text in [
+            "[[credential]\n",
+            "daemon = 3",
+            "[daemon]\nmax_concurrent_rotations = \"x\"",
+            "\u{0}",
+            "[[credential]]\nid = 1",
+        ] {
+            assert!(!errors(text).is_empty(), "{text:?} should fail");
+        }
+        assert!(errors("[[credential]]\nid = \"a\"\nrotator = { kind = \"nope\" }\nstore = { kind = \"file\", path = \"/x\" }")[0].contains("nope"));
+    }
+
+    #[test]
+    fn no_prefix_or_byte_flip_of_the_example_inventory_panics() {
+        let example = include_str!("../../config.toml");
+        for end in (0..example.len()).filter(|i| example.is_char_boundary(*i)) {
+            let _ = parse(Path::new("config.toml"), &example[..end]);
+        }
+        let bytes = example.as_bytes();
+        for (i, replacement) in (0..bytes.len())
+            .step_by(3)
+            .zip([b'"', b'[', b'=', b'\n', b'0', b'#', b']'].iter().cycle())
+        {
+            let mut mutated = bytes.to_vec();
+            mutated[i] = *replacement;
+            if let Ok(text) = std::str::from_utf8(&mutated) {
+                let _ = parse(Path::new("config.toml"), text);
+            }
+        }
+        assert!(
+            parse(Path::new("config.toml"), example).is_ok(),
+            "the shipped example is valid"
+        );
+    }
+}

@@ -1,0 +1,75 @@
+//! The serde shapes of the inventory's TOML, before validation. Every value a person writes is
+//! `Spanned`, so the validator can name its line and column; nothing outside `config` sees
+//! these types.
+
+use keyrotd_providers::{AwsDefaults, RotatorConfig, StoreConfig};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::alerts::AlertsConfig;
+
+/// The whole document (the `[[credential]]` sections are usually blanked out and parsed one by
+/// one as [`OneCredential`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawInventory {
+    #[serde(default)]
+    pub(super) daemon: RawDaemon,
+    #[serde(default)]
+    pub(super) defaults: RawDefaults,
+    #[serde(default, rename = "credential")]
+    pub(super) credentials: Vec<RawCredential>,
+    pub(super) alerts: Option<Spanned<AlertsConfig>>,
+    #[serde(default)]
+    pub(super) aws: AwsDefaults,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDaemon {
+    pub(super) state: Option<Spanned<String>>,
+    pub(super) listen: Option<Spanned<String>>,
+    pub(super) max_concurrent_rotations: Option<Spanned<i64>>,
+    pub(super) shutdown_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDefaults {
+    pub(super) rotate_every: Option<Spanned<String>>,
+    pub(super) max_age: Option<Spanned<String>>,
+    pub(super) grace: Option<Spanned<String>>,
+    pub(super) window: Option<Spanned<String>>,
+    pub(super) timezone: Option<Spanned<String>>,
+    pub(super) retry: Option<RawRetry>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRetry {
+    pub(super) max_attempts: Option<Spanned<i64>>,
+    pub(super) backoff: Option<Spanned<String>>,
+    pub(super) max_backoff: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCredential {
+    pub(super) id: Spanned<String>,
+    pub(super) rotator: Spanned<RotatorConfig>,
+    pub(super) store: Spanned<StoreConfig>,
+    pub(super) schedule: Option<Spanned<String>>,
+    pub(super) timezone: Option<Spanned<String>>,
+    pub(super) rotate_every: Option<Spanned<String>>,
+    pub(super) max_age: Option<Spanned<String>>,
+    pub(super) grace: Option<Spanned<String>>,
+    pub(super) window: Option<Spanned<String>>,
+    pub(super) retry: Option<RawRetry>,
+}
+
+/// One `[[credential]]` section parsed on its own.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct OneCredential {
+    pub(super) credential: Vec<RawCredential>,
+}
