@@ -12,25 +12,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::alert::{Alerter, AlertsConfig};
-use crate::config::{CredentialSpec, Inventory, StateUrl};
-use crate::engine::{Engine, Event, EventSink};
+use crate::config::{CredentialSpec, Inventory};
+use crate::engine::Engine;
+use crate::event::{Condition, EventSink};
 use crate::http::{serve, Endpoint};
 use crate::instrument::MeteredState;
 use crate::metrics::Metrics;
+use crate::protocol::Phase;
 use crate::scheduler::{Scheduler, Settings, Table};
-use crate::state::{Phase, RotationRecord, SqliteState, StateStore};
-
-/// Opens the configured state backend.
-pub fn open_state(inventory: &Inventory) -> anyhow::Result<Arc<dyn StateStore>> {
-    match &inventory.daemon.state {
-        StateUrl::Sqlite(path) => {
-            let state = SqliteState::open(path)
-                .with_context(|| format!("opening state {}", path.display()))?;
-            tracing::debug!(path = %path.display(), instance = state.instance_id(), "state database opened");
-            Ok(Arc::new(state))
-        }
-    }
-}
+use crate::state::{open_state, RotationRecord, StateStore};
 
 /// Credentials removed from the inventory while one of their rotations is still open. Such an
 /// inventory is refused (by `check`, at start and on reload) rather than run: without the
@@ -245,7 +235,7 @@ async fn schedule(
             .with_label_values(&[&lost.id])
             .set(1);
         if let Some(why) = &lost.last_error {
-            events.event(&lost.id, Event::StateLost(true), why);
+            events.raise(&lost.id, Condition::StateLost, why);
         }
     }
     let open = state.open_rotations().await?;

@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use keyrotd::alert::{Alerter, AlertsConfig};
 use keyrotd::config::CredentialSpec;
-use keyrotd::engine::{Engine, EngineMetrics, EventSink, Outcome, Trigger};
-use keyrotd::state::{Phase, SqliteState, StateStore, Status};
+use keyrotd::engine::{Engine, EngineMetrics, Outcome};
+use keyrotd::event::EventSink;
+use keyrotd::protocol::{Phase, Trigger};
+use keyrotd::state::{SqliteState, StateStore, Status};
 use keyrotd_rotators::{
     Attrs, Credential, ProviderError, Rotator, RotatorConfig, StepContext, Store,
 };
