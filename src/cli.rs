@@ -12,13 +12,13 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{human, CredentialSpec, Inventory, StateUrl};
-use crate::daemon::check_removed;
 use crate::engine::{public_only, state_lost_message, Engine, Outcome};
 use crate::metrics::Metrics;
 use crate::protocol::{Phase, Trigger};
 use crate::scheduler::live_view;
 use crate::state::{
-    open_state, Busy, CredentialRecord, RotationRecord, SqliteState, StateStore, Status,
+    check_removed, open_state, Busy, CredentialRecord, RotationRecord, SqliteState, StateStore,
+    Status,
 };
 
 /// Exit status: the operation failed (a rotation failed, a credential is busy).

@@ -11,9 +11,11 @@
 //!
 //! Files: this one holds the [`StateStore`] trait, its records and errors, and [`open_state`];
 //! `sqlite` the SQLite backend ([`SqliteState`]), `rows` its row mapping, `migrate` its versioned
-//! schema migrations.
+//! schema migrations; `removed` refuses an inventory that drops a credential whose rotation is
+//! still open ([`check_removed`]).
 
 mod migrate;
+mod removed;
 mod rows;
 mod sqlite;
 #[cfg(test)]
@@ -27,6 +29,7 @@ use keyrotd_rotators::Attrs;
 
 use crate::config::{Inventory, StateUrl};
 use crate::protocol::Phase;
+pub use removed::{check_removed, RemovedWhileOpen};
 pub use sqlite::SqliteState;
 
 /// Opens the configured state backend (`daemon.state`), creating and migrating it if needed.
