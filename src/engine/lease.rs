@@ -26,7 +26,7 @@ pub(super) enum Taken<'a> {
 }
 
 /// The grace period's end, if `rotation` is promoted and still in it at `now`.
-pub(super) fn in_grace(rotation: &RotationRecord, now: i64) -> Option<i64> {
+fn in_grace(rotation: &RotationRecord, now: i64) -> Option<i64> {
     rotation
         .revoke_at
         .filter(|&at| rotation.phase == Phase::Promoted && now < at)

@@ -73,6 +73,7 @@ impl Engine {
         }
     }
 
+    /// What every plugin call of `job`'s rotation is told: its ids, fields and start time.
     pub(super) fn ctx<'a>(&self, job: &'a Job<'_>) -> StepContext<'a> {
         StepContext {
             credential_id: &job.spec.id,
@@ -84,7 +85,9 @@ impl Engine {
         }
     }
 
-    pub(super) async fn issue_and_stage(&self, job: &mut Job<'_>) -> Result<(), Failure> {
+    /// Issues the new credential and stages it in the store (after a crash between the two,
+    /// finds out which happened first).
+    async fn issue_and_stage(&self, job: &mut Job<'_>) -> Result<(), Failure> {
         let ctx = self.ctx(job);
         let (rotator, store) = (job.rotator.clone(), job.store.clone());
         let (rl, sl) = (Limit::rotator(job), Limit::store(job));
@@ -127,7 +130,8 @@ impl Engine {
         Ok(self.save(job).await?)
     }
 
-    pub(super) async fn activate(&self, job: &mut Job<'_>) -> Result<(), Failure> {
+    /// Makes the staged credential usable at the provider.
+    async fn activate(&self, job: &mut Job<'_>) -> Result<(), Failure> {
         let ctx = self.ctx(job);
         let (rotator, store) = (job.rotator.clone(), job.store.clone());
         let (rl, sl) = (Limit::rotator(job), Limit::store(job));
@@ -149,7 +153,8 @@ impl Engine {
         Ok(self.save(job).await?)
     }
 
-    pub(super) async fn verify(&self, job: &mut Job<'_>) -> Result<(), Failure> {
+    /// Proves that the value consumers will read works.
+    async fn verify(&self, job: &mut Job<'_>) -> Result<(), Failure> {
         let ctx = self.ctx(job);
         let (rotator, store) = (job.rotator.clone(), job.store.clone());
         let (rl, sl) = (Limit::rotator(job), Limit::store(job));
@@ -173,7 +178,8 @@ impl Engine {
         Ok(self.save(job).await?)
     }
 
-    pub(super) async fn promote(&self, job: &mut Job<'_>) -> Result<(), Failure> {
+    /// Makes the new value current in the store and starts the grace period.
+    async fn promote(&self, job: &mut Job<'_>) -> Result<(), Failure> {
         let ctx = self.ctx(job);
         self.step(job, Step::Promote, job.store.promote(ctx))
             .await?;
@@ -195,7 +201,8 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) async fn revoke(&self, job: &mut Job<'_>) -> Result<(), Failure> {
+    /// After the grace period: revokes the old credential and lets the store release it.
+    async fn revoke(&self, job: &mut Job<'_>) -> Result<(), Failure> {
         let ctx = self.ctx(job);
         if let Some(old) = job.rotation.old_attrs.clone() {
             self.step(job, Step::Revoke, job.rotator.revoke(ctx, &old))
@@ -219,7 +226,7 @@ impl Engine {
 
 /// The staged value read back from the store, with the attributes journaled at issue (a raw
 /// store keeps only the secret). Its absence is permanent: nothing will bring it back.
-pub(super) fn staged(
+fn staged(
     pending: Option<Credential>,
     issued: Option<&Attrs>,
 ) -> Result<Credential, ProviderError> {
@@ -232,7 +239,7 @@ pub(super) fn staged(
 /// When the old credential may be revoked: `promoted` plus `grace`, rounded *up* to the whole
 /// second the journal stores, so the grace period is never cut short (a 500 ms grace waits at
 /// least 500 ms, never 0). Without a grace period, any time after promotion will do.
-pub(super) fn revoke_time(promoted: chrono::DateTime<Utc>, grace: Duration) -> i64 {
+fn revoke_time(promoted: chrono::DateTime<Utc>, grace: Duration) -> i64 {
     if grace.is_zero() {
         return promoted.timestamp();
     }
@@ -241,7 +248,7 @@ pub(super) fn revoke_time(promoted: chrono::DateTime<Utc>, grace: Duration) -> i
     at_ms.div_euclid(1000) + i64::from(at_ms.rem_euclid(1000) != 0)
 }
 
-pub(super) fn merge_attrs(into: &mut Attrs, from: Option<&Attrs>) {
+fn merge_attrs(into: &mut Attrs, from: Option<&Attrs>) {
     for (k, v) in from.into_iter().flatten() {
         into.entry(k.clone()).or_insert_with(|| v.clone());
     }
