@@ -12,13 +12,14 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CredentialSpec, Inventory, StateUrl};
-use crate::daemon::{check_removed, open_state};
-use crate::engine::{public_only, state_lost_message, Engine, Outcome, Trigger};
+use crate::engine::{public_only, state_lost_message, Engine, Outcome};
 use crate::fmt::{human, time};
 use crate::metrics::Metrics;
+use crate::protocol::{Phase, Trigger};
 use crate::scheduler::live_view;
 use crate::state::{
-    Busy, CredentialRecord, Phase, RotationRecord, SqliteState, StateStore, Status,
+    check_removed, open_state, Busy, CredentialRecord, RotationRecord, SqliteState, StateStore,
+    Status,
 };
 
 /// Exit status: the operation failed (a rotation failed, a credential is busy).

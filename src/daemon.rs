@@ -12,70 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::alert::{Alerter, AlertsConfig};
-use crate::config::{CredentialSpec, Inventory, StateUrl};
-use crate::engine::{Engine, Event, EventSink};
+use crate::config::Inventory;
+use crate::engine::Engine;
+use crate::event::{Condition, EventSink};
 use crate::http::{serve, Endpoint};
 use crate::instrument::MeteredState;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, Settings, Table};
-use crate::state::{Phase, RotationRecord, SqliteState, StateStore};
-
-/// Opens the configured state backend.
-pub fn open_state(inventory: &Inventory) -> anyhow::Result<Arc<dyn StateStore>> {
-    match &inventory.daemon.state {
-        StateUrl::Sqlite(path) => {
-            let state = SqliteState::open(path)
-                .with_context(|| format!("opening state {}", path.display()))?;
-            tracing::debug!(path = %path.display(), instance = state.instance_id(), "state database opened");
-            Ok(Arc::new(state))
-        }
-    }
-}
-
-/// Credentials removed from the inventory while one of their rotations is still open. Such an
-/// inventory is refused (by `check`, at start and on reload) rather than run: without the
-/// credential's rotator and store nothing can revoke the old credential after its grace period
-/// (it would stay valid for ever) or roll back an unfinished one, and revoking it at once would
-/// cut off consumers before the grace period they were promised.
-#[derive(Debug, thiserror::Error)]
-#[error("{}", .0.join("\n"))]
-pub struct RemovedWhileOpen(pub Vec<String>);
-
-/// Refuses `specs` if a credential missing from it has an open rotation in `open`.
-pub fn check_removed(
-    specs: &[CredentialSpec],
-    open: &[RotationRecord],
-) -> Result<(), RemovedWhileOpen> {
-    let ids: std::collections::HashSet<&str> = specs.iter().map(|s| s.id.as_str()).collect();
-    let problems: Vec<String> = open
-        .iter()
-        .filter(|r| !ids.contains(r.credential_id.as_str()))
-        .map(|r| {
-            let (id, rotation) = (&r.credential_id, &r.id);
-            let why = match (r.phase, r.revoke_at) {
-                (Phase::Promoted, Some(at)) => format!(
-                    "is in its grace period until {}: the credential it replaced is still valid \
-                     and is revoked only then",
-                    crate::fmt::time(Some(at))
-                ),
-                (phase, _) => format!(
-                    "is unfinished (phase {}): it must finish or roll back",
-                    phase.as_str()
-                ),
-            };
-            format!(
-                "error: credential `{id}` was removed from the inventory while its rotation \
-                 {rotation} {why}; keep `{id}` in the inventory until `keyrotd status` shows it \
-                 idle, then remove it"
-            )
-        })
-        .collect();
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(RemovedWhileOpen(problems))
-    }
-}
+use crate::state::{check_removed, open_state, StateStore};
 
 /// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads the inventory.
 ///
@@ -245,7 +189,7 @@ async fn schedule(
             .with_label_values(&[&lost.id])
             .set(1);
         if let Some(why) = &lost.last_error {
-            events.event(&lost.id, Event::StateLost(true), why);
+            events.raise(&lost.id, Condition::StateLost, why);
         }
     }
     let open = state.open_rotations().await?;

@@ -3,10 +3,12 @@
 //! - [`config`]: the inventory, parsed once into validated types (the `[alerts]` table included);
 //! - [`fmt`]: human-readable durations and times;
 //! - [`schedule`]: cron expressions, intervals and windows;
-//! - [`state`]: the durable journal (SQLite) behind the [`state::StateStore`] trait;
-//!   [`migrate`]: its versioned schema migrations; [`liveness`]: whether the process holding a
-//!   rotation lease still runs;
-//! - [`engine`]: the rotation protocol (issue, stage, activate, verify, promote, revoke);
+//! - [`state`]: the durable journal (SQLite) behind the [`state::StateStore`] trait, with its
+//!   versioned schema migrations; [`liveness`]: whether the process holding a rotation lease
+//!   still runs;
+//! - [`protocol`]: the protocol's phases, steps and triggers, and the decisions on them;
+//! - [`engine`]: drives the rotation protocol (issue, stage, activate, verify, promote, revoke);
+//! - [`event`]: the conditions the engine and scheduler raise and clear, and their sink;
 //! - [`scheduler`]: decides when each credential needs the engine;
 //! - [`metrics`] and [`http`]: the Prometheus exposition and health endpoints; [`instrument`]:
 //!   metered wrappers around the plugins and the state store;
@@ -22,13 +24,14 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod event;
 pub mod fmt;
 pub mod http;
 pub mod instrument;
 pub mod liveness;
 pub mod logging;
 pub mod metrics;
-pub mod migrate;
+pub mod protocol;
 pub mod schedule;
 pub mod scheduler;
 pub mod state;

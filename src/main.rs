@@ -132,7 +132,10 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(code) => ExitCode::from(code),
-        Err(e) if e.downcast_ref::<daemon::RemovedWhileOpen>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<keyrotd::state::RemovedWhileOpen>()
+                .is_some() =>
+        {
             eprintln!("{e}");
             ExitCode::from(cli::EXIT_USAGE)
         }

@@ -39,10 +39,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::CredentialSpec;
-use crate::engine::{backoff, Engine, EngineError, Event, EventSink, Outcome, Trigger};
+use crate::engine::{backoff, Engine, EngineError, Outcome};
+use crate::event::{Condition, EventSink};
 use crate::fmt::human;
+use crate::protocol::{Phase, Trigger};
 use crate::schedule::{secs, CronCursor, CronSchedule, Due};
-use crate::state::{CredentialRecord, Phase, RotationRecord, StateError, Status};
+use crate::state::{CredentialRecord, RotationRecord, StateError, Status};
 
 /// How long to wait before looking again at a credential another process is rotating.
 const BUSY_RETRY: i64 = 60;
@@ -279,10 +281,7 @@ impl AgeWatch {
         };
         let had = self.raised[i];
         let id = &slot.spec.id;
-        for (bit, event) in [
-            (NEAR, Event::NearMaxAge as fn(bool) -> Event),
-            (STALE, Event::Stale),
-        ] {
+        for (bit, condition) in [(NEAR, Condition::NearMaxAge), (STALE, Condition::Stale)] {
             match (had & bit != 0, want & bit != 0) {
                 (false, true) => {
                     let summary = if bit == STALE {
@@ -296,9 +295,9 @@ impl AgeWatch {
                             crate::fmt::time(Some(stale_at))
                         )
                     };
-                    events.event(id, event(true), &summary);
+                    events.raise(id, condition, &summary);
                 }
-                (true, false) => events.event(id, event(false), "credential renewed"),
+                (true, false) => events.clear(id, condition),
                 _ => {}
             }
         }
@@ -562,9 +561,9 @@ impl Scheduler {
         live.wake = Some(Utc::now().timestamp().saturating_add(secs(delay).max(1)));
         error!(credential = %slot.spec.id, panic = %why, retry_in = %human(delay), "rotation task panicked; the credential is released and retried");
         if let Some(events) = &self.ages.events {
-            events.event(
+            events.raise(
                 &slot.spec.id,
-                Event::RotationFailed(true),
+                Condition::RotationFailed,
                 &format!(
                     "the rotation task panicked (a bug; the daemon log has the details); retrying in {}",
                     human(delay)
@@ -610,11 +609,7 @@ impl Scheduler {
         {
             self.panicked[i] = false;
             if let Some(events) = &self.ages.events {
-                events.event(
-                    &slot.spec.id,
-                    Event::RotationFailed(false),
-                    "rotation succeeded",
-                );
+                events.clear(&slot.spec.id, Condition::RotationFailed);
             }
         }
         let mut live = live_view(slot.spec, &record, None, now);
@@ -673,19 +668,15 @@ impl Scheduler {
             if let Some(events) = &self.ages.events {
                 let id = &slot.spec.id;
                 if old.status == Status::Failed && record.status != Status::Failed {
-                    events.event(
-                        id,
-                        Event::AutomationStopped(false),
-                        "automation resumed by a manual rotation",
-                    );
+                    events.clear(id, Condition::AutomationStopped);
                 }
                 // Clearing a condition that is not active sends nothing, so no need to know
                 // whether a failure alert was raised before.
                 if record.consecutive_failures == 0
                     && matches!(record.status, Status::Idle | Status::Grace)
                 {
-                    events.event(id, Event::RotationFailed(false), "rotation succeeded");
-                    events.event(id, Event::RevokeFailed(false), "old credential revoked");
+                    events.clear(id, Condition::RotationFailed);
+                    events.clear(id, Condition::RevokeFailed);
                 }
             }
             changed.push((i, live.wake));

@@ -604,7 +604,7 @@ async fn starttls_is_required_never_downgraded() {
 
 #[tokio::test]
 async fn engine_events_raise_and_clear_conditions() {
-    use keyrotd::engine::{Event, EventSink};
+    use keyrotd::event::EventSink;
     let receiver = Receiver::start(&[]).await;
     let config = config(&format!(
         "[[channel]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}\"",
@@ -615,24 +615,20 @@ async fn engine_events_raise_and_clear_conditions() {
     let (alerter, task) = Alerter::start(&config, &registry, shutdown.clone()).unwrap();
     let sink: &dyn EventSink = &alerter;
 
-    sink.event(
+    sink.raise(
         "db",
-        Event::RotationFailed(true),
+        Condition::RotationFailed,
         "rotation failed: verify refused",
     );
-    sink.event(
+    sink.raise(
         "db",
-        Event::RotationFailed(true),
+        Condition::RotationFailed,
         "rotation failed: verify refused",
     );
-    sink.event("db", Event::AutomationStopped(true), "retries exhausted");
-    sink.event("db", Event::RevokeFailed(false), "old credential revoked");
-    sink.event(
-        "db",
-        Event::AutomationStopped(false),
-        "automation resumed by a manual rotation",
-    );
-    sink.event("db", Event::RotationFailed(false), "rotation succeeded");
+    sink.raise("db", Condition::AutomationStopped, "retries exhausted");
+    sink.clear("db", Condition::RevokeFailed);
+    sink.clear("db", Condition::AutomationStopped);
+    sink.clear("db", Condition::RotationFailed);
     eventually("four notifications", Duration::from_secs(5), || {
         receiver.received().len() == 4
     })

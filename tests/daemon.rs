@@ -541,10 +541,10 @@ fn impossible_order(
     }
     let promoted = promoted_at.is_some();
     match rotation.phase {
-        keyrotd::state::Phase::RolledBack if promoted => {
+        keyrotd::protocol::Phase::RolledBack if promoted => {
             Some("rolled back after promote ok".into())
         }
-        keyrotd::state::Phase::Done if !promoted => Some("done without promote ok".into()),
+        keyrotd::protocol::Phase::Done if !promoted => Some("done without promote ok".into()),
         _ => None,
     }
 }
@@ -605,7 +605,7 @@ fn concurrent_rotations_never_break_the_protocol_order() {
         .unwrap();
     let done = history
         .iter()
-        .filter(|(r, _)| r.phase == keyrotd::state::Phase::Done)
+        .filter(|(r, _)| r.phase == keyrotd::protocol::Phase::Done)
         .count();
     assert!(
         done >= 6,

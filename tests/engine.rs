@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keyrotd::config::{CredentialSpec, RetryPolicy};
-use keyrotd::engine::{Engine, EngineMetrics, Event, EventSink, Outcome, Trigger};
+use keyrotd::engine::{Engine, EngineMetrics, Outcome};
+use keyrotd::event::{Condition, EventSink};
+use keyrotd::protocol::{Phase, Trigger};
 use keyrotd::schedule::Schedule;
 use keyrotd::scheduler::{lock, Scheduler, SchedulerMetrics, Settings, Table};
-use keyrotd::state::{Phase, SqliteState, StateStore, Status};
+use keyrotd::state::{SqliteState, StateStore, Status};
 use keyrotd_plugin::{Attrs, Credential, ProviderError, Rotator, StepContext, Store};
 use keyrotd_providers::file::{FileConfig, FileStore, Format};
 use keyrotd_providers::random::{Alphabet, RandomConfig, RandomRotator};
@@ -676,16 +678,24 @@ async fn the_old_key_stays_revocable_after_many_rollbacks_in_a_row() {
     );
 }
 
-/// Every event raised or cleared, as `(credential, event, summary)`.
+/// Every condition raised or cleared, as `(credential, condition, raised, summary)`; a clear
+/// has no summary.
 #[derive(Default)]
-struct Events(Mutex<Vec<(String, Event, String)>>);
+struct Events(Mutex<Vec<(String, Condition, bool, String)>>);
 
 impl EventSink for Events {
-    fn event(&self, credential: &str, event: Event, summary: &str) {
+    fn raise(&self, credential: &str, condition: Condition, summary: &str) {
         self.0
             .lock()
             .unwrap()
-            .push((credential.into(), event, summary.into()));
+            .push((credential.into(), condition, true, summary.into()));
+    }
+
+    fn clear(&self, credential: &str, condition: Condition) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((credential.into(), condition, false, String::new()));
     }
 }
 
@@ -742,13 +752,13 @@ async fn a_panicking_rotation_is_reported_released_and_retried_and_shutdown_does
     );
     let events = events.0.lock().unwrap().clone();
     assert!(
-        matches!(&events[0], (id, Event::RotationFailed(true), summary) if id == "db" && summary.contains("panicked")),
+        matches!(&events[0], (id, Condition::RotationFailed, true, summary) if id == "db" && summary.contains("panicked")),
         "{events:?}"
     );
     assert!(
         events
             .iter()
-            .any(|(_, e, _)| *e == Event::RotationFailed(false)),
+            .any(|(_, c, raised, _)| *c == Condition::RotationFailed && !raised),
         "the failure alert is cleared by the successful retry: {events:?}"
     );
     let (rotation, steps) = f.state.history(Some("db"), 1).await.unwrap().remove(0);

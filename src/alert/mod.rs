@@ -39,6 +39,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::time::{delay_queue, DelayQueue};
 
 pub use crate::config::alerts::{AlertsConfig, ChannelConfig, RouteConfig};
+use crate::event::EventSink;
+pub use crate::event::{Condition, Severity};
 
 /// Events waiting for the dispatcher. Far more than the engine produces in a burst; past it,
 /// events are dropped (and counted) rather than blocking the caller.
@@ -49,99 +51,6 @@ const CHANNEL_QUEUE: usize = 1024;
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait between two delivery attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
-
-/// How urgent a condition is. Routes can select on it; it is part of every notification.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    /// Needs attention soon; consumers still work.
-    Warning,
-    /// Needs attention now: a credential is past its max age or automation has stopped.
-    Critical,
-}
-
-impl Severity {
-    /// The stable lowercase name used in configs and payloads.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Warning => "warning",
-            Self::Critical => "critical",
-        }
-    }
-}
-
-impl fmt::Display for Severity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A problem with one credential that the engine raises and later clears.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Condition {
-    /// A rotation failed after all its retries (the current credential is still in place).
-    RotationFailed,
-    /// The credential is older than its `max_age`.
-    Stale,
-    /// The credential will pass its `max_age` within `warn_before`.
-    NearMaxAge,
-    /// Revoking the previous credential failed: it is still valid at the provider.
-    RevokeFailed,
-    /// The credential is marked failed: automation stopped until an operator rotates it.
-    AutomationStopped,
-    /// The store holds a rotation the state database does not know: state lost or foreign.
-    StateLost,
-}
-
-impl Condition {
-    /// Every condition, in a stable order.
-    pub const ALL: [Condition; 6] = [
-        Self::RotationFailed,
-        Self::Stale,
-        Self::NearMaxAge,
-        Self::RevokeFailed,
-        Self::AutomationStopped,
-        Self::StateLost,
-    ];
-
-    /// The stable snake_case name used in payloads and subjects.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::RotationFailed => "rotation_failed",
-            Self::Stale => "stale",
-            Self::NearMaxAge => "near_max_age",
-            Self::RevokeFailed => "revoke_failed",
-            Self::AutomationStopped => "automation_stopped",
-            Self::StateLost => "state_lost",
-        }
-    }
-
-    /// How urgent the condition is.
-    pub fn severity(self) -> Severity {
-        match self {
-            Self::Stale | Self::AutomationStopped | Self::StateLost => Severity::Critical,
-            Self::RotationFailed | Self::NearMaxAge | Self::RevokeFailed => Severity::Warning,
-        }
-    }
-
-    /// A short human description, for subjects and chat messages.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::RotationFailed => "rotation failed after retries",
-            Self::Stale => "credential is past its max age",
-            Self::NearMaxAge => "credential is close to its max age",
-            Self::RevokeFailed => "revoking the previous credential failed",
-            Self::AutomationStopped => "credential marked failed; automatic rotation stopped",
-            Self::StateLost => "state database lost or foreign; automatic rotation stopped",
-        }
-    }
-}
-
-impl fmt::Display for Condition {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Whether a notification announces a problem or its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -696,23 +605,14 @@ impl Worker {
     }
 }
 
-/// The engine's and scheduler's events map onto conditions: `true` raises, `false` clears.
-impl crate::engine::EventSink for Alerter {
-    fn event(&self, credential: &str, event: crate::engine::Event, summary: &str) {
-        use crate::engine::Event;
-        let (condition, active) = match event {
-            Event::RotationFailed(active) => (Condition::RotationFailed, active),
-            Event::RevokeFailed(active) => (Condition::RevokeFailed, active),
-            Event::AutomationStopped(active) => (Condition::AutomationStopped, active),
-            Event::Stale(active) => (Condition::Stale, active),
-            Event::NearMaxAge(active) => (Condition::NearMaxAge, active),
-            Event::StateLost(active) => (Condition::StateLost, active),
-        };
-        if active {
-            self.raise(credential, condition, summary);
-        } else {
-            self.clear(credential, condition);
-        }
+/// The engine and the scheduler report conditions through [`EventSink`]; the alerter queues them.
+impl EventSink for Alerter {
+    fn raise(&self, credential: &str, condition: Condition, summary: &str) {
+        Alerter::raise(self, credential, condition, summary);
+    }
+
+    fn clear(&self, credential: &str, condition: Condition) {
+        Alerter::clear(self, credential, condition);
     }
 }
 
@@ -724,24 +624,6 @@ pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn condition_names_are_stable() {
-        let names: Vec<_> = Condition::ALL.iter().map(|c| c.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "rotation_failed",
-                "stale",
-                "near_max_age",
-                "revoke_failed",
-                "automation_stopped",
-                "state_lost"
-            ]
-        );
-        assert_eq!(Condition::Stale.severity(), Severity::Critical);
-        assert_eq!(Condition::NearMaxAge.severity(), Severity::Warning);
-    }
 
     #[test]
     fn routing_is_the_union_of_matching_routes() {

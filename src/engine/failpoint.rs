@@ -1,0 +1,24 @@
+//! The crash-test hook (`KEYROTD_FAILPOINT=step:event`): `tests/daemon.rs` kills the process at
+//! each step boundary it names.
+//!
+//! Invariant: unset, it changes nothing and costs one load.
+
+use crate::protocol::Step;
+
+/// Crash testing: with `KEYROTD_FAILPOINT=STEP:EVENT` (`stage:start`, `stage:done` — the step ran
+/// but is not journaled yet — or `stage:ok`), the process announces the point on stderr and
+/// hangs there, so a test can `kill -9` it at exactly that point. Unset, this costs one load.
+pub(super) async fn failpoint(step: Step, event: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| std::env::var("KEYROTD_FAILPOINT").ok());
+    if point
+        .as_deref()
+        .is_some_and(|p| p.split_once(':') == Some((step.as_str(), event)))
+    {
+        eprintln!(
+            "keyrotd: failpoint {}:{event} reached; hanging until killed",
+            step.as_str()
+        );
+        std::future::pending::<()>().await;
+    }
+}

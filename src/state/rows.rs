@@ -1,0 +1,103 @@
+//! How the SQLite backend maps records to rows: the column lists, the (de)serialization of
+//! public attributes as JSON, and the queries shared by several calls.
+//!
+//! Invariant: the column lists and the row readers agree index by index; a value the database
+//! holds but this keyrotd cannot read (an unknown phase or status, bad JSON) is
+//! [`StateError::Corrupt`], never a panic.
+
+use keyrotd_plugin::Attrs;
+use rusqlite::{params, Connection};
+
+use super::{CredentialRecord, RotationRecord, StateError, Status};
+use crate::protocol::Phase;
+
+pub(super) const CREDENTIAL_COLUMNS: &str =
+    "id, status, issued_at, consecutive_failures, next_attempt_at, last_error, current_attrs, state_lost";
+
+pub(super) const ROTATION_COLUMNS: &str =
+    "id, credential_id, trigger, started_at, phase, new_attrs, old_attrs, revoke_at, owner, lease_until, error, finished_at";
+
+pub(super) fn attrs_to_json(attrs: &Option<Attrs>) -> Option<String> {
+    attrs
+        .as_ref()
+        .map(|a| serde_json::to_string(a).expect("a string map serializes"))
+}
+
+pub(super) fn attrs_from_json(text: Option<String>) -> Result<Option<Attrs>, StateError> {
+    text.map(|t| {
+        serde_json::from_str(&t).map_err(|e| StateError::Corrupt(format!("attributes: {e}")))
+    })
+    .transpose()
+}
+
+pub(super) fn credential_record(row: &rusqlite::Row<'_>) -> Result<CredentialRecord, StateError> {
+    Ok(CredentialRecord {
+        id: row.get(0)?,
+        status: Status::parse(&row.get::<_, String>(1)?)?,
+        issued_at: row.get(2)?,
+        consecutive_failures: row.get(3)?,
+        next_attempt_at: row.get(4)?,
+        last_error: row.get(5)?,
+        current_attrs: attrs_from_json(row.get(6)?)?,
+        state_lost: row.get(7)?,
+    })
+}
+
+pub(super) fn rotation_record(row: &rusqlite::Row<'_>) -> Result<RotationRecord, StateError> {
+    Ok(RotationRecord {
+        id: row.get(0)?,
+        credential_id: row.get(1)?,
+        trigger: row.get(2)?,
+        started_at: row.get(3)?,
+        phase: phase(&row.get::<_, String>(4)?)?,
+        new_attrs: attrs_from_json(row.get(5)?)?,
+        old_attrs: attrs_from_json(row.get(6)?)?,
+        revoke_at: row.get(7)?,
+        owner: row.get(8)?,
+        lease_until: row.get(9)?,
+        error: row.get(10)?,
+        finished_at: row.get(11)?,
+    })
+}
+
+/// Runs a query and turns every row into a record.
+pub(super) fn records<T>(
+    stmt: &mut rusqlite::Statement<'_>,
+    args: &[&dyn rusqlite::ToSql],
+    capacity: usize,
+    record: fn(&rusqlite::Row<'_>) -> Result<T, StateError>,
+) -> Result<Vec<T>, StateError> {
+    let mut rows = stmt.query(args)?;
+    let mut out = Vec::with_capacity(capacity);
+    while let Some(row) = rows.next()? {
+        out.push(record(row)?);
+    }
+    Ok(out)
+}
+
+pub(super) fn upsert_credential(conn: &Connection, c: &CredentialRecord) -> rusqlite::Result<()> {
+    conn.execute(
+        &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT(id) DO UPDATE SET status = ?2, issued_at = ?3, consecutive_failures = ?4, next_attempt_at = ?5, last_error = ?6,
+           current_attrs = ?7, state_lost = ?8"),
+        params![c.id, c.status.as_str(), c.issued_at, c.consecutive_failures, c.next_attempt_at, c.last_error, attrs_to_json(&c.current_attrs), c.state_lost],
+    )?;
+    Ok(())
+}
+
+pub(super) fn query_rotations(
+    conn: &Connection,
+    filter: &str,
+    args: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<RotationRecord>, StateError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ROTATION_COLUMNS} FROM rotations {filter}"
+    ))?;
+    records(&mut stmt, args, 0, rotation_record)
+}
+
+/// The phase stored as `name`.
+fn phase(name: &str) -> Result<Phase, StateError> {
+    Phase::from_name(name).ok_or_else(|| StateError::Corrupt(format!("unknown phase `{name}`")))
+}

@@ -1,0 +1,108 @@
+//! Unit tests of the SQLite backend: one open rotation per credential, leases and claims.
+
+use keyrotd_plugin::Attrs;
+
+use super::*;
+
+fn rotation(id: &str, cred: &str) -> RotationRecord {
+    RotationRecord {
+        id: id.into(),
+        credential_id: cred.into(),
+        trigger: "manual".into(),
+        started_at: 1,
+        phase: Phase::Issuing,
+        new_attrs: None,
+        old_attrs: Some(Attrs::from([("AccessKeyId".into(), "AKIA1".into())])),
+        revoke_at: None,
+        owner: Some("me".into()),
+        lease_until: 100,
+        error: None,
+        finished_at: None,
+    }
+}
+
+#[tokio::test]
+async fn only_one_open_rotation_per_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteState::open(&dir.path().join("s.db")).unwrap();
+    let mut r1 = rotation("r1", "db");
+    r1.owner = Some(s.owner().into());
+    s.begin(&r1).await.unwrap().unwrap();
+    let busy = s.begin(&rotation("r2", "db")).await.unwrap().unwrap_err();
+    assert_eq!(busy.0.id, "r1");
+    s.begin(&rotation("r3", "other")).await.unwrap().unwrap();
+
+    let mut r1 = s.open_rotation("db").await.unwrap().unwrap();
+    assert_eq!(r1.old_attrs.as_ref().unwrap()["AccessKeyId"], "AKIA1");
+    r1.phase = Phase::Done;
+    r1.finished_at = Some(5);
+    s.save(&r1, &CredentialRecord::new("db")).await.unwrap();
+    s.begin(&rotation("r2", "db")).await.unwrap().unwrap();
+    assert_eq!(s.history(Some("db"), 10).await.unwrap().len(), 2);
+}
+
+/// Two handles on one database stand for two processes, each with its own liveness lock.
+#[tokio::test]
+async fn leases_are_taken_only_when_free_expired_or_dead() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let me = SqliteState::open(&path).unwrap();
+    let you = SqliteState::open(&path).unwrap();
+    let mut r1 = rotation("r1", "db");
+    r1.owner = Some(me.owner().into());
+    me.begin(&r1).await.unwrap().unwrap();
+    assert!(
+        matches!(you.claim("r1", 200, 50).await.unwrap(), Claim::Held { .. }),
+        "lease held by a live owner until 100"
+    );
+    assert!(
+        matches!(you.claim("r1", 300, 101).await.unwrap(), Claim::Taken(_)),
+        "expired"
+    );
+    // "me" held it for a while; its writes now fail instead of overwriting "you"'s progress.
+    let mut r = me.open_rotation("db").await.unwrap().unwrap();
+    r.phase = Phase::Staged;
+    let lost = me.save(&r, &CredentialRecord::new("db")).await;
+    assert!(matches!(lost, Err(StateError::LeaseLost(_))), "{lost:?}");
+    let lost = me.log_step("r1", "stage", "start", None).await;
+    assert!(matches!(lost, Err(StateError::LeaseLost(_))), "{lost:?}");
+    assert!(!me.renew("r1", 400).await.unwrap());
+    assert_eq!(
+        me.open_rotation("db").await.unwrap().unwrap().phase,
+        Phase::Issuing
+    );
+    you.save(&r, &CredentialRecord::new("db")).await.unwrap();
+    you.log_step("r1", "stage", "start", None).await.unwrap();
+    assert!(you.renew("r1", 400).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_claim_returns_the_rotation_as_it_is_now_and_a_dead_owner_loses_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let me = SqliteState::open(&path).unwrap();
+    let gone = SqliteState::open(&path).unwrap();
+    let mut r = rotation("r1", "db");
+    r.owner = Some(gone.owner().into());
+    r.lease_until = i64::MAX;
+    gone.begin(&r).await.unwrap().unwrap();
+    r.phase = Phase::Promoted;
+    gone.save(&r, &CredentialRecord::new("db")).await.unwrap();
+    drop(gone);
+    let Claim::Taken(fresh) = me.claim("r1", 200, 50).await.unwrap() else {
+        panic!("the owner's lock is free: it is gone");
+    };
+    assert_eq!(fresh.phase, Phase::Promoted);
+    assert_eq!(fresh.owner.as_deref(), Some(me.owner()));
+    let mut done = *fresh;
+    done.finished_at = Some(60);
+    done.owner = None;
+    me.save(&done, &CredentialRecord::new("db")).await.unwrap();
+    assert!(matches!(
+        me.claim("r1", 200, 50).await.unwrap(),
+        Claim::Finished
+    ));
+    // Released: not even the last holder may write to it any more.
+    let late = me.save(&done, &CredentialRecord::new("db")).await;
+    assert!(matches!(late, Err(StateError::LeaseLost(_))), "{late:?}");
+}
