@@ -8,7 +8,7 @@
 //!
 //! lettre's own timeout bounds connecting only: a server that accepts the connection and never
 //! sends its greeting would hold an attempt forever, so the delivery worker bounds each whole
-//! attempt (see [`super::Channel`]).
+//! attempt (see `Channel::send` in `channel.rs`).
 
 use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
@@ -19,7 +19,7 @@ use secrecy::ExposeSecret;
 use keyrotd_rotators::Timeouts;
 
 use super::config::{EmailConfig, SmtpTls};
-use super::{rfc3339, DeliveryError, Notification, Status};
+use super::notification::{rfc3339, AlertStatus, DeliveryError, Notification};
 
 /// A configured SMTP channel.
 pub(crate) struct EmailChannel {
@@ -104,14 +104,14 @@ impl EmailChannel {
 /// The subject line of a notification.
 pub fn subject(n: &Notification) -> String {
     match n.status {
-        Status::Firing => format!(
+        AlertStatus::Firing => format!(
             "[keyrotd] FIRING {}: {} {}{}",
             n.condition.severity(),
             n.credential,
             n.condition,
             if n.repeat { " (still active)" } else { "" }
         ),
-        Status::Resolved => format!("[keyrotd] RESOLVED: {} {}", n.credential, n.condition),
+        AlertStatus::Resolved => format!("[keyrotd] RESOLVED: {} {}", n.credential, n.condition),
     }
 }
 
