@@ -1,12 +1,12 @@
 //! Alert delivery: turns the engine's condition changes into email and webhook notifications.
 //!
 //! The engine calls [`Alerter::raise`] whenever a (credential, [`Condition`]) is active and
-//! [`Alerter::clear`] when it is over. Both only put an event on a bounded queue and return: a
+//! [`Alerter::clear`] when it is over. Both only put a command on a bounded queue and return: a
 //! slow or broken mail server never delays or fails a rotation.
 //!
 //! One *dispatcher* task owns the set of active conditions. It sends one `firing` notification
 //! when a condition becomes active, repeats it every `repeat_interval` while it stays active (a
-//! timer per active condition, in a [`DelayQueue`]: nothing polls), and sends one `resolved`
+//! timer per active condition, in a [`DelayQueue`](tokio_util::time::DelayQueue): nothing polls), and sends one `resolved`
 //! notification when it is cleared. Raising an already-active condition sends nothing.
 //!
 //! Each channel has its own *delivery worker* and queue, so a channel that is down only delays

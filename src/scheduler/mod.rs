@@ -13,7 +13,7 @@
 //! sleeping is on tokio's monotonic clock, so a sleep lasts at most [`MAX_SLEEP`] and every
 //! wake-up compares the heaps with the wall clock again: a clock jump is noticed within a
 //! minute. After a jump forward past several fire times a group fires once; after a jump back,
-//! a fire time already acted on does not fire again ([`CronCursor`]).
+//! a fire time already acted on does not fire again ([`CronCursor`](crate::schedule::CronCursor)).
 //!
 //! Besides, every 2 s it asks the state store one cheap question (SQLite's `data_version`): has
 //! another process (`keyrotd rotate`) committed? Only a change costs a re-read of the records.
@@ -24,6 +24,7 @@
 //!
 //! Invariants: a credential is queued or running at most once in this process (the state store
 //! stops other processes); at most `max_concurrent_rotations` engine runs are in flight; a rotation
+//! triggered by a cron fire starts inside the schedule's window or waits for the next fire.
 //!
 //! Files: `table` (the inventory and each credential's live view), `queue` (the loop's state:
 //! heaps, generations, busy and running, cron cursors; every method takes `now`, so it is tested
