@@ -8,7 +8,7 @@
 //!
 //! lettre's own timeout bounds connecting only: a server that accepts the connection and never
 //! sends its greeting would hold an attempt forever, so the delivery worker bounds each whole
-//! attempt (see [`super::Channel`]).
+//! attempt (see `Channel::send` in `channel.rs`).
 
 use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
@@ -19,7 +19,7 @@ use secrecy::ExposeSecret;
 use keyrotd_plugin::Timeouts;
 use keyrotd_providers::resolve::Resolve;
 
-use super::{rfc3339, DeliveryError, Notification, Status};
+use super::notification::{rfc3339, AlertStatus, DeliveryError, Notification};
 use crate::config::alerts::{EmailConfig, SmtpTls};
 
 /// A configured SMTP channel.
@@ -32,7 +32,7 @@ pub(crate) struct EmailChannel {
 
 impl EmailChannel {
     pub(crate) fn new(config: &EmailConfig, timeouts: Timeouts) -> anyhow::Result<Self> {
-        if config.tls == SmtpTls::None && !crate::config::alerts::is_loopback_host(&config.host) {
+        if config.tls == SmtpTls::None && !keyrotd_plugin::is_loopback_host(&config.host) {
             anyhow::bail!("plain SMTP is only allowed to a loopback host");
         }
         let from = config.from.parse()?;
@@ -105,14 +105,14 @@ impl EmailChannel {
 /// The subject line of a notification.
 pub fn subject(n: &Notification) -> String {
     match n.status {
-        Status::Firing => format!(
+        AlertStatus::Firing => format!(
             "[keyrotd] FIRING {}: {} {}{}",
             n.condition.severity(),
             n.credential,
             n.condition,
             if n.repeat { " (still active)" } else { "" }
         ),
-        Status::Resolved => format!("[keyrotd] RESOLVED: {} {}", n.credential, n.condition),
+        AlertStatus::Resolved => format!("[keyrotd] RESOLVED: {} {}", n.credential, n.condition),
     }
 }
 

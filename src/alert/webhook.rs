@@ -9,7 +9,7 @@ use reqwest::header::{HeaderValue, AUTHORIZATION};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
-use super::{rfc3339, DeliveryError, Notification, Status};
+use super::notification::{rfc3339, AlertStatus, DeliveryError, Notification};
 use crate::config::alerts::{
     resolve_url_async, validate_url, SlackConfig, UrlSource, WebhookConfig,
 };
@@ -91,14 +91,14 @@ impl SlackPayload {
     /// One line of mrkdwn, e.g. `:rotating_light: *FIRING* [critical] `db-main` stale: ...`.
     pub fn new(n: &Notification) -> Self {
         let head = match (n.status, n.repeat) {
-            (Status::Firing, false) => {
+            (AlertStatus::Firing, false) => {
                 format!(":rotating_light: *FIRING* [{}]", n.condition.severity())
             }
-            (Status::Firing, true) => format!(
+            (AlertStatus::Firing, true) => format!(
                 ":rotating_light: *STILL FIRING* [{}]",
                 n.condition.severity()
             ),
-            (Status::Resolved, _) => ":white_check_mark: *RESOLVED*".to_owned(),
+            (AlertStatus::Resolved, _) => ":white_check_mark: *RESOLVED*".to_owned(),
         };
         let text = format!(
             "{head} `{}` {}: {} ({}; since {})",
@@ -119,9 +119,12 @@ fn slack_escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// Which JSON body a channel sends.
 #[derive(Clone, Copy)]
-enum Format {
+enum Dialect {
+    /// [`WebhookPayload`].
     Generic,
+    /// [`SlackPayload`].
     Slack,
 }
 
@@ -130,7 +133,7 @@ pub(crate) struct WebhookChannel {
     client: reqwest::Client,
     url: UrlSource,
     authorization: Option<SecretRef>,
-    format: Format,
+    dialect: Dialect,
     timeouts: Timeouts,
 }
 
@@ -140,19 +143,19 @@ impl WebhookChannel {
             &config.url,
             config.authorization.clone(),
             timeouts,
-            Format::Generic,
+            Dialect::Generic,
         )
     }
 
     pub(crate) fn slack(config: &SlackConfig, timeouts: Timeouts) -> anyhow::Result<Self> {
-        Self::new(&config.url, None, timeouts, Format::Slack)
+        Self::new(&config.url, None, timeouts, Dialect::Slack)
     }
 
     fn new(
         url: &UrlSource,
         authorization: Option<SecretRef>,
         timeouts: Timeouts,
-        format: Format,
+        dialect: Dialect,
     ) -> anyhow::Result<Self> {
         validate_url(url).map_err(anyhow::Error::msg)?;
         let client = reqwest::Client::builder()
@@ -165,7 +168,7 @@ impl WebhookChannel {
             client,
             url: url.clone(),
             authorization,
-            format,
+            dialect,
             timeouts,
         })
     }
@@ -176,9 +179,9 @@ impl WebhookChannel {
             .await
             .map_err(DeliveryError::transient)?;
         let mut request = self.client.post(url);
-        request = match self.format {
-            Format::Generic => request.json(&WebhookPayload::new(n)),
-            Format::Slack => request.json(&SlackPayload::new(n)),
+        request = match self.dialect {
+            Dialect::Generic => request.json(&WebhookPayload::new(n)),
+            Dialect::Slack => request.json(&SlackPayload::new(n)),
         };
         if let Some(reference) = &self.authorization {
             let secret = reference

@@ -62,7 +62,8 @@ use crate::schedule::{parse_duration, Accepts};
 mod url;
 
 pub use self::url::UrlSource;
-pub(crate) use self::url::{is_loopback_host, resolve_url_async, validate_url};
+pub(crate) use self::url::{resolve_url_async, validate_url};
+use keyrotd_plugin::is_loopback_host;
 
 /// Bounds of a channel's `timeout`.
 const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);

@@ -3,8 +3,7 @@
 //! contains a URL resolved from a secret reference, and plain `http://` goes only to a
 //! loopback host.
 
-use std::net::IpAddr;
-
+use keyrotd_plugin::is_loopback_host;
 use keyrotd_plugin::reference::SecretRef;
 use keyrotd_plugin::Timeouts;
 use keyrotd_providers::resolve::Resolve;
@@ -95,11 +94,4 @@ fn check_url(text: &str, shown: String) -> Result<reqwest::Url, String> {
         return Err(format!("{shown} has no host"));
     }
     Ok(url)
-}
-
-/// `localhost`, `127.0.0.0/8` or `::1` (brackets allowed).
-pub(crate) fn is_loopback_host(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    bare.eq_ignore_ascii_case("localhost")
-        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
