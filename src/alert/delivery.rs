@@ -14,9 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::channel::Channel;
 use super::notification::Notification;
+use keyrotd_plugin::backoff::Backoff;
 
 /// Longest wait between two delivery attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// Counts deliveries by channel and result.
 #[derive(Clone)]
@@ -34,8 +35,8 @@ impl Deliveries {
 pub(super) struct DeliveryRetry {
     /// Attempts in all, at least one.
     pub(super) attempts: u32,
-    /// The wait after the first failed attempt; it doubles up to [`MAX_BACKOFF`].
-    pub(super) backoff: Duration,
+    /// The waits between attempts: from `delivery_backoff`, doubling up to [`MAX_BACKOFF`].
+    pub(super) backoff: Backoff,
 }
 
 /// Delivers one channel's notifications in order, with retries.
@@ -87,7 +88,6 @@ impl Worker {
     }
 
     async fn deliver(&self, n: &Notification) -> DeliveryResult {
-        let mut backoff = self.retry.backoff;
         for attempt in 1..=self.retry.attempts {
             let result = tokio::select! {
                 biased;
@@ -107,6 +107,7 @@ impl Worker {
                     attempt, permanent = error.permanent, error = %error, "alert delivery failed; giving up");
                 return DeliveryResult::Failed;
             }
+            let backoff = self.retry.backoff.delay(attempt);
             tracing::warn!(channel = %self.name, credential = %n.credential, condition = %n.condition,
                 attempt, error = %error, retry_in = ?backoff, "alert delivery failed; will retry");
             tokio::select! {
@@ -114,7 +115,6 @@ impl Worker {
                 () = self.abort.cancelled() => return DeliveryResult::Aborted,
                 () = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
         DeliveryResult::Failed
     }

@@ -51,6 +51,7 @@ pub use notification::{AlertStatus, DeliveryError, Notification};
 use channel::Channel;
 use delivery::{Deliveries, DeliveryRetry, Worker};
 use dispatcher::{Command, Dispatcher};
+use keyrotd_plugin::backoff::Backoff;
 use router::Router;
 
 /// Commands waiting for the dispatcher. Far more than the engine produces in a burst; past it,
@@ -108,7 +109,7 @@ impl Alerter {
         let abort = CancellationToken::new();
         let retry = DeliveryRetry {
             attempts: config.delivery_attempts.max(1),
-            backoff: config.delivery_backoff,
+            backoff: Backoff::new(config.delivery_backoff, delivery::MAX_BACKOFF),
         };
         for channel_config in &config.channels {
             let name = channel_config.name().to_owned();

@@ -37,6 +37,7 @@ mod targets;
 mod validate;
 
 pub use self::references::check_references;
+use keyrotd_plugin::backoff::Backoff;
 
 /// The validated inventory.
 #[derive(Debug, Clone)]
@@ -117,6 +118,13 @@ impl Default for RetryPolicy {
             backoff: Duration::from_secs(30),
             max_backoff: Duration::from_secs(3600),
         }
+    }
+}
+
+impl RetryPolicy {
+    /// The delays between failed attempts: `backoff` doubling up to `max_backoff`, jittered.
+    pub fn delays(&self) -> Backoff {
+        Backoff::new(self.backoff, self.max_backoff)
     }
 }
 

@@ -5,11 +5,8 @@
 //! Invariant: a failure at or after promotion never rolls back; the rotation keeps the failure
 //! that stopped it, even when rolling it back fails too.
 
-use std::time::Duration;
-
 use chrono::Utc;
 use keyrotd_plugin::ErrorClass;
-use rand::Rng;
 use tracing::{info, warn};
 
 use super::limits::{within, Limit, PluginLimit};
@@ -120,11 +117,7 @@ impl Engine {
             job.record.next_attempt_at = None;
             warn!(credential = %job.spec.id, attempts = job.record.consecutive_failures, permanent, "retries exhausted: credential marked failed; rotate it by hand to resume");
         } else {
-            let delay = backoff(
-                policy.backoff,
-                policy.max_backoff,
-                job.record.consecutive_failures,
-            );
+            let delay = policy.delays().delay(job.record.consecutive_failures);
             job.record.status = Status::Retrying;
             job.record.next_attempt_at = Some(
                 Utc::now()
@@ -161,30 +154,5 @@ pub(super) enum Failure {
 impl From<StateError> for Failure {
     fn from(e: StateError) -> Self {
         Self::State(e)
-    }
-}
-
-/// Exponential backoff with equal jitter: half the delay fixed, half random.
-pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
-    let exp = initial.saturating_mul(
-        1u32.checked_shl(attempt.saturating_sub(1).min(31))
-            .unwrap_or(u32::MAX),
-    );
-    let capped = exp.min(max);
-    let half = capped / 2;
-    half + half.mul_f64(rand::rng().random::<f64>())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let (b, max) = (Duration::from_secs(10), Duration::from_secs(60));
-        let first = backoff(b, max, 1);
-        assert!(first >= Duration::from_secs(5) && first <= b);
-        let late = backoff(b, max, 30);
-        assert!(late >= Duration::from_secs(30) && late <= max);
     }
 }

@@ -44,7 +44,6 @@ use crate::protocol::{Phase, Step, Trigger};
 use crate::state::{CredentialRecord, RotationRecord, StateError, StateStore};
 use lease::Taken;
 
-pub use failure::backoff;
 pub use metrics::EngineMetrics;
 
 /// How long a rotation's lease lasts; renewed at every step.

@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::CredentialSpec;
-use crate::engine::{backoff, Engine, EngineError, Outcome};
+use crate::engine::{Engine, EngineError, Outcome};
 use crate::event::{Condition, EventSink};
 use crate::fmt::human;
 use crate::protocol::Trigger;
@@ -326,7 +326,7 @@ impl Scheduler {
         live.status = Status::Retrying;
         live.consecutive_failures = live.consecutive_failures.saturating_add(1);
         let retry = slot.spec.retry;
-        let delay = backoff(retry.backoff, retry.max_backoff, live.consecutive_failures);
+        let delay = retry.delays().delay(live.consecutive_failures);
         live.wake = Some(Utc::now().timestamp().saturating_add(secs(delay).max(1)));
         error!(credential = %slot.spec.id, panic = %why, retry_in = %human(delay), "rotation task panicked; the credential is released and retried");
         if let Some(events) = &self.ages.events {
