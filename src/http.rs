@@ -19,9 +19,11 @@ use crate::scheduler::Table;
 /// What the handlers read.
 #[derive(Clone)]
 pub struct Endpoint {
+    /// What `/metrics` renders.
     pub metrics: Metrics,
     /// The inventory being scheduled; replaced on each reload.
     pub table: Arc<RwLock<Option<Arc<Table>>>>,
+    /// Whether `/readyz` answers ready: the inventory is loaded and scheduled.
     pub ready: Arc<AtomicBool>,
 }
 

@@ -19,6 +19,8 @@
 //!
 //! The provider plugins (rotators and stores) live in the `keyrotd-providers` crate.
 
+#![warn(missing_docs)]
+
 pub mod alert;
 pub mod cli;
 pub mod config;
@@ -35,3 +37,6 @@ pub mod protocol;
 pub mod schedule;
 pub mod scheduler;
 pub mod state;
+
+#[cfg(test)]
+mod layers;

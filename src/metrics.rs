@@ -27,18 +27,26 @@ const CHUNK: usize = 2000;
 /// The daemon's metrics.
 #[derive(Clone)]
 pub struct Metrics {
+    /// The process-wide registry, rendered before the per-credential series.
     pub registry: Registry,
+    /// Rotations, steps and provider calls.
     pub engine: EngineMetrics,
+    /// Engine runs that panicked.
     pub scheduler: SchedulerMetrics,
+    /// The state store's health.
     pub state: StateMetrics,
+    /// Inventory loads and reloads.
     pub config: ConfigMetrics,
 }
 
 /// How the inventory was loaded: at start-up, and on each SIGHUP reload.
 #[derive(Clone)]
 pub struct ConfigMetrics {
+    /// When the inventory was last loaded successfully (Unix seconds).
     pub last_success: Gauge,
+    /// Whether the last load or reload succeeded (1) or was refused (0).
     pub last_successful: IntGauge,
+    /// Reloads by result.
     pub reloads: IntCounterVec,
 }
 

@@ -49,16 +49,27 @@ use keyrotd_providers::resolve::Resolve;
 /// Receivers should deduplicate on (`credential`, `condition`, `started_at`).
 #[derive(Debug, Serialize)]
 pub struct WebhookPayload<'a> {
+    /// The payload format's version: 1.
     pub version: u32,
+    /// `firing` or `resolved`.
     pub status: &'static str,
+    /// The credential id.
     pub credential: &'a str,
+    /// The condition's stable name.
     pub condition: &'static str,
+    /// `warning` or `critical`.
     pub severity: &'static str,
+    /// The condition's fixed description.
     pub description: &'static str,
+    /// This occurrence's one-line summary.
     pub summary: &'a str,
+    /// Whether this is a reminder.
     pub repeat: bool,
+    /// When the condition started (RFC 3339).
     pub started_at: String,
+    /// When it was resolved, `None` while firing.
     pub resolved_at: Option<String>,
+    /// When this notification was sent.
     pub sent_at: String,
 }
 
@@ -84,6 +95,7 @@ impl<'a> WebhookPayload<'a> {
 /// The Slack-compatible body: `{"text": "..."}` (Slack, Mattermost, Rocket.Chat, ...).
 #[derive(Debug, Serialize)]
 pub struct SlackPayload {
+    /// The message, one line of mrkdwn.
     pub text: String,
 }
 

@@ -56,7 +56,7 @@ use keyrotd_plugin::Timeouts;
 use keyrotd_providers::resolve::Resolve;
 use serde::{Deserialize, Deserializer};
 
-use crate::alert::Severity;
+use crate::event::Severity;
 use crate::schedule::{parse_duration, Accepts};
 
 mod url;

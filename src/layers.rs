@@ -1,0 +1,105 @@
+//! The layer rule of the daemon crate, checked against the source.
+//!
+//! Modules are stacked: a module may use modules of lower layers only, never one of its own
+//! layer or above, so dependencies point one way and there are no import cycles. The table below
+//! is the rule; ARCHITECTURE.md explains it. The test reads every file under `src/` and fails on
+//! any `crate::MODULE` path that breaks it, naming the file and line.
+
+/// Each layer's modules, bottom first.
+const LAYERS: &[&[&str]] = &[
+    // Leaves: pure types and functions.
+    &[
+        "fmt", "event", "protocol", "schedule", "liveness", "logging",
+    ],
+    &["config"],
+    &["state"],
+    &["instrument"],
+    // The protocol and the notifications, side by side: neither knows the other.
+    &["engine", "alert"],
+    &["scheduler"],
+    &["metrics"],
+    &["http"],
+    // The entry points.
+    &["daemon", "cli"],
+];
+
+fn layer(module: &str) -> Option<usize> {
+    LAYERS.iter().position(|layer| layer.contains(&module))
+}
+
+/// The top-level module a file under `src/` belongs to (`engine/steps.rs` -> `engine`).
+fn module_of(relative: &std::path::Path) -> String {
+    let first = relative.components().next().expect("a file under src/");
+    let name = first.as_os_str().to_string_lossy();
+    name.strip_suffix(".rs").unwrap_or(&name).to_owned()
+}
+
+fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("src/ is readable") {
+        let path = entry.expect("a directory entry").path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The modules named by `crate::NAME` paths in one line of code (comments excluded).
+fn crate_paths(line: &str) -> impl Iterator<Item = &str> {
+    let code = line.split("//").next().unwrap_or("");
+    code.match_indices("crate::").map(move |(at, _)| {
+        let rest = &code[at + "crate::".len()..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        &rest[..end]
+    })
+}
+
+#[test]
+fn every_module_is_in_a_layer_and_imports_only_from_below() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut violations = Vec::new();
+    for file in &files {
+        let relative = file.strip_prefix(&src).expect("under src/");
+        let module = module_of(relative);
+        if ["lib", "main", "layers"].contains(&module.as_str()) {
+            continue;
+        }
+        let own = layer(&module).unwrap_or_else(|| {
+            panic!(
+                "src/{} is in no layer: add `{module}` to LAYERS",
+                relative.display()
+            )
+        });
+        let text = std::fs::read_to_string(file).expect("a readable source file");
+        for (n, line) in text.lines().enumerate() {
+            for used in crate_paths(line) {
+                if used == module {
+                    continue;
+                }
+                match layer(used) {
+                    Some(l) if l < own => {}
+                    _ => violations.push(format!(
+                        "src/{}:{}: `{module}` uses `crate::{used}`, which is not below it",
+                        relative.display(),
+                        n + 1
+                    )),
+                }
+            }
+        }
+    }
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
+}
+
+#[test]
+fn crate_paths_are_found_outside_comments() {
+    let found: Vec<_> =
+        crate_paths("use crate::engine::{Engine}; x(crate::fmt::human) // crate::cli").collect();
+    assert_eq!(found, ["engine", "fmt"]);
+    assert_eq!(module_of(std::path::Path::new("engine/steps.rs")), "engine");
+    assert_eq!(module_of(std::path::Path::new("fmt.rs")), "fmt");
+}
