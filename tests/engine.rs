@@ -13,7 +13,7 @@ use keyrotd::engine::{Engine, EngineMetrics, Event, EventSink, Outcome, Trigger}
 use keyrotd::schedule::Schedule;
 use keyrotd::scheduler::{lock, Scheduler, SchedulerMetrics, Settings, Table};
 use keyrotd::state::{Phase, SqliteState, StateStore, Status};
-use keyrotd_rotators::file::{FileConfig, FileStore, Format};
+use keyrotd_rotators::file::{Encoding, FileConfig, FileStore};
 use keyrotd_rotators::random::{Alphabet, RandomConfig, RandomRotator};
 use keyrotd_rotators::{
     Attrs, Credential, ProviderError, Rotator, RotatorConfig, StepContext, Store, StoreConfig,
@@ -164,7 +164,7 @@ impl Fixture {
             mode: "0600".into(),
             owner: None,
             group: None,
-            format: Format::Json,
+            format: Encoding::Json,
         };
         let store = Arc::new(FileStore::new(file.clone()).unwrap());
         let spec = CredentialSpec {

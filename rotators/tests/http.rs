@@ -12,7 +12,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use keyrotd_rotators::file::{FileConfig, FileStore, Format};
+use keyrotd_rotators::file::{Encoding, FileConfig, FileStore};
 use keyrotd_rotators::{
     Credential, ErrorClass, ProviderError, Rotator, RotatorConfig, StepContext, Store,
 };
@@ -183,7 +183,7 @@ async fn fixture_with(edit: impl FnOnce(&mut Value)) -> Fixture {
         mode: "0600".into(),
         owner: None,
         group: None,
-        format: Format::Json,
+        format: Encoding::Json,
     })
     .unwrap();
     Fixture {

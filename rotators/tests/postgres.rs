@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use keyrotd_rotators::file::{FileConfig, FileStore, Format};
+use keyrotd_rotators::file::{Encoding, FileConfig, FileStore};
 use keyrotd_rotators::{
     Credential, ErrorClass, ProviderError, Rotator, RotatorConfig, StepContext, Store,
 };
@@ -54,7 +54,7 @@ fn store(dir: &std::path::Path) -> FileStore {
         mode: "0600".into(),
         owner: None,
         group: None,
-        format: Format::Json,
+        format: Encoding::Json,
     })
     .unwrap()
 }
