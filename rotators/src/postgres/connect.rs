@@ -144,6 +144,8 @@ impl PostgresRotator {
         Ok(config)
     }
 
+    /// Connects with `config`; the whole handshake, TLS and login included, must end within
+    /// `connect_timeout` and a second. The connection runs in a task of its own.
     pub(super) async fn connect(
         &self,
         config: &tokio_postgres::Config,
