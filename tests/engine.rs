@@ -16,7 +16,7 @@ use keyrotd::schedule::Schedule;
 use keyrotd::scheduler::{lock, Scheduler, SchedulerMetrics, Settings, Table};
 use keyrotd::state::{SqliteState, StateStore, Status};
 use keyrotd_plugin::{Attrs, Credential, ProviderError, Rotator, StepContext, Store};
-use keyrotd_providers::file::{FileConfig, FileStore, Format};
+use keyrotd_providers::file::{Encoding, FileConfig, FileStore};
 use keyrotd_providers::random::{Alphabet, RandomConfig, RandomRotator};
 use keyrotd_providers::{RotatorConfig, StoreConfig};
 use secrecy::ExposeSecret;
@@ -165,7 +165,7 @@ impl Fixture {
             mode: "0600".into(),
             owner: None,
             group: None,
-            format: Format::Json,
+            format: Encoding::Json,
         };
         let store = Arc::new(FileStore::new(file.clone()).unwrap());
         let spec = CredentialSpec {

@@ -36,9 +36,3 @@ pub mod resolve;
 pub mod timeouts;
 
 pub use config::{AwsDefaults, RotatorConfig, StoreConfig};
-// The plugin API, for the provider modules (`use crate::{Rotator, ProviderError}`).
-#[allow(unused_imports)]
-use keyrotd_plugin::{
-    is_loopback_host, reference, Attrs, Credential, ErrorClass, ProviderError, Rotator,
-    StepContext, Store, Timeouts,
-};

@@ -10,7 +10,7 @@ use rand::{Rng, TryRngCore};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::{Attrs, Credential, ProviderError, Rotator, StepContext};
+use keyrotd_plugin::{Attrs, Credential, ProviderError, Rotator, StepContext};
 
 /// Configuration of the `random` rotator.
 #[derive(Debug, Clone, Deserialize)]

@@ -13,7 +13,7 @@ use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use keyrotd_plugin::{Credential, ErrorClass, ProviderError, Rotator, StepContext, Store};
-use keyrotd_providers::file::{FileConfig, FileStore, Format};
+use keyrotd_providers::file::{Encoding, FileConfig, FileStore};
 use keyrotd_providers::RotatorConfig;
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
@@ -182,7 +182,7 @@ async fn fixture_with(edit: impl FnOnce(&mut Value)) -> Fixture {
         mode: "0600".into(),
         owner: None,
         group: None,
-        format: Format::Json,
+        format: Encoding::Json,
     })
     .unwrap();
     Fixture {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use keyrotd_plugin::{Credential, ErrorClass, ProviderError, Rotator, StepContext, Store};
-use keyrotd_providers::file::{FileConfig, FileStore, Format};
+use keyrotd_providers::file::{Encoding, FileConfig, FileStore};
 use keyrotd_providers::RotatorConfig;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
@@ -53,7 +53,7 @@ fn store(dir: &std::path::Path) -> FileStore {
         mode: "0600".into(),
         owner: None,
         group: None,
-        format: Format::Json,
+        format: Encoding::Json,
     })
     .unwrap()
 }

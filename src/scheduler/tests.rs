@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use chrono_tz::Tz;
-use keyrotd_providers::file::{FileConfig, Format};
+use keyrotd_providers::file::{Encoding, FileConfig};
 use keyrotd_providers::random::{Alphabet, RandomConfig};
 use keyrotd_providers::{RotatorConfig, StoreConfig};
 
@@ -36,7 +36,7 @@ fn spec(id: &str, schedule: Schedule) -> CredentialSpec {
             mode: "0600".into(),
             owner: None,
             group: None,
-            format: Format::Json,
+            format: Encoding::Json,
         }),
         schedule,
         max_age: Duration::from_secs(90 * DAY),

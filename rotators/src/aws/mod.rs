@@ -27,7 +27,7 @@ use aws_sdk_iam::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use tokio::sync::OnceCell;
 
-use crate::{ErrorClass, ProviderError, Timeouts};
+use keyrotd_plugin::{ErrorClass, ProviderError, Timeouts};
 
 /// How many times the SDK tries one call (throttling and 5xx answers are retried inside it).
 const MAX_ATTEMPTS: u32 = 3;
@@ -229,7 +229,10 @@ pub(crate) fn validate_endpoint_url(url: Option<&str>) -> Result<(), String> {
         // secrets themselves: only where no network can read them.
         let parsed = url::Url::parse(url)
             .map_err(|e| format!("endpoint_url: `{url}` is not a valid URL ({e})"))?;
-        if !parsed.host_str().is_some_and(crate::is_loopback_host) {
+        if !parsed
+            .host_str()
+            .is_some_and(keyrotd_plugin::is_loopback_host)
+        {
             return Err(format!(
                 "endpoint_url: `{url}` uses plain http, which is allowed only to a loopback host \
                  (127.0.0.0/8, ::1, localhost); use https"

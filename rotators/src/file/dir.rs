@@ -30,7 +30,7 @@ use nix::sys::stat::{self, FileStat, Mode, SFlag};
 use nix::unistd::{self, Gid, Uid, UnlinkatFlags};
 use rand::distr::{Alphanumeric, SampleString};
 
-use crate::ProviderError;
+use keyrotd_plugin::ProviderError;
 
 /// The largest file keyrotd reads from a store directory (1 MiB). A secret, even inside a JSON
 /// object with its attributes, is a few kilobytes at most; anything larger is not a store file,

@@ -13,112 +13,33 @@
 //! - revoke: `UpdateAccessKey` to `Inactive`, then `DeleteAccessKey`.
 //! - abandon: deletes the issued key, or, when a crash lost it, every key of the user that is
 //!   neither the current one nor the one the rotation replaces and was created since the rotation
-//!   started, on AWS's clock (see [`started_in_aws_time`]).
+//!   started, on AWS's clock (see [`clock::started_in_aws_time`]).
 //!
 //! The credential's secret is the `SecretAccessKey`; its attribute `AccessKeyId` identifies it,
 //! so its store should write JSON (file `format = "json"`, Secrets Manager with `field`).
+//!
+//! Files: `config` holds [`IamAccessKeyConfig`] and its validation, `clock` AWS's time for
+//! dating orphaned keys, and this file the rotator and its [`Rotator`] implementation.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod clock;
+mod config;
+
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use aws_sdk_iam::config::interceptors::BeforeDeserializationInterceptorContextRef;
-use aws_sdk_iam::config::{ConfigBag, Intercept, RuntimeComponents};
-use aws_sdk_iam::error::BoxError;
-use aws_sdk_iam::primitives::{DateTime, DateTimeFormat};
 use aws_sdk_iam::types::{AccessKeyMetadata, StatusType};
 use aws_sdk_sts::config::Credentials;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 
+use self::clock::{started_in_aws_time, ResponseDate};
+pub use self::config::IamAccessKeyConfig;
 use super::{aws_error, has_code, Connection};
-use crate::timeouts::{self, Timeouts};
-use crate::{Attrs, Credential, ProviderError, Rotator, StepContext};
+use keyrotd_plugin::backoff::Backoff;
+use keyrotd_plugin::{Attrs, Credential, ProviderError, Rotator, StepContext};
 
 /// The attribute naming the access key id.
 pub const ACCESS_KEY_ID: &str = "AccessKeyId";
 const NO_SUCH_ENTITY: &str = "NoSuchEntity";
-
-/// Configuration of the `aws_iam_access_key` rotator.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IamAccessKeyConfig {
-    /// The IAM user whose keys are rotated.
-    pub user_name: String,
-    /// AWS region for the IAM and STS calls; defaults to the standard chain.
-    #[serde(default)]
-    pub region: Option<String>,
-    /// Endpoint override for IAM and STS (a test server).
-    #[serde(default)]
-    pub endpoint_url: Option<String>,
-    /// How long verify keeps retrying while IAM propagates a new key (`"30s"`, `"2m"`).
-    #[serde(default = "default_verify_timeout")]
-    pub verify_timeout: String,
-    /// Whether revoke deletes the key after deactivating it. When false the inactive key stays
-    /// until the next rotation's issue deletes it.
-    #[serde(default = "default_true")]
-    pub delete_after_deactivate: bool,
-    /// The longest wait for a connection to IAM or STS (`"10s"`).
-    #[serde(
-        default = "timeouts::default_connect",
-        deserialize_with = "timeouts::duration"
-    )]
-    pub connect_timeout: Duration,
-    /// The longest one step may wait for IAM and STS, SDK retries included (`"60s"`); verify may
-    /// add `verify_timeout` to it.
-    #[serde(
-        default = "timeouts::default_call",
-        deserialize_with = "timeouts::duration"
-    )]
-    pub timeout: Duration,
-}
-
-fn default_verify_timeout() -> String {
-    "30s".into()
-}
-
-fn default_true() -> bool {
-    true
-}
-
-impl IamAccessKeyConfig {
-    /// Checks what can be known without calling AWS; the error names the offending field.
-    pub fn validate(&self) -> Result<Duration, String> {
-        let user = &self.user_name;
-        if user.is_empty() || user.len() > 64 {
-            return Err(format!(
-                "user_name: must be 1 to 64 characters, got {}",
-                user.len()
-            ));
-        }
-        if !user
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
-        {
-            return Err(format!(
-                "user_name: `{user}` may only contain letters, digits and +=,.@_-"
-            ));
-        }
-        let timeout = humantime::parse_duration(&self.verify_timeout).map_err(|e| {
-            format!(
-                "verify_timeout: `{}` is not a duration like \"30s\": {e}",
-                self.verify_timeout
-            )
-        })?;
-        if timeout > Duration::from_secs(3600) {
-            return Err("verify_timeout: must be at most 1h".into());
-        }
-        super::validate_region(self.region.as_deref())?;
-        super::validate_endpoint_url(self.endpoint_url.as_deref())?;
-        timeouts::validate(self.connect_timeout, self.timeout)?;
-        Ok(timeout)
-    }
-
-    /// The configured `connect_timeout` and `timeout`.
-    pub fn timeouts(&self) -> Timeouts {
-        Timeouts::new(self.connect_timeout, self.timeout)
-    }
-}
 
 /// The `aws_iam_access_key` rotator.
 #[derive(Debug)]
@@ -338,7 +259,9 @@ impl Rotator for IamAccessKeyRotator {
         let sts = aws_sdk_sts::Client::from_conf(config);
         let target = format!("key {id} of {}", self.target());
         let deadline = Instant::now() + self.verify_timeout;
-        let mut pause = Duration::from_millis(250);
+        let waits = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+        let mut attempt = 1;
+        let mut pause = waits.delay(attempt);
         let out = loop {
             match sts.get_caller_identity().send().await {
                 Ok(out) => break out,
@@ -352,7 +275,8 @@ impl Rotator for IamAccessKeyRotator {
                         "new key not accepted by STS yet; retrying"
                     );
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
+                    attempt += 1;
+                    pause = waits.delay(attempt);
                 }
                 Err(e) => return Err(aws_error("STS GetCallerIdentity", &target, e)),
             }
@@ -434,147 +358,5 @@ impl Rotator for IamAccessKeyRotator {
             self.delete_key(&iam, id).await?;
         }
         Ok(())
-    }
-}
-
-/// Clock differences smaller than this are within the precision of the `Date` header and of
-/// `CreateDate` (whole seconds) and are not corrected.
-const NEGLIGIBLE_SKEW: Duration = Duration::from_secs(2);
-
-/// The rotation's start in AWS's time, in whole seconds: the time AWS reported (`aws_now`) less
-/// the time that passed on the local clock since the rotation started. Measuring the elapsed time
-/// on one clock and the instant on the other makes the comparison with a key's `CreateDate`
-/// immune to skew between the two: a local clock minutes ahead of AWS would otherwise hide a
-/// fresh orphan, and one behind AWS would take a key made before the rotation for an orphan.
-/// Without a usable `Date` header, or when the clocks agree within [`NEGLIGIBLE_SKEW`], the local
-/// start time is used as it is.
-fn started_in_aws_time(started: SystemTime, local_now: SystemTime, aws_now: Option<i64>) -> i64 {
-    let secs = |t: SystemTime| match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    };
-    let local_start = secs(started);
-    let Some(aws_now) = aws_now else {
-        return local_start;
-    };
-    let skew = aws_now - secs(local_now);
-    if skew.unsigned_abs() <= NEGLIGIBLE_SKEW.as_secs() {
-        return local_start;
-    }
-    // Local clock jumps during the rotation would make "elapsed" negative: count it as zero.
-    let elapsed = secs(local_now).saturating_sub(local_start).max(0);
-    aws_now.saturating_sub(elapsed)
-}
-
-/// Records the `Date` header of an AWS response: AWS's clock, to date `CreateDate` against.
-#[derive(Debug, Clone, Default)]
-struct ResponseDate(Arc<Mutex<Option<i64>>>);
-
-impl ResponseDate {
-    fn secs(&self) -> Option<i64> {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Intercept for ResponseDate {
-    fn name(&self) -> &'static str {
-        "keyrotd::ResponseDate"
-    }
-
-    fn read_after_transmit(
-        &self,
-        context: &BeforeDeserializationInterceptorContextRef<'_>,
-        _: &RuntimeComponents,
-        _: &mut ConfigBag,
-    ) -> Result<(), BoxError> {
-        let date = context
-            .response()
-            .headers()
-            .get("date")
-            .and_then(|d| DateTime::from_str(d, DateTimeFormat::HttpDate).ok())
-            .map(|d| d.secs());
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = date;
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(user: &str) -> IamAccessKeyConfig {
-        IamAccessKeyConfig {
-            user_name: user.into(),
-            region: None,
-            endpoint_url: None,
-            verify_timeout: default_verify_timeout(),
-            delete_after_deactivate: true,
-            connect_timeout: timeouts::DEFAULT_CONNECT_TIMEOUT,
-            timeout: timeouts::DEFAULT_TIMEOUT,
-        }
-    }
-
-    #[test]
-    fn the_start_is_moved_to_aws_time_when_the_clocks_disagree() {
-        let t = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
-        let (start, now) = (t(1_000_000), t(1_000_030));
-        // Clocks in agreement (within the header's precision), or no header: the local start.
-        assert_eq!(started_in_aws_time(start, now, None), 1_000_000);
-        assert_eq!(started_in_aws_time(start, now, Some(1_000_031)), 1_000_000);
-        // The local clock 10 minutes ahead of AWS: the start was 30 s before AWS's now.
-        assert_eq!(
-            started_in_aws_time(start, now, Some(1_000_030 - 600)),
-            999_400
-        );
-        // 10 minutes behind AWS.
-        assert_eq!(started_in_aws_time(start, now, Some(1_000_630)), 1_000_600);
-        // The local clock jumped back during the rotation: no negative elapsed time.
-        assert_eq!(started_in_aws_time(now, start, Some(1_000_600)), 1_000_600);
-    }
-
-    #[test]
-    fn validates_user_names_and_durations() {
-        assert_eq!(
-            config("svc.deploy+ci@corp").validate(),
-            Ok(Duration::from_secs(30))
-        );
-        assert!(config("").validate().unwrap_err().starts_with("user_name:"));
-        assert!(config("has space")
-            .validate()
-            .unwrap_err()
-            .starts_with("user_name:"));
-        assert!(config(&"a".repeat(65))
-            .validate()
-            .unwrap_err()
-            .starts_with("user_name:"));
-        let mut c = config("app");
-        c.verify_timeout = "soon".into();
-        assert!(c.validate().unwrap_err().starts_with("verify_timeout:"));
-        c.verify_timeout = "2m".into();
-        assert_eq!(c.validate(), Ok(Duration::from_secs(120)));
-    }
-
-    #[test]
-    fn registered_as_a_rotator_kind_refusing_unknown_fields() {
-        let value = serde_json::json!({"kind": "aws_iam_access_key", "user_name": "ci-deployer"});
-        let config: crate::RotatorConfig = serde_json::from_value(value).unwrap();
-        assert_eq!(config.kind(), "aws_iam_access_key");
-        let rotator = config.build().unwrap();
-        assert_eq!(rotator.secret_field(), "SecretAccessKey");
-        let crate::RotatorConfig::AwsIamAccessKey(c) = config else {
-            panic!("wrong variant")
-        };
-        assert!(
-            c.delete_after_deactivate,
-            "deleting after deactivation is the default"
-        );
-        let typo = serde_json::json!({"kind": "aws_iam_access_key", "user_name": "x", "user": "y"});
-        assert!(serde_json::from_value::<crate::RotatorConfig>(typo).is_err());
-        let bad = serde_json::json!({"kind": "aws_iam_access_key", "user_name": "x", "verify_timeout": "1 fortnight"});
-        let config: crate::RotatorConfig = serde_json::from_value(bad).unwrap();
-        assert!(config
-            .validate()
-            .unwrap_err()
-            .starts_with("verify_timeout:"));
     }
 }

@@ -1,0 +1,139 @@
+//! The `aws_secrets_manager` store's configuration: the secret (a name or an ARN), the JSON
+//! member that holds the credential, the region and endpoint, and the timeouts.
+//!
+//! Invariant: secret ids are checked without calling AWS, and the reasons a check gives never
+//! quote the id, so a secret reference holding a pasted secret is refused without echoing it.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::aws;
+use crate::timeouts::{self, Timeouts};
+use keyrotd_plugin::reference::check_secret_id;
+
+/// Configuration of the `aws_secrets_manager` store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsManagerConfig {
+    /// The secret's name or full ARN. The secret must exist; keyrotd never creates it.
+    pub secret_id: String,
+    /// When set, the secret is a JSON object and the credential's secret goes into this member
+    /// (its attributes into members of their own names); other members are kept.
+    #[serde(default)]
+    pub field: Option<String>,
+    /// AWS region; defaults to the standard chain (`AWS_REGION`, profile).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Endpoint override (a VPC endpoint, a test server).
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// The longest wait for a connection to Secrets Manager (`"10s"`).
+    #[serde(
+        default = "timeouts::default_connect",
+        deserialize_with = "timeouts::duration"
+    )]
+    pub connect_timeout: Duration,
+    /// The longest one step may wait for Secrets Manager, SDK retries included (`"60s"`).
+    #[serde(
+        default = "timeouts::default_call",
+        deserialize_with = "timeouts::duration"
+    )]
+    pub timeout: Duration,
+}
+
+impl SecretsManagerConfig {
+    /// The secret this store writes, for the inventory's duplicate check: its id with the region
+    /// it lives in (an ARN names its own) and the endpoint. The JSON `field` is left out on
+    /// purpose: two credentials in one secret would fight over its `AWSPENDING` label.
+    pub fn target(&self) -> String {
+        let region = match self.secret_id.split(':').nth(3) {
+            Some(region) if self.secret_id.starts_with("arn:") => Some(region),
+            _ => self.region.as_deref(),
+        };
+        format!(
+            "Secrets Manager secret `{}` in region {} at {}",
+            self.secret_id,
+            region.unwrap_or("(default)"),
+            self.endpoint_url.as_deref().unwrap_or("AWS")
+        )
+    }
+
+    /// A configuration for `secret_id` with every other field at its default.
+    pub fn new(secret_id: impl Into<String>) -> Self {
+        Self {
+            secret_id: secret_id.into(),
+            field: None,
+            region: None,
+            endpoint_url: None,
+            connect_timeout: timeouts::DEFAULT_CONNECT_TIMEOUT,
+            timeout: timeouts::DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// The configured `connect_timeout` and `timeout`.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts::new(self.connect_timeout, self.timeout)
+    }
+
+    /// Checks what can be known without calling AWS; the error names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        let id = &self.secret_id;
+        check_secret_id(id).map_err(|why| {
+            if id.trim().is_empty() {
+                format!("secret_id: {why}")
+            } else {
+                format!("secret_id: `{id}` is not a valid secret name or ARN: {why}")
+            }
+        })?;
+        if self.field.as_deref().is_some_and(str::is_empty) {
+            return Err("field: must not be empty when set".into());
+        }
+        aws::validate_region(self.region.as_deref())?;
+        aws::validate_endpoint_url(self.endpoint_url.as_deref())?;
+        timeouts::validate(self.connect_timeout, self.timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(secret_id: &str) -> SecretsManagerConfig {
+        SecretsManagerConfig::new(secret_id)
+    }
+
+    #[test]
+    fn validates_secret_ids_and_arns() {
+        assert!(config("prod/db/app").validate().is_ok());
+        assert!(
+            config("arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/db-AbCdEf")
+                .validate()
+                .is_ok()
+        );
+        assert!(config("").validate().unwrap_err().starts_with("secret_id:"));
+        assert!(config("has space")
+            .validate()
+            .unwrap_err()
+            .starts_with("secret_id:"));
+        for bad in [
+            "arn:aws:secretsmanager:eu-west-1:123456789012:prod/db",
+            "arn:aws:s3:eu-west-1:123456789012:secret:x",
+            "arn:aws:secretsmanager:eu-west-1:1234:secret:x",
+            "arn:aws:secretsmanager::123456789012:secret:x",
+            "arn:aws:secretsmanager:eu-west-1:123456789012:secret:",
+        ] {
+            let err = config(bad).validate().unwrap_err();
+            assert!(
+                err.starts_with("secret_id:") && err.contains("ARN"),
+                "{bad}: {err}"
+            );
+        }
+        let mut c = config("x");
+        c.field = Some(String::new());
+        assert!(c.validate().unwrap_err().starts_with("field:"));
+        c.field = None;
+        c.endpoint_url = Some("localhost:4566".into());
+        assert!(c.validate().unwrap_err().starts_with("endpoint_url:"));
+    }
+}
