@@ -265,16 +265,15 @@ impl Rotator for IamAccessKeyRotator {
         let out = loop {
             match sts.get_caller_identity().send().await {
                 Ok(out) => break out,
-                // IAM is eventually consistent: a fresh key may not be known to STS yet.
-                Err(e)
-                    if has_code(&e, "InvalidClientTokenId")
-                        && Instant::now() + pause < deadline =>
-                {
+                // IAM is eventually consistent: a fresh key may not be known to STS yet. Retry
+                // until `verify_timeout`, the last time at the deadline itself.
+                Err(e) if has_code(&e, "InvalidClientTokenId") && Instant::now() < deadline => {
                     tracing::debug!(
                         access_key_id = id,
                         "new key not accepted by STS yet; retrying"
                     );
-                    tokio::time::sleep(pause).await;
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(pause.min(left)).await;
                     attempt += 1;
                     pause = waits.delay(attempt);
                 }
