@@ -6,7 +6,6 @@
 //! test uses its own IAM user and secret, so they run in parallel against one server.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Once;
 use std::time::{Duration, SystemTime};
 
 use aws_config::SdkConfig;
@@ -18,31 +17,19 @@ use keyrotd_rotators::timeouts::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT};
 use keyrotd_rotators::{
     Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext, Store, Timeouts,
 };
+use keyrotd_test_support::backend_env;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::aws_env;
+
 fn moto_url() -> String {
-    std::env::var("KEYROTD_TEST_MOTO_URL").expect(
-        "KEYROTD_TEST_MOTO_URL is not set: run these tests through tests/run.sh, which starts moto",
-    )
+    backend_env("KEYROTD_TEST_MOTO_URL")
 }
 
 /// Points the standard AWS credential chain at the admin key `tests/backends/20-moto.sh` made.
 fn admin_env() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let id = std::env::var("KEYROTD_TEST_AWS_ACCESS_KEY_ID")
-            .expect("KEYROTD_TEST_AWS_ACCESS_KEY_ID is not set");
-        let secret = std::env::var("KEYROTD_TEST_AWS_SECRET_ACCESS_KEY")
-            .expect("KEYROTD_TEST_AWS_SECRET_ACCESS_KEY is not set");
-        std::env::set_var("AWS_ACCESS_KEY_ID", id);
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", secret);
-        std::env::remove_var("AWS_SESSION_TOKEN");
-        std::env::remove_var("AWS_PROFILE");
-        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-        // For `aws-sm:` secret references, which use the standard chain and AWS_ENDPOINT_URL.
-        std::env::set_var("AWS_REGION", "us-east-1");
-        std::env::set_var("AWS_ENDPOINT_URL", moto_url());
-    });
+    backend_env("KEYROTD_TEST_AWS_ACCESS_KEY_ID");
+    aws_env::standard_chain();
 }
 
 /// The SDK configuration the tests use to set up and inspect AWS behind the plugins' back.
@@ -234,6 +221,7 @@ fn assert_error(err: &ProviderError, class: ErrorClass, code: &str, operation: &
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn iam_rotation_into_secrets_manager_end_to_end() {
     let admin = admin().await;
     let (user, secret_id) = ("e2e-user", "e2e/iam-key");
@@ -392,6 +380,7 @@ async fn iam_rotation_into_secrets_manager_end_to_end() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn secrets_manager_whole_string_labels_discard_and_rotation_in_progress() {
     let admin = admin().await;
     let secret_id = "labels/db-password";
@@ -491,6 +480,7 @@ async fn secrets_manager_whole_string_labels_discard_and_rotation_in_progress() 
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn secrets_manager_secret_without_a_value_gets_its_first_one() {
     let admin = admin().await;
     let secret_id = "first/value";
@@ -525,6 +515,7 @@ async fn secrets_manager_secret_without_a_value_gets_its_first_one() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn verify_fails_when_the_new_key_is_deleted_out_of_band() {
     let admin = admin().await;
     let user = "verify-fail-user";
@@ -563,6 +554,7 @@ async fn verify_fails_when_the_new_key_is_deleted_out_of_band() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn crash_recovery_deletes_the_orphaned_key_and_reissues() {
     let admin = admin().await;
     let user = "crash-user";
@@ -603,6 +595,7 @@ async fn crash_recovery_deletes_the_orphaned_key_and_reissues() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn crash_recovery_leaves_keys_made_before_the_rotation_alone() {
     let admin = admin().await;
     let user = "crash-oob-user";
@@ -626,6 +619,7 @@ async fn crash_recovery_leaves_keys_made_before_the_rotation_alone() {
 /// cleanup must spare it even when its `CreateDate` looks later than the rotation's start (AWS's
 /// clock ahead of the local one) and the store cannot say what is current.
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn crash_recovery_never_deletes_the_key_the_rotation_replaces() {
     let admin = admin().await;
     let user = "crash-old-user";
@@ -652,6 +646,7 @@ async fn crash_recovery_never_deletes_the_key_the_rotation_replaces() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn two_keys_already_inactive_leftover_is_deleted_two_active_fail_untouched() {
     let admin = admin().await;
     let user = "two-keys-user";
@@ -708,6 +703,7 @@ async fn two_keys_already_inactive_leftover_is_deleted_two_active_fail_untouched
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn errors_carry_the_aws_code_and_name_the_operation() {
     let admin = admin().await;
     let rid = rotation_id("errors", 1);
@@ -800,9 +796,11 @@ async fn errors_carry_the_aws_code_and_name_the_operation() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn aws_sm_secret_references_resolve_awscurrent_against_moto() {
     use keyrotd_rotators::reference::{RefError, SecretRef};
     let admin = admin().await;
+    let _endpoint = aws_env::endpoint(&moto_url()).await;
     let name = "refs/admin-dsn";
     let created = sm(&admin)
         .create_secret()

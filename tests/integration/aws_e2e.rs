@@ -8,7 +8,7 @@
 //! the admin key behind the daemon's back. The daemon gets the admin key through the standard
 //! AWS environment variables, like a production daemon would.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -497,6 +497,7 @@ fn set(labels: &[&str]) -> BTreeSet<String> {
 }
 
 #[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 fn full_iam_rotation_through_the_binary() {
     let fx = Fixture::new("full", "grace = \"3s\"");
     assert_eq!(fx.keys(), BTreeSet::from([fx.k0.id.clone()]));
@@ -656,6 +657,7 @@ fn crash_and_resume(point: &str) {
 macro_rules! kill_9_at {
     ($($name:ident => $point:literal,)*) => {$(
         #[test]
+        #[ignore = "needs the test backends: run tests/run.sh"]
         fn $name() {
             crash_and_resume($point);
         }
@@ -682,6 +684,7 @@ kill_9_at! {
 
 /// issue:done is the dangerous one: the key exists in IAM, its secret only in the dead process.
 #[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 fn kill_9_after_create_access_key_leaves_an_orphan_that_the_restart_deletes() {
     let fx = Fixture::new("orphan", "grace = \"0s\"");
     let mut crashed = fx.rotate_until("issue:done");
@@ -721,6 +724,7 @@ fn kill_9_after_create_access_key_leaves_an_orphan_that_the_restart_deletes() {
 }
 
 #[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 fn verify_failure_after_out_of_band_delete_rolls_back_and_keeps_the_current_key() {
     let fx = Fixture::new("verify", "grace = \"0s\"");
     let mut crashed = fx.rotate_until("verify:start");
@@ -775,6 +779,7 @@ fn verify_failure_after_out_of_band_delete_rolls_back_and_keeps_the_current_key(
 }
 
 #[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 fn unknown_iam_user_fails_the_rotation_with_the_aws_code_and_changes_nothing() {
     let fx = Fixture::build("nouser", "grace = \"0s\"", false, true);
     let before = fx.labels();
@@ -796,6 +801,7 @@ fn unknown_iam_user_fails_the_rotation_with_the_aws_code_and_changes_nothing() {
 }
 
 #[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 fn missing_secret_fails_the_rotation_with_the_aws_code_and_changes_nothing() {
     let fx = Fixture::build("nosecret", "grace = \"0s\"", true, false);
     let out = fx.cli(&["rotate", "iam"]);
@@ -851,6 +857,7 @@ fn malformed_secret_arn_is_a_check_error_with_its_place() {
 /// The daemon's own AWS identity lacks permissions: the error names the credential, the step
 /// and AWS's code, and nothing changes. The region and endpoint come from `[aws]` defaults.
 #[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 fn access_denied_names_the_step_and_code_and_aws_defaults_apply() {
     let fx = Fixture::new("denied", "grace = \"0s\"");
     let url = moto_url();

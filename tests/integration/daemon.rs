@@ -1,6 +1,6 @@
 //! The `keyrotd` binary, driven as an operator would: real processes, real signals, kill -9.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

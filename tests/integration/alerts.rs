@@ -2,7 +2,7 @@
 //! sink started by tests/run.sh (tests/backends/40-smtp.sh). Nothing is mocked: the Alerter talks
 //! HTTP and SMTP over loopback exactly as in production.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
@@ -443,8 +443,7 @@ async fn shutdown_flush_is_bounded_when_a_receiver_hangs() {
 
 /// Reads the SMTP sink's folder: (recipients header, raw message) of every message mentioning `needle`.
 fn sink_messages(needle: &str) -> Vec<String> {
-    let dir = std::env::var("KEYROTD_TEST_SMTP_DIR")
-        .expect("KEYROTD_TEST_SMTP_DIR is not set: run the tests through tests/run.sh (it starts the aiosmtpd sink)");
+    let dir = support::backend_env("KEYROTD_TEST_SMTP_DIR");
     let mut paths: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot read SMTP sink folder {dir}: {e}"))
         .map(|e| e.unwrap().path())
@@ -459,13 +458,13 @@ fn sink_messages(needle: &str) -> Vec<String> {
 }
 
 fn smtp_port() -> u16 {
-    std::env::var("KEYROTD_TEST_SMTP_PORT")
-        .expect("KEYROTD_TEST_SMTP_PORT is not set: run the tests through tests/run.sh (it starts the aiosmtpd sink)")
+    support::backend_env("KEYROTD_TEST_SMTP_PORT")
         .parse()
         .expect("KEYROTD_TEST_SMTP_PORT is a port number")
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn email_goes_through_a_real_smtp_server() {
     let port = smtp_port();
     let credential = unique("mail");
@@ -541,6 +540,7 @@ async fn email_goes_through_a_real_smtp_server() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn email_failure_is_retried_and_counted() {
     // Port of the real sink plus a closed port: only the closed one fails.
     let port = smtp_port();
@@ -576,6 +576,7 @@ async fn email_failure_is_retried_and_counted() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn starttls_is_required_never_downgraded() {
     // The sink offers no STARTTLS: a `starttls` channel must fail rather than send in plain text.
     let port = smtp_port();

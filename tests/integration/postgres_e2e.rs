@@ -5,7 +5,7 @@
 //!
 //! Every test makes its own roles through the admin connection, so tests run in parallel.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -292,6 +292,7 @@ fn stderr(out: &Output) -> String {
 }
 
 #[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 fn single_rotate_sets_a_password_that_logs_in_and_refuses_the_old_one() {
     let s = Setup::single(
         "e2e_single",
@@ -335,6 +336,7 @@ fn single_rotate_sets_a_password_that_logs_in_and_refuses_the_old_one() {
 }
 
 #[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 fn single_rotate_over_tls_with_the_test_ca() {
     fresh_role("e2e_tls");
     let s = Setup::new(
@@ -353,6 +355,7 @@ fn single_rotate_over_tls_with_the_test_ca() {
 /// `keyrotd run` rotating every 2 s with a 1 s grace, while a consumer keeps re-reading the store
 /// and logging in with what it finds. The target is zero failed connection attempts.
 #[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 fn alternating_run_never_cuts_a_rereading_consumer_off() {
     let s = Setup::alternating(
         "e2e_alt_a",
@@ -540,6 +543,7 @@ const CRASH_POINTS: [&str; 9] = [
 ];
 
 #[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 fn single_kill_9_mid_rotation_then_run_completes_and_the_store_logs_in() {
     for point in CRASH_POINTS {
         let role = format!("e2e_crash_s_{}", point.replace(':', "_"));
@@ -553,6 +557,7 @@ fn single_kill_9_mid_rotation_then_run_completes_and_the_store_logs_in() {
 }
 
 #[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 fn alternating_kill_9_mid_rotation_then_run_completes_and_the_store_logs_in() {
     for point in CRASH_POINTS {
         let tag = point.replace(':', "_");
@@ -669,6 +674,7 @@ fn error_or_ok(out: &Output) -> String {
 }
 
 #[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 fn wrong_admin_dsn_fails_with_28p01_and_changes_nothing() {
     let s = Setup::single(
         "e2e_bad_admin",
@@ -682,6 +688,7 @@ fn wrong_admin_dsn_fails_with_28p01_and_changes_nothing() {
 }
 
 #[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 fn missing_target_role_fails_with_42704_and_changes_nothing() {
     let s = Setup::single(
         "e2e_gone",
@@ -722,6 +729,7 @@ fn missing_target_role_fails_with_42704_and_changes_nothing() {
 }
 
 #[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 fn database_down_fails_with_connection_refused_and_changes_nothing() {
     let s = Setup::single(
         "e2e_down",
