@@ -1,7 +1,7 @@
 //! The daemon's integration tests, as one test binary (Cargo builds `tests/NAME/main.rs` as the
 //! test target NAME): one link of the AWS SDK and the daemon instead of one per file. Each module
-//! is one former `tests/*.rs` file and keeps its test names, prefixed with its module name
-//! (`cargo test --test integration daemon::`).
+//! is one former `tests/*.rs` file (a long one is a folder of submodules by topic) and keeps its
+//! test names under its module path (`cargo test --test integration daemon::`).
 //!
 //! Tests that need the test servers (moto, PostgreSQL, the SMTP sink, Prometheus) are
 //! `#[ignore = "needs the test backends: run tests/run.sh"]`: a plain `cargo test` reports them as

@@ -1,6 +1,7 @@
 //! The plugins' integration tests, as one test binary (Cargo builds `tests/NAME/main.rs` as the
 //! test target NAME): one link of the AWS SDK instead of one per file. Each module is one former
-//! `rotators/tests/*.rs` file and keeps its test names, prefixed with its module name.
+//! `rotators/tests/*.rs` file (a long one is a folder of submodules by topic) and keeps its test
+//! names under its module path.
 //!
 //! Tests that need the test servers (moto, PostgreSQL) are
 //! `#[ignore = "needs the test backends: run tests/run.sh"]`: a plain `cargo test` reports them as
