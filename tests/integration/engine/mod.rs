@@ -3,7 +3,6 @@
 //! test can make one of its steps fail and see the order of calls.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +19,8 @@ use keyrotd_rotators::{
 };
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
+
+use crate::support::{all_bytes, contains};
 
 mod failures;
 mod hangs;
@@ -237,24 +238,6 @@ impl Fixture {
         names.sort();
         names
     }
-}
-
-/// Every file under `dir` as bytes, for secret scanning.
-fn all_bytes(dir: &Path, except: &[PathBuf]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if !except.contains(&path) && path.is_file() {
-            out.extend(std::fs::read(&path).unwrap());
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
 }
 
 /// Sleeps until the wall clock reaches `at` (Unix seconds), plus a little.
