@@ -5,7 +5,13 @@
 # and exports the variables the tests read (KEYROTD_TEST_*). A backend that cannot start makes the
 # whole run fail: no test is skipped for a missing server. Servers are stopped on exit.
 #
-# Usage: tests/run.sh [extra cargo test args]
+# The tests that need these servers (or Prometheus) are #[ignore]d, so that a plain `cargo test`
+# passes on a machine without them and reports them as ignored; this script runs every test,
+# ignored or not (`--include-ignored`), with KEYROTD_BACKENDS=1 set.
+#
+# Usage: tests/run.sh [extra cargo test args [-- test binary args]]
+#   e.g. tests/run.sh --test integration daemon::     (one module of the daemon's test binary)
+#        tests/run.sh -p keyrotd-providers -- --test-threads 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,5 +46,15 @@ for backend in tests/backends/*.sh; do
   source "$backend"
 done
 
+export KEYROTD_BACKENDS=1
+# --include-ignored goes to the test binaries: after the caller's `--` if there is one.
+cargo_args=() binary_args=(--include-ignored)
+for ((i = 1; i <= $#; i++)); do
+  if [ "${!i}" = "--" ]; then
+    binary_args+=("${@:i+1}")
+    break
+  fi
+  cargo_args+=("${!i}")
+done
 echo "== cargo test (backends in $KEYROTD_TEST_DIR)"
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked "${cargo_args[@]}" -- "${binary_args[@]}"

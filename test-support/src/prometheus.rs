@@ -1,14 +1,19 @@
-//! A real Prometheus server for tests, loaded with the shipped alert rules.
+//! A real Prometheus server for tests, loaded with the shipped alert rules
+//! (`prometheus/keyrotd.rules.yml` at the workspace root) with every `for:` set to 0s.
+//!
+//! Needs `prometheus` on the PATH (Debian package `prometheus`): a test using it is
+//! `#[ignore]`d with [`crate::NEEDS_BACKENDS`], and a missing binary fails it.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::free_port;
+use crate::free_port;
 
 /// A real Prometheus server; killed on drop.
 pub struct PrometheusServer {
+    /// `http://127.0.0.1:PORT`, its web UI and API.
     pub url: String,
     _child: tokio::process::Child,
     _dir: tempfile::TempDir,
@@ -19,7 +24,7 @@ impl PrometheusServer {
     /// job `keyrotd` every second.
     pub async fn start(targets: &[String]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("prometheus/keyrotd.rules.yml");
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../prometheus/keyrotd.rules.yml");
         let rules = std::fs::read_to_string(shipped).unwrap();
         let tuned = rules.matches("# TUNE").count();
         let fast: String = rules
@@ -89,6 +94,7 @@ impl PrometheusServer {
         server
     }
 
+    /// What the server has logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
     }

@@ -1,10 +1,10 @@
 //! Deadlines the daemon enforces itself, against a server that accepts the connection and never
-//! answers (`support/silent.rs`): the engine bounds every step even for a plugin that forgets its
+//! answers (`keyrotd_test_support::silent`): the engine bounds every step even for a plugin that forgets its
 //! own timeouts, an abort interrupts a hung step so shutdown never waits for it, and alert
 //! delivery gives up and retries without holding up a rotation. Every test runs under an outer
 //! guard, so a regression fails instead of hanging the suite.
 
-mod support;
+use crate::support;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,145 +1,20 @@
-//! The `http` rotator against a small, real key-management API served in-process on loopback:
-//! it issues keys, answers a whoami with a key, revokes keys and then rejects them. Faults
-//! (429 with Retry-After, 5xx, malformed answers) are queued per server.
+//! The `http` rotator against the small, real key-management API of
+//! `keyrotd_test_support::key_api`, served on loopback: it issues keys, answers a whoami with a
+//! key, revokes keys and then rejects them. Faults (429 with Retry-After, 5xx, malformed
+//! answers) are queued per server.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::HeaderMap;
-use axum::response::Response;
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
 use keyrotd_plugin::{Credential, ErrorClass, ProviderError, Rotator, StepContext, Store};
 use keyrotd_providers::file::{Encoding, FileConfig, FileStore};
 use keyrotd_providers::RotatorConfig;
+use keyrotd_test_support::key_api::{Fault, KeyApi, ADMIN_TOKEN};
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 
-const ADMIN_TOKEN: &str = "admin-token-0123456789";
-
-/// A canned answer to the next issue request instead of the real one.
-#[derive(Clone)]
-enum Fault {
-    Status(u16, Option<u64>),
-    Body(&'static str),
-}
-
-#[derive(Default)]
-struct Api {
-    next: u32,
-    /// key id -> (secret, revoked)
-    keys: BTreeMap<String, (String, bool)>,
-    names: Vec<Value>,
-    issue_faults: VecDeque<Fault>,
-    issue_calls: u32,
-}
-
-type Shared = Arc<Mutex<Api>>;
-
-fn bearer(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("authorization")?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::to_owned)
-}
-
-fn answer(status: u16, body: Value) -> Response {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap()
-}
-
-async fn issue(State(api): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
-    let mut api = api.lock().unwrap();
-    api.issue_calls += 1;
-    if bearer(&headers).as_deref() != Some(ADMIN_TOKEN) {
-        return answer(401, json!({"error": "bad admin token"}));
-    }
-    if let Some(fault) = api.issue_faults.pop_front() {
-        return match fault {
-            Fault::Status(status, retry_after) => {
-                let mut r = Response::builder().status(status);
-                if let Some(s) = retry_after {
-                    r = r.header("retry-after", s.to_string());
-                }
-                r.body(Body::from("slow down")).unwrap()
-            }
-            Fault::Body(text) => {
-                // A key is created, but the answer lacks the secret (or is not JSON at all).
-                api.next += 1;
-                let id = format!("k{}", api.next);
-                api.keys.insert(id.clone(), ("lost".into(), false));
-                let text = text.replace("ID", &id);
-                Response::builder()
-                    .status(201)
-                    .body(Body::from(text))
-                    .unwrap()
-            }
-        };
-    }
-    api.next += 1;
-    let id = format!("k{}", api.next);
-    let secret = format!("sk-{}-{:x}", id, rand_u64());
-    api.keys.insert(id.clone(), (secret.clone(), false));
-    api.names.push(body);
-    answer(201, json!({"key": {"id": id, "secret": secret}}))
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(SystemTime::now())
-}
-
-async fn whoami(State(api): State<Shared>, headers: HeaderMap) -> Response {
-    let api = api.lock().unwrap();
-    let token = bearer(&headers).unwrap_or_default();
-    match api
-        .keys
-        .iter()
-        .find(|(_, (secret, revoked))| *secret == token && !revoked)
-    {
-        Some((id, _)) => answer(200, json!({"ok": true, "id": id})),
-        None => answer(401, json!({"ok": false})),
-    }
-}
-
-async fn revoke(State(api): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let mut api = api.lock().unwrap();
-    if bearer(&headers).as_deref() != Some(ADMIN_TOKEN) {
-        return answer(401, json!({"error": "bad admin token"}));
-    }
-    match api.keys.get_mut(&id) {
-        Some((_, revoked)) if !*revoked => {
-            *revoked = true;
-            Response::builder().status(204).body(Body::empty()).unwrap()
-        }
-        _ => answer(404, json!({"error": "no such key"})),
-    }
-}
-
-/// Starts the API on 127.0.0.1 and returns its state and base URL.
-async fn serve() -> (Shared, String) {
-    let api: Shared = Arc::default();
-    let app = Router::new()
-        .route("/v1/keys", post(issue))
-        .route("/v1/keys/{id}", delete(revoke))
-        .route("/v1/whoami", get(whoami))
-        .with_state(api.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (api, base)
-}
-
 struct Fixture {
-    api: Shared,
+    api: KeyApi,
     rotator: Arc<dyn Rotator>,
     _dir: tempfile::TempDir,
     store: FileStore,
@@ -168,7 +43,8 @@ fn config(base: &str, token_file: &std::path::Path) -> Value {
 }
 
 async fn fixture_with(edit: impl FnOnce(&mut Value)) -> Fixture {
-    let (api, base) = serve().await;
+    let api = KeyApi::start();
+    let base = api.base();
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, format!("{ADMIN_TOKEN}\n")).unwrap();
@@ -248,15 +124,15 @@ async fn rotates_verifies_and_revokes_through_a_real_api() {
     assert_eq!(old.unwrap().attrs["key_id"], "k1");
     assert_eq!(second.attrs["key_id"], "k2");
     {
-        let api = f.api.lock().unwrap();
+        let api = f.api.lock();
         assert!(api.keys["k1"].1, "the old key is revoked");
         assert!(!api.keys["k2"].1, "the new key is live");
         assert_eq!(
-            api.names[0],
+            api.bodies[0],
             json!({"name": "keyrotd-billing", "replaces": ""})
         );
         assert_eq!(
-            api.names[1],
+            api.bodies[1],
             json!({"name": "keyrotd-billing", "replaces": "k1"})
         );
     }
@@ -318,7 +194,6 @@ async fn throttling_honours_retry_after() {
     let f = fixture().await;
     f.api
         .lock()
-        .unwrap()
         .issue_faults
         .push_back(Fault::Status(429, Some(1)));
     let start = Instant::now();
@@ -332,13 +207,12 @@ async fn throttling_honours_retry_after() {
         waited >= Duration::from_secs(1),
         "Retry-After: 1 was not honoured ({waited:?})"
     );
-    assert_eq!(f.api.lock().unwrap().issue_calls, 2);
+    assert_eq!(f.api.lock().issue_calls, 2);
     assert_eq!(new.attrs["key_id"], "k1");
 
     // A Retry-After beyond max_retry_after_secs fails at once as transient, without waiting.
     f.api
         .lock()
-        .unwrap()
         .issue_faults
         .push_back(Fault::Status(429, Some(3600)));
     let start = Instant::now();
@@ -359,7 +233,7 @@ async fn throttling_honours_retry_after() {
 async fn server_errors_are_retried_a_bounded_number_of_times() {
     let f = fixture().await;
     {
-        let mut api = f.api.lock().unwrap();
+        let mut api = f.api.lock();
         api.issue_faults
             .extend([Fault::Status(503, None), Fault::Status(500, None)]);
     }
@@ -367,10 +241,10 @@ async fn server_errors_are_retried_a_bounded_number_of_times() {
         .issue(ctx("r1"), None)
         .await
         .expect("issue succeeds on the third attempt");
-    assert_eq!(f.api.lock().unwrap().issue_calls, 3);
+    assert_eq!(f.api.lock().issue_calls, 3);
 
     {
-        let mut api = f.api.lock().unwrap();
+        let mut api = f.api.lock();
         api.issue_calls = 0;
         api.issue_faults
             .extend(std::iter::repeat_n(Fault::Status(502, None), 10));
@@ -383,7 +257,7 @@ async fn server_errors_are_retried_a_bounded_number_of_times() {
     );
     assert!(e.message.starts_with("issue:"), "{e}");
     assert_eq!(
-        f.api.lock().unwrap().issue_calls,
+        f.api.lock().issue_calls,
         4,
         "one attempt plus max_retries = 3"
     );
@@ -394,7 +268,6 @@ async fn malformed_answers_are_refused_and_the_orphan_key_revoked() {
     let f = fixture().await;
     f.api
         .lock()
-        .unwrap()
         .issue_faults
         .push_back(Fault::Body(r#"{"key": {"id": "ID"}}"#));
     let e = f.rotator.issue(ctx("r1"), None).await.unwrap_err();
@@ -404,14 +277,10 @@ async fn malformed_answers_are_refused_and_the_orphan_key_revoked() {
         e.message.contains("/key/secret") && e.message.contains("revoked"),
         "{e}"
     );
-    assert!(
-        f.api.lock().unwrap().keys["k1"].1,
-        "the unusable key was revoked"
-    );
+    assert!(f.api.lock().keys["k1"].1, "the unusable key was revoked");
 
     f.api
         .lock()
-        .unwrap()
         .issue_faults
         .push_back(Fault::Body("<html>oops</html>"));
     let e = f.rotator.issue(ctx("r2"), None).await.unwrap_err();

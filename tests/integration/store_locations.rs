@@ -2,7 +2,7 @@
 //! credentials writing the same place, a special file or symlink at a store name, a directory
 //! others can write to, a mode every user can read.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -12,12 +12,16 @@ use serde_json::Value;
 /// One request the receiver got.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// Its `Authorization` header, if any.
     pub authorization: Option<String>,
+    /// Its body, which must be JSON.
     pub body: Value,
 }
 
+/// What a receiver has got and how it answers; shared with its handler.
 #[derive(Default)]
 pub struct ReceiverState {
+    /// Every request so far, in order.
     pub received: Mutex<Vec<Received>>,
     /// Status codes to answer first, in order; 200 afterwards.
     pub statuses: Mutex<VecDeque<u16>>,
@@ -27,11 +31,13 @@ pub struct ReceiverState {
 
 /// A real HTTP server on an ephemeral loopback port that records every POST.
 pub struct Receiver {
+    /// `http://127.0.0.1:PORT/hook`, where it takes POSTs.
     pub url: String,
     state: Arc<ReceiverState>,
 }
 
 impl Receiver {
+    /// Starts a receiver on the current runtime that answers with `statuses` first, then 200.
     pub async fn start(statuses: &[u16]) -> Self {
         Self::start_with(ReceiverState {
             statuses: Mutex::new(statuses.iter().copied().collect()),
@@ -40,6 +46,7 @@ impl Receiver {
         .await
     }
 
+    /// Starts a receiver on the current runtime with a prepared `state`.
     pub async fn start_with(state: ReceiverState) -> Self {
         async fn hook(
             State(state): State<Arc<ReceiverState>>,
@@ -70,6 +77,7 @@ impl Receiver {
         Self { url, state }
     }
 
+    /// Every request it has got so far.
     pub fn received(&self) -> Vec<Received> {
         self.state.received.lock().unwrap().clone()
     }

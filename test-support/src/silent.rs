@@ -1,8 +1,7 @@
 //! A provider behind a silent network partition: a TCP server on loopback that accepts every
 //! connection, holds it open, and never reads or writes a byte.
 //!
-//! Shared by the daemon's and the plugins' deadline tests (`rotators/tests/deadlines.rs`
-//! includes this file by path).
+//! Used by the daemon's and the plugins' deadline tests.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,6 +9,7 @@ use std::sync::Arc;
 
 /// A running silent server. It lives until the test process ends.
 pub struct Silent {
+    /// Where it listens, on 127.0.0.1.
     pub addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
 }

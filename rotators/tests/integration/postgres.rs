@@ -9,18 +9,14 @@ use std::time::{Duration, SystemTime};
 use keyrotd_plugin::{Credential, ErrorClass, ProviderError, Rotator, StepContext, Store};
 use keyrotd_providers::file::{Encoding, FileConfig, FileStore};
 use keyrotd_providers::RotatorConfig;
+use keyrotd_test_support::backend_env;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 
 const ADMIN_DSN_VAR: &str = "KEYROTD_TEST_PG_ADMIN_DSN";
 
-fn env(name: &str) -> String {
-    std::env::var(name)
-        .unwrap_or_else(|_| panic!("{name} is not set: run these tests through tests/run.sh"))
-}
-
 fn port() -> u16 {
-    env("KEYROTD_TEST_PG_PORT")
+    backend_env("KEYROTD_TEST_PG_PORT")
         .parse()
         .expect("KEYROTD_TEST_PG_PORT is a port")
 }
@@ -32,7 +28,7 @@ fn rotator(config: serde_json::Value) -> Arc<dyn Rotator> {
 }
 
 fn single(role: &str) -> Arc<dyn Rotator> {
-    env(ADMIN_DSN_VAR);
+    backend_env(ADMIN_DSN_VAR);
     rotator(json!({
         "kind": "postgres_password", "admin_dsn": format!("env:{ADMIN_DSN_VAR}"),
         "strategy": "single", "role": role, "sslmode": "disable", "probe_query": "SELECT 1",
@@ -40,7 +36,7 @@ fn single(role: &str) -> Arc<dyn Rotator> {
 }
 
 fn alternating(a: &str, b: &str) -> Arc<dyn Rotator> {
-    env(ADMIN_DSN_VAR);
+    backend_env(ADMIN_DSN_VAR);
     rotator(json!({
         "kind": "postgres_password", "admin_dsn": format!("env:{ADMIN_DSN_VAR}"),
         "strategy": "alternating", "roles": [a, b], "sslmode": "disable",
@@ -84,9 +80,10 @@ async fn login(user: &str, password: &str) -> Result<(), tokio_postgres::Error> 
 }
 
 async fn admin() -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(&env(ADMIN_DSN_VAR), tokio_postgres::NoTls)
-        .await
-        .expect("admin login");
+    let (client, connection) =
+        tokio_postgres::connect(&backend_env(ADMIN_DSN_VAR), tokio_postgres::NoTls)
+            .await
+            .expect("admin login");
     tokio::spawn(connection);
     client
 }
@@ -125,6 +122,7 @@ fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn single_rotation_replaces_the_password_in_place() {
     fresh_role("app").await;
     let dir = tempfile::tempdir().unwrap();
@@ -163,7 +161,8 @@ async fn single_rotation_replaces_the_password_in_place() {
         .expect("still works after revoke");
 
     // The server saw a SCRAM verifier, never the plain password.
-    let log = std::fs::read_to_string(env("KEYROTD_TEST_PG_LOG")).expect("server log readable");
+    let log =
+        std::fs::read_to_string(backend_env("KEYROTD_TEST_PG_LOG")).expect("server log readable");
     assert!(
         log.contains("SCRAM-SHA-256$"),
         "log_statement=ddl logs the ALTER ROLE"
@@ -177,6 +176,7 @@ async fn single_rotation_replaces_the_password_in_place() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn abandon_restores_the_current_password() {
     fresh_role("app_abandon").await;
     let dir = tempfile::tempdir().unwrap();
@@ -219,6 +219,7 @@ async fn abandon_restores_the_current_password() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn alternating_rotations_never_cut_a_consumer_off() {
     fresh_role("app_a").await;
     fresh_role("app_b").await;
@@ -294,6 +295,7 @@ async fn alternating_rotations_never_cut_a_consumer_off() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn alternating_abandon_scrambles_only_the_idle_role() {
     fresh_role("alt_c").await;
     fresh_role("alt_d").await;
@@ -329,9 +331,10 @@ fn assert_clean(e: &ProviderError, forbidden: &[&str]) {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn failures_are_classified_with_their_sqlstate() {
     let dir = tempfile::tempdir().unwrap();
-    let dsn = env(ADMIN_DSN_VAR);
+    let dsn = backend_env(ADMIN_DSN_VAR);
     let admin_password = dsn
         .split_whitespace()
         .find_map(|kv| kv.strip_prefix("password="))
@@ -442,9 +445,10 @@ const REQUIRE_TLS_PROBE: &str =
      THEN RAISE EXCEPTION 'this session is not encrypted'; END IF; END $$";
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn sslmode_is_honoured_by_verify() {
     fresh_role("app_tls").await;
-    let ca = env("KEYROTD_TEST_PG_CA");
+    let ca = backend_env("KEYROTD_TEST_PG_CA");
     let with = |sslmode: &str, rootcert: Option<&str>| {
         let mut config = json!({
             "kind": "postgres_password", "admin_dsn": format!("env:{ADMIN_DSN_VAR}"),

@@ -6,7 +6,6 @@
 //! test uses its own IAM user and secret, so they run in parallel against one server.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Once;
 use std::time::{Duration, SystemTime};
 
 use aws_config::SdkConfig;
@@ -18,31 +17,22 @@ use keyrotd_plugin::{
 };
 use keyrotd_providers::aws::iam::{IamAccessKeyConfig, IamAccessKeyRotator};
 use keyrotd_providers::aws::secrets_manager::{SecretsManagerConfig, SecretsManagerStore};
+use keyrotd_test_support::backend_env;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::aws_env;
+
+mod crash_recovery;
+mod errors_and_references;
+
 fn moto_url() -> String {
-    std::env::var("KEYROTD_TEST_MOTO_URL").expect(
-        "KEYROTD_TEST_MOTO_URL is not set: run these tests through tests/run.sh, which starts moto",
-    )
+    backend_env("KEYROTD_TEST_MOTO_URL")
 }
 
 /// Points the standard AWS credential chain at the admin key `tests/backends/20-moto.sh` made.
 fn admin_env() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let id = std::env::var("KEYROTD_TEST_AWS_ACCESS_KEY_ID")
-            .expect("KEYROTD_TEST_AWS_ACCESS_KEY_ID is not set");
-        let secret = std::env::var("KEYROTD_TEST_AWS_SECRET_ACCESS_KEY")
-            .expect("KEYROTD_TEST_AWS_SECRET_ACCESS_KEY is not set");
-        std::env::set_var("AWS_ACCESS_KEY_ID", id);
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", secret);
-        std::env::remove_var("AWS_SESSION_TOKEN");
-        std::env::remove_var("AWS_PROFILE");
-        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-        // For `aws-sm:` secret references, which use the standard chain and AWS_ENDPOINT_URL.
-        std::env::set_var("AWS_REGION", "us-east-1");
-        std::env::set_var("AWS_ENDPOINT_URL", moto_url());
-    });
+    backend_env("KEYROTD_TEST_AWS_ACCESS_KEY_ID");
+    aws_env::standard_chain();
 }
 
 /// The SDK configuration the tests use to set up and inspect AWS behind the plugins' back.
@@ -234,6 +224,7 @@ fn assert_error(err: &ProviderError, class: ErrorClass, code: &str, operation: &
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn iam_rotation_into_secrets_manager_end_to_end() {
     let admin = admin().await;
     let (user, secret_id) = ("e2e-user", "e2e/iam-key");
@@ -392,6 +383,7 @@ async fn iam_rotation_into_secrets_manager_end_to_end() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn secrets_manager_whole_string_labels_discard_and_rotation_in_progress() {
     let admin = admin().await;
     let secret_id = "labels/db-password";
@@ -491,6 +483,7 @@ async fn secrets_manager_whole_string_labels_discard_and_rotation_in_progress() 
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn secrets_manager_secret_without_a_value_gets_its_first_one() {
     let admin = admin().await;
     let secret_id = "first/value";
@@ -525,6 +518,7 @@ async fn secrets_manager_secret_without_a_value_gets_its_first_one() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
 async fn verify_fails_when_the_new_key_is_deleted_out_of_band() {
     let admin = admin().await;
     let user = "verify-fail-user";
@@ -560,320 +554,4 @@ async fn verify_fails_when_the_new_key_is_deleted_out_of_band() {
     // The engine then abandons: the key is already gone, which is fine.
     rotator.abandon(ctx, Some(&new.attrs), None).await.unwrap();
     assert!(keys(&admin, user).await.is_empty());
-}
-
-#[tokio::test]
-async fn crash_recovery_deletes_the_orphaned_key_and_reissues() {
-    let admin = admin().await;
-    let user = "crash-user";
-    create_user(&admin, user).await;
-    let current = create_key(&admin, user).await;
-    // IAM dates have whole seconds: start the rotation in a later second than the current key.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let rotator = rotator(user, "10s", true);
-    let rid = rotation_id("crash", 1);
-    let ctx = ctx(&rid, SystemTime::now());
-
-    let lost = rotator.issue(ctx, Some(&current)).await.unwrap();
-    drop(lost); // the crash: the secret access key is gone for good
-    assert_eq!(keys(&admin, user).await.len(), 2);
-    rotator.abandon(ctx, None, Some(&current)).await.unwrap();
-    rotator.abandon(ctx, None, Some(&current)).await.unwrap();
-    assert_eq!(
-        keys(&admin, user).await.into_keys().collect::<Vec<_>>(),
-        vec![key_id(&current)]
-    );
-
-    let reissued = rotator.issue(ctx, Some(&current)).await.unwrap();
-    rotator.verify(ctx, &reissued).await.unwrap();
-    assert_eq!(keys(&admin, user).await.len(), 2);
-    // abandon with the issued key known deletes exactly that key, never the current one.
-    rotator
-        .abandon(ctx, Some(&current.attrs), Some(&current))
-        .await
-        .unwrap();
-    rotator
-        .abandon(ctx, Some(&reissued.attrs), Some(&current))
-        .await
-        .unwrap();
-    assert_eq!(
-        keys(&admin, user).await.into_keys().collect::<Vec<_>>(),
-        vec![key_id(&current)]
-    );
-}
-
-#[tokio::test]
-async fn crash_recovery_leaves_keys_made_before_the_rotation_alone() {
-    let admin = admin().await;
-    let user = "crash-oob-user";
-    create_user(&admin, user).await;
-    let out_of_band = create_key(&admin, user).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let rotator = rotator(user, "10s", true);
-    let rid = rotation_id("crash-oob", 1);
-    let ctx = ctx(&rid, SystemTime::now());
-
-    // No current credential in the store yet (first rotation), and the issued key is lost.
-    let _lost = rotator.issue(ctx, None).await.unwrap();
-    rotator.abandon(ctx, None, None).await.unwrap();
-    assert_eq!(
-        keys(&admin, user).await.into_keys().collect::<Vec<_>>(),
-        vec![key_id(&out_of_band)]
-    );
-}
-
-/// A key named in the rotation's old attributes is what consumers used before it; a crash
-/// cleanup must spare it even when its `CreateDate` looks later than the rotation's start (AWS's
-/// clock ahead of the local one) and the store cannot say what is current.
-#[tokio::test]
-async fn crash_recovery_never_deletes_the_key_the_rotation_replaces() {
-    let admin = admin().await;
-    let user = "crash-old-user";
-    create_user(&admin, user).await;
-    let rotator = rotator(user, "10s", true);
-    let rid = rotation_id("crash-old", 1);
-    // The rotation started a little before the old key's CreateDate, as a local clock behind
-    // AWS's makes it look.
-    let started = SystemTime::now() - Duration::from_secs(1);
-    let old = create_key(&admin, user).await;
-    let old_attrs = old.attrs.clone();
-    let ctx = StepContext {
-        old_attrs: Some(&old_attrs),
-        ..ctx(&rid, started)
-    };
-    let _lost = rotator.issue(ctx, None).await.unwrap();
-    assert_eq!(keys(&admin, user).await.len(), 2);
-    rotator.abandon(ctx, None, None).await.unwrap();
-    assert_eq!(
-        keys(&admin, user).await.into_keys().collect::<Vec<_>>(),
-        vec![key_id(&old)],
-        "the orphan is gone and the replaced key is kept"
-    );
-}
-
-#[tokio::test]
-async fn two_keys_already_inactive_leftover_is_deleted_two_active_fail_untouched() {
-    let admin = admin().await;
-    let user = "two-keys-user";
-    create_user(&admin, user).await;
-    let current = create_key(&admin, user).await;
-    let leftover = create_key(&admin, user).await;
-    iam(&admin)
-        .update_access_key()
-        .user_name(user)
-        .access_key_id(key_id(&leftover))
-        .status(StatusType::Inactive)
-        .send()
-        .await
-        .unwrap();
-    // delete_after_deactivate = false leaves inactive keys behind, as here.
-    let rotator = rotator(user, "10s", false);
-    let rid = rotation_id("two-keys", 1);
-    let ctx = ctx(&rid, SystemTime::now());
-
-    let new = rotator.issue(ctx, Some(&current)).await.unwrap();
-    let now = keys(&admin, user).await;
-    assert_eq!(now.len(), 2);
-    assert!(
-        now.contains_key(&key_id(&current)) && now.contains_key(&key_id(&new)),
-        "{now:?}"
-    );
-    assert!(!now.contains_key(&key_id(&leftover)));
-
-    // Both keys active: issue refuses and touches neither.
-    let err = rotator.issue(ctx, Some(&current)).await.unwrap_err();
-    assert_eq!(err.class, ErrorClass::Permanent);
-    assert!(
-        err.message.contains("two access keys") && err.message.contains(&key_id(&new)),
-        "{err}"
-    );
-    assert_eq!(keys(&admin, user).await, now);
-
-    // revoke without delete leaves the old key inactive; the next issue removes it.
-    rotator.revoke(ctx, &current.attrs).await.unwrap();
-    rotator.revoke(ctx, &current.attrs).await.unwrap();
-    assert_eq!(
-        keys(&admin, user)
-            .await
-            .get(&key_id(&current))
-            .map(String::as_str),
-        Some("Inactive")
-    );
-    let next = rotator.issue(ctx, Some(&new)).await.unwrap();
-    let after = keys(&admin, user).await;
-    assert_eq!(
-        after.keys().cloned().collect::<BTreeSet<_>>(),
-        BTreeSet::from([key_id(&new), key_id(&next)])
-    );
-}
-
-#[tokio::test]
-async fn errors_carry_the_aws_code_and_name_the_operation() {
-    let admin = admin().await;
-    let rid = rotation_id("errors", 1);
-    let ctx = ctx(&rid, SystemTime::now());
-
-    let missing = store("errors/no-such-secret", None);
-    let err = missing.current(ctx).await.unwrap_err();
-    assert_error(
-        &err,
-        ErrorClass::Permanent,
-        "ResourceNotFoundException",
-        "Secrets Manager DescribeSecret",
-    );
-    assert!(err.to_string().contains("errors/no-such-secret"), "{err}");
-    let err = missing.stage(ctx, &cred("never-shown")).await.unwrap_err();
-    assert_error(
-        &err,
-        ErrorClass::Permanent,
-        "ResourceNotFoundException",
-        "Secrets Manager",
-    );
-    assert!(!err.to_string().contains("never-shown"));
-
-    let nobody = rotator("errors-no-such-user", "1s", true);
-    let err = nobody.issue(ctx, None).await.unwrap_err();
-    assert_error(
-        &err,
-        ErrorClass::Permanent,
-        "NoSuchEntity",
-        "IAM ListAccessKeys",
-    );
-    let attrs = Attrs::from([("AccessKeyId".to_owned(), "AKIAIOSFODNN7EXAMPLE".to_owned())]);
-    let err = nobody.revoke(ctx, &attrs).await.unwrap_err();
-    assert_error(
-        &err,
-        ErrorClass::Permanent,
-        "NoSuchEntity",
-        "IAM UpdateAccessKey",
-    );
-
-    // A JSON secret without the configured member, and a value that is not JSON.
-    sm(&admin)
-        .create_secret()
-        .name("errors/json")
-        .secret_string(r#"{"username":"app","pass":"hunter2"}"#)
-        .send()
-        .await
-        .unwrap();
-    let err = store("errors/json", Some("password"))
-        .current(ctx)
-        .await
-        .unwrap_err();
-    assert_eq!(err.class, ErrorClass::Permanent);
-    assert!(err.message.contains("no string member `password`"), "{err}");
-    assert!(!err.to_string().contains("hunter2"));
-    sm(&admin)
-        .create_secret()
-        .name("errors/plain")
-        .secret_string("hunter2-plain")
-        .send()
-        .await
-        .unwrap();
-    let err = store("errors/plain", Some("password"))
-        .current(ctx)
-        .await
-        .unwrap_err();
-    assert!(
-        err.message.contains("not a JSON object") && !err.to_string().contains("hunter2"),
-        "{err}"
-    );
-    let err = store("errors/plain", Some("password"))
-        .stage(ctx, &cred("x"))
-        .await
-        .unwrap_err();
-    assert!(err.message.contains("not a JSON object"), "{err}");
-
-    // A refused signature (a wrong secret for a real key id) is permanent and carries the code.
-    create_user(&admin, "errors-user").await;
-    let key = create_key(&admin, "errors-user").await;
-    let wrong = Credential {
-        secret: SecretString::from("not-the-secret".to_owned()),
-        attrs: key.attrs.clone(),
-    };
-    let err = rotator("errors-user", "1s", true)
-        .verify(ctx, &wrong)
-        .await
-        .unwrap_err();
-    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
-    assert!(err.code.is_some(), "{err}");
-}
-
-#[tokio::test]
-async fn aws_sm_secret_references_resolve_awscurrent_against_moto() {
-    use keyrotd_plugin::reference::{RefError, SecretRef};
-    use keyrotd_providers::resolve::Resolve;
-    let admin = admin().await;
-    let name = "refs/admin-dsn";
-    let created = sm(&admin)
-        .create_secret()
-        .name(name)
-        .secret_string(r#"{"username":"admin","password":"ref-pw-0","port":5432}"#)
-        .send()
-        .await
-        .unwrap();
-    let arn = created.arn().unwrap().to_owned();
-    let resolve = |text: String| async move {
-        let r: SecretRef = text.parse().unwrap();
-        assert!(
-            matches!(r.resolve(), Err(RefError::NeedsAsync(_))),
-            "{text}"
-        );
-        r.resolve_async(Timeouts::default()).await
-    };
-
-    let field = resolve(format!("aws-sm:{name}#password")).await.unwrap();
-    assert_eq!(field.expose_secret(), "ref-pw-0");
-    let whole = resolve(format!("aws-sm:{name}")).await.unwrap();
-    let whole: serde_json::Value = serde_json::from_str(whole.expose_secret()).unwrap();
-    assert_eq!(whole["port"], 5432);
-    let by_arn = resolve(format!("aws-sm:{arn}#username")).await.unwrap();
-    assert_eq!(by_arn.expose_secret(), "admin");
-
-    // A pending version is not what consumers read: AWSCURRENT is.
-    sm(&admin)
-        .put_secret_value()
-        .secret_id(name)
-        .client_request_token(rotation_id("refs", 1))
-        .secret_string(r#"{"username":"admin","password":"ref-pw-pending"}"#)
-        .version_stages("AWSPENDING")
-        .send()
-        .await
-        .unwrap();
-    let field = resolve(format!("aws-sm:{name}#password")).await.unwrap();
-    assert_eq!(field.expose_secret(), "ref-pw-0");
-
-    // Errors name the reference and carry the AWS code, never a value.
-    let err = resolve(format!("aws-sm:{name}#pasword")).await.unwrap_err();
-    let text = err.to_string();
-    assert!(
-        matches!(err, RefError::Remote { .. })
-            && text.contains(&format!("aws-sm:{name}#pasword"))
-            && text.contains("no string member `pasword`")
-            && !text.contains("ref-pw"),
-        "{text}"
-    );
-    let err = resolve("aws-sm:refs/no-such-secret#password".into())
-        .await
-        .unwrap_err();
-    let text = err.to_string();
-    assert!(
-        text.contains("aws-sm:refs/no-such-secret#password")
-            && text.contains("ResourceNotFoundException"),
-        "{text}"
-    );
-    // An empty value is refused like an empty file.
-    sm(&admin)
-        .create_secret()
-        .name("refs/empty")
-        .secret_string(r#"{"password":""}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        resolve("aws-sm:refs/empty#password".into())
-            .await
-            .unwrap_err(),
-        RefError::EmptyValue("aws-sm:refs/empty#password".into())
-    );
 }

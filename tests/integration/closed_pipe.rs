@@ -2,7 +2,7 @@
 //! (`keyrotd history | head -1`): it ends quietly, with status 0 or killed by SIGPIPE as `cat`
 //! is, never with a panic, a backtrace or exit status 101.
 
-mod support;
+use crate::support;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;

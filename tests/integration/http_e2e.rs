@@ -1,166 +1,19 @@
-//! The `http` rotator through the real `keyrotd` binary, against a small key API served by the
-//! test itself on loopback (axum, in a background thread with its own runtime). The API issues
-//! keys, answers a whoami with a key, revokes keys and then rejects them; faults (429 with
+//! The `http` rotator through the real `keyrotd` binary, against the small key API of
+//! `keyrotd_test_support::key_api` served by the test itself on loopback. The API issues keys,
+//! answers a whoami with a key, revokes keys and then rejects them; faults (429 with
 //! Retry-After, 5xx, malformed answers, a verify that rejects every key) are queued per server.
 
-mod support;
+use crate::support;
 
-use std::collections::{BTreeMap, VecDeque};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Output;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
-use axum::http::HeaderMap;
-use axum::response::Response;
-use axum::routing::{delete, get, post};
-use axum::Router;
 use serde_json::{json, Value};
 
+use support::key_api::{Fault, KeyApi, ADMIN_TOKEN};
 use support::*;
-
-const ADMIN_TOKEN: &str = "e2e-admin-token-5f1c0ffee";
-
-/// A canned answer to the next issue request instead of the real one.
-#[derive(Clone)]
-enum Fault {
-    Status(u16, Option<u64>),
-    /// A key is created, but the answer is this text (`ID` replaced by its id).
-    Body(&'static str),
-}
-
-#[derive(Default)]
-struct Api {
-    next: u32,
-    /// key id -> (secret, revoked)
-    keys: BTreeMap<String, (String, bool)>,
-    bodies: Vec<Value>,
-    issue_faults: VecDeque<Fault>,
-    issue_calls: u32,
-    /// Whoami rejects every key (the provider has not propagated it, say).
-    reject_verify: bool,
-}
-
-type Shared = Arc<Mutex<Api>>;
-
-fn bearer(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("authorization")?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::to_owned)
-}
-
-fn answer(status: u16, body: Value) -> Response {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap()
-}
-
-fn random_hex() -> String {
-    use std::hash::{BuildHasher, RandomState};
-    format!(
-        "{:016x}{:016x}",
-        RandomState::new().hash_one(Instant::now()),
-        RandomState::new().hash_one(std::process::id())
-    )
-}
-
-async fn issue(State(api): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let mut api = api.lock().unwrap();
-    api.issue_calls += 1;
-    if bearer(&headers).as_deref() != Some(ADMIN_TOKEN) {
-        return answer(401, json!({"error": "bad admin token"}));
-    }
-    if let Some(fault) = api.issue_faults.pop_front() {
-        return match fault {
-            Fault::Status(status, retry_after) => {
-                let mut r = Response::builder().status(status);
-                if let Some(s) = retry_after {
-                    r = r.header("retry-after", s.to_string());
-                }
-                r.body(Body::from("slow down")).unwrap()
-            }
-            Fault::Body(text) => {
-                api.next += 1;
-                let id = format!("k{}", api.next);
-                api.keys
-                    .insert(id.clone(), (format!("lost-{}", random_hex()), false));
-                Response::builder()
-                    .status(201)
-                    .body(Body::from(text.replace("ID", &id)))
-                    .unwrap()
-            }
-        };
-    }
-    api.next += 1;
-    let id = format!("k{}", api.next);
-    let secret = format!("sk-{id}-{}", random_hex());
-    api.keys.insert(id.clone(), (secret.clone(), false));
-    api.bodies
-        .push(serde_json::from_slice(&body).unwrap_or(Value::Null));
-    answer(201, json!({"key": {"id": id, "secret": secret}}))
-}
-
-async fn whoami(State(api): State<Shared>, headers: HeaderMap) -> Response {
-    let api = api.lock().unwrap();
-    let token = bearer(&headers).unwrap_or_default();
-    if api.reject_verify {
-        return answer(401, json!({"ok": false}));
-    }
-    match api
-        .keys
-        .iter()
-        .find(|(_, (secret, revoked))| *secret == token && !revoked)
-    {
-        Some((id, _)) => answer(200, json!({"ok": true, "id": id})),
-        None => answer(401, json!({"ok": false})),
-    }
-}
-
-async fn revoke(State(api): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let mut api = api.lock().unwrap();
-    if bearer(&headers).as_deref() != Some(ADMIN_TOKEN) {
-        return answer(401, json!({"error": "bad admin token"}));
-    }
-    match api.keys.get_mut(&id) {
-        Some((_, revoked)) if !*revoked => {
-            *revoked = true;
-            Response::builder().status(204).body(Body::empty()).unwrap()
-        }
-        _ => answer(404, json!({"error": "no such key"})),
-    }
-}
-
-/// Starts the API on 127.0.0.1 in a thread of its own; returns its state and port.
-fn serve() -> (Shared, u16) {
-    let api: Shared = Arc::default();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let state = api.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let app = Router::new()
-                .route("/v1/keys", post(issue))
-                .route("/v1/keys/{id}", delete(revoke))
-                .route("/v1/whoami", get(whoami))
-                .with_state(state);
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap().port()).unwrap();
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
-    (api, rx.recv().unwrap())
-}
 
 /// A whoami with `key`, as a consumer of the key would make it: the HTTP status.
 fn whoami_status(port: u16, key: &str) -> u16 {
@@ -180,13 +33,14 @@ fn whoami_status(port: u16, key: &str) -> u16 {
 struct Setup {
     dir: tempfile::TempDir,
     port: u16,
-    api: Shared,
+    api: KeyApi,
     api_port: u16,
 }
 
 impl Setup {
     fn new(timing: &str) -> Self {
-        let (api, api_port) = serve();
+        let api = KeyApi::start();
+        let api_port = api.port();
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let token = dir.path().join("token");
@@ -282,7 +136,7 @@ url = "{base}/v1/keys/{{{{old_id}}}}"
     }
 
     fn revoked(&self, id: &str) -> bool {
-        self.api.lock().unwrap().keys[id].1
+        self.api.revoked(id)
     }
 
     /// No key the API ever issued, nor the admin token, appears in logs, the state database or
@@ -301,7 +155,6 @@ url = "{base}/v1/keys/{{{{old_id}}}}"
         let secrets: Vec<String> = self
             .api
             .lock()
-            .unwrap()
             .keys
             .values()
             .map(|(s, _)| s.clone())
@@ -352,7 +205,7 @@ fn rotate_issues_verifies_and_revokes_the_old_key() {
     );
     assert_eq!(whoami_status(s.api_port, &key2), 200);
     assert_eq!(
-        s.api.lock().unwrap().bodies,
+        s.api.lock().bodies,
         [
             json!({"name": "keyrotd-billing", "replaces": ""}),
             json!({"name": "keyrotd-billing", "replaces": "k1"})
@@ -371,7 +224,7 @@ fn verify_failure_rolls_back_revokes_the_issued_key_and_keeps_the_store() {
     let before = std::fs::read(s.out().join("key.json")).unwrap();
     let (_, key1) = s.current().unwrap();
 
-    s.api.lock().unwrap().reject_verify = true;
+    s.api.lock().reject_verify = true;
     let out = s.cli(&["rotate", "billing"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let line = error_line(&out);
@@ -401,7 +254,7 @@ fn verify_failure_rolls_back_revokes_the_issued_key_and_keeps_the_store() {
     );
     let status = s.status();
     assert_eq!(status["consecutive_failures"], 1, "{status}");
-    s.api.lock().unwrap().reject_verify = false;
+    s.api.lock().reject_verify = false;
     assert_eq!(
         whoami_status(s.api_port, &key1),
         200,
@@ -415,7 +268,6 @@ fn throttling_and_server_errors_are_retried_then_succeed() {
     let s = Setup::new(MANUAL);
     s.api
         .lock()
-        .unwrap()
         .issue_faults
         .push_back(Fault::Status(429, Some(1)));
     let started = Instant::now();
@@ -426,24 +278,22 @@ fn throttling_and_server_errors_are_retried_then_succeed() {
         took >= Duration::from_secs(1),
         "Retry-After: 1 was honoured ({took:?})"
     );
-    assert_eq!(s.api.lock().unwrap().issue_calls, 2);
+    assert_eq!(s.api.lock().issue_calls, 2);
     assert_eq!(s.current().unwrap().0, "k1");
 
     s.api
         .lock()
-        .unwrap()
         .issue_faults
         .extend([Fault::Status(503, None), Fault::Status(500, None)]);
     let out = s.cli(&["rotate", "billing"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(s.api.lock().unwrap().issue_calls, 5, "two 5xx then success");
+    assert_eq!(s.api.lock().issue_calls, 5, "two 5xx then success");
     assert_eq!(s.current().unwrap().0, "k2");
     assert!(s.revoked("k1"));
 
     // Throttled for longer than max_retry_after_secs: fails at once, transient, store unchanged.
     s.api
         .lock()
-        .unwrap()
         .issue_faults
         .push_back(Fault::Status(429, Some(3600)));
     let before = std::fs::read(s.out().join("key.json")).unwrap();
@@ -472,7 +322,6 @@ fn malformed_answers_fail_clearly_and_change_nothing() {
 
     s.api
         .lock()
-        .unwrap()
         .issue_faults
         .push_back(Fault::Body(r#"{"key": {"id": "ID"}}"#));
     let out = s.cli(&["rotate", "billing"]);
@@ -493,7 +342,6 @@ fn malformed_answers_fail_clearly_and_change_nothing() {
 
     s.api
         .lock()
-        .unwrap()
         .issue_faults
         .push_back(Fault::Body("<html>oops</html>"));
     let out = s.cli(&["rotate", "billing"]);
@@ -532,7 +380,7 @@ fn run_rotates_on_schedule_and_revokes_each_old_key_after_grace() {
             .iter()
             .all(|(id, _)| s.revoked(id))),
         "{:?}",
-        s.api.lock().unwrap().keys.keys().collect::<Vec<_>>()
+        s.api.lock().keys.keys().collect::<Vec<_>>()
     );
     let metrics = http_get(s.port, "/metrics").unwrap().1;
     let status = s.status();
