@@ -1,5 +1,5 @@
 //! The dispatcher: the one task that owns the set of active conditions and turns raise and
-//! clear commands and repeat timers into notifications for the channels' queues.
+//! clear updates and repeat timers into notifications for the channels' queues.
 //!
 //! Invariants: one `firing` notification when a condition becomes active, one repeat every
 //! `repeat_interval` while it stays active (a timer per active condition, in a [`DelayQueue`]:
@@ -21,7 +21,7 @@ use super::notification::{AlertStatus, Notification};
 use super::{Condition, Shared};
 
 /// What the [`Alerter`](super::Alerter) asks of the dispatcher.
-pub(super) enum Command {
+pub(super) enum Update {
     /// A condition is active, with the caller's latest summary.
     Raise {
         credential: String,
@@ -35,16 +35,16 @@ pub(super) enum Command {
     },
 }
 
-impl Command {
-    /// The credential and condition the command is about.
+impl Update {
+    /// The credential and condition the update is about.
     pub(super) fn key(&self) -> (&str, Condition) {
         match self {
-            Command::Raise {
+            Update::Raise {
                 credential,
                 condition,
                 ..
             }
-            | Command::Clear {
+            | Update::Clear {
                 credential,
                 condition,
             } => (credential, *condition),
@@ -61,7 +61,7 @@ struct Active {
 
 type Key = (String, Condition);
 
-/// Owns the active set; turns commands and repeat timers into notifications.
+/// Owns the active set; turns updates and repeat timers into notifications.
 pub(super) struct Dispatcher {
     shared: Arc<Shared>,
     senders: Vec<mpsc::Sender<Arc<Notification>>>,
@@ -87,19 +87,19 @@ impl Dispatcher {
         }
     }
 
-    /// Runs until `shutdown` or until every sender of `commands` is gone, then handles the
-    /// commands already queued. Dropping `self` at the end closes the channels' queues.
+    /// Runs until `shutdown` or until every sender of `updates` is gone, then handles the
+    /// updates already queued. Dropping `self` at the end closes the channels' queues.
     pub(super) async fn run(
         mut self,
-        mut commands: mpsc::Receiver<Command>,
+        mut updates: mpsc::Receiver<Update>,
         shutdown: CancellationToken,
     ) {
         loop {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                command = commands.recv() => match command {
-                    Some(command) => self.handle(command),
+                update = updates.recv() => match update {
+                    Some(update) => self.handle(update),
                     None => break,
                 },
                 // `poll_expired` is ready with `None` when no timer is set: the branch is then
@@ -111,15 +111,15 @@ impl Dispatcher {
         }
         // Conditions raised before shutdown still get their notifications (within the flush
         // deadline).
-        commands.close();
-        while let Ok(command) = commands.try_recv() {
-            self.handle(command);
+        updates.close();
+        while let Ok(update) = updates.try_recv() {
+            self.handle(update);
         }
     }
 
-    fn handle(&mut self, command: Command) {
-        match command {
-            Command::Raise {
+    fn handle(&mut self, update: Update) {
+        match update {
+            Update::Raise {
                 credential,
                 condition,
                 summary,
@@ -150,7 +150,7 @@ impl Dispatcher {
                     },
                 );
             }
-            Command::Clear {
+            Update::Clear {
                 credential,
                 condition,
             } => {

@@ -1,7 +1,7 @@
 //! Alert delivery: turns the engine's condition changes into email and webhook notifications.
 //!
 //! The engine calls [`Alerter::raise`] whenever a (credential, [`Condition`]) is active and
-//! [`Alerter::clear`] when it is over. Both only put a command on a bounded queue and return: a
+//! [`Alerter::clear`] when it is over. Both only put a update on a bounded queue and return: a
 //! slow or broken mail server never delays or fails a rotation.
 //!
 //! One *dispatcher* task owns the set of active conditions. It sends one `firing` notification
@@ -50,13 +50,13 @@ pub use notification::{AlertStatus, DeliveryError, Notification};
 
 use channel::Channel;
 use delivery::{Deliveries, DeliveryRetry, Worker};
-use dispatcher::{Command, Dispatcher};
+use dispatcher::{Dispatcher, Update};
 use keyrotd_plugin::backoff::Backoff;
 use router::Router;
 
 /// Commands waiting for the dispatcher. Far more than the engine produces in a burst; past it,
-/// commands are dropped (and counted) rather than blocking the caller.
-const COMMAND_QUEUE: usize = 4096;
+/// updates are dropped (and counted) rather than blocking the caller.
+const UPDATE_QUEUE: usize = 4096;
 /// Notifications waiting per channel.
 const CHANNEL_QUEUE: usize = 1024;
 /// How long shutdown waits for queued notifications to be delivered.
@@ -64,7 +64,7 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the [`Alerter`] handle, the dispatcher and the workers share.
 struct Shared {
-    commands: mpsc::Sender<Command>,
+    updates: mpsc::Sender<Update>,
     router: Router,
     channel_names: Vec<String>,
     deliveries: Deliveries,
@@ -130,9 +130,9 @@ impl Alerter {
             workers.push(tokio::spawn(worker.run(rx)));
         }
 
-        let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
+        let (updates, rx) = mpsc::channel(UPDATE_QUEUE);
         let shared = Arc::new(Shared {
-            commands,
+            updates,
             router: Router::new(config),
             channel_names: config
                 .channels
@@ -169,7 +169,7 @@ impl Alerter {
     /// not active already; the latest `summary` is used by repeats. Never blocks, never fails.
     /// `summary` must not contain secret material.
     pub fn raise(&self, credential: &str, condition: Condition, summary: &str) {
-        self.push(Command::Raise {
+        self.push(Update::Raise {
             credential: credential.to_owned(),
             condition,
             summary: summary.to_owned(),
@@ -179,16 +179,16 @@ impl Alerter {
     /// Reports that `condition` is over for `credential`: a resolved notification if it was
     /// active, nothing otherwise. Never blocks, never fails.
     pub fn clear(&self, credential: &str, condition: Condition) {
-        self.push(Command::Clear {
+        self.push(Update::Clear {
             credential: credential.to_owned(),
             condition,
         });
     }
 
-    fn push(&self, command: Command) {
-        let (credential, condition) = command.key();
+    fn push(&self, update: Update) {
+        let (credential, condition) = update.key();
         let credential = credential.to_owned();
-        if let Err(e) = self.shared.commands.try_send(command) {
+        if let Err(e) = self.shared.updates.try_send(update) {
             let reason = match e {
                 mpsc::error::TrySendError::Full(_) => "queue full",
                 mpsc::error::TrySendError::Closed(_) => "alerter stopped",

@@ -61,7 +61,14 @@ pub(super) fn locate(
                 None => format!("credential[{}]", first_index + index),
             };
             located.field = join(&label, &render(rest));
-            if let (Some(credential), [Segment::Map { key }]) = (credential, rest) {
+            // A failure inside a plugin table, or at its `kind` (serde names the tag when the
+            // kind is unknown: check_fields then says whether it was left out of the build).
+            let plugin = match rest {
+                [Segment::Map { key }] => Some(key),
+                [Segment::Map { key }, Segment::Map { key: tag }] if tag == "kind" => Some(key),
+                _ => None,
+            };
+            if let (Some(credential), Some(key)) = (credential, plugin) {
                 if let Some(inner) = locate_in_variant(credential, key) {
                     located = Located {
                         field: join(&join(&label, key), &inner.field),

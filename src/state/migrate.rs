@@ -23,10 +23,10 @@ use crate::state::StateError;
 pub const VERSION: i64 = 2;
 
 /// One migration step: brings the schema from its index to its index + 1.
-type Step = fn(&Transaction<'_>) -> rusqlite::Result<()>;
+type Migration = fn(&Transaction<'_>) -> rusqlite::Result<()>;
 
-/// Step `i` migrates version `i` to `i + 1`.
-const STEPS: [Step; VERSION as usize] = [v1_initial_layout, v2_meta_and_current_attrs];
+/// Migration `i` migrates version `i` to `i + 1`.
+const STEPS: [Migration; VERSION as usize] = [v1_initial_layout, v2_meta_and_current_attrs];
 
 /// The unversioned layout keyrotd shipped first. Frozen: databases in the field have it.
 fn v1_initial_layout(tx: &Transaction<'_>) -> rusqlite::Result<()> {

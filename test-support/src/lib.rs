@@ -9,6 +9,8 @@
 //! `keyrotd` binary live in the daemon's test binary (`tests/integration/support.rs`), which is
 //! the only place Cargo tells the binary's path.
 
+#![warn(missing_docs)]
+
 pub mod key_api;
 pub mod prometheus;
 pub mod silent;
