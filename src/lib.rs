@@ -1,23 +1,26 @@
 //! keyrotd: a daemon that rotates credentials on a schedule.
 //!
-//! - [`config`]: the inventory, parsed once into validated types (the `[alerts]` table included);
-//! - [`fmt`]: human-readable durations and times;
-//! - [`schedule`]: cron expressions, intervals and windows;
-//! - [`state`]: the durable journal (SQLite) behind the [`state::StateStore`] trait, with its
-//!   versioned schema migrations; [`liveness`]: whether the process holding a rotation lease
-//!   still runs;
-//! - [`protocol`]: the protocol's phases, steps and triggers, and the decisions on them;
-//! - [`engine`]: drives the rotation protocol (issue, stage, activate, verify, promote, revoke);
-//! - [`event`]: the conditions the engine and scheduler raise and clear, and their sink;
-//! - [`scheduler`]: decides when each credential needs the engine;
-//! - [`metrics`] and [`http`]: the Prometheus exposition and health endpoints; [`instrument`]:
-//!   metered wrappers around the plugins and the state store;
-//! - [`daemon`]: `keyrotd run`, wiring everything to one shutdown signal;
-//! - [`cli`]: `check`, `status`, `rotate`, `adopt` and `history`; [`logging`]: the log filter,
-//!   which keeps client libraries' statement and body logs off at every level;
-//! - [`alert`]: email and webhook notifications of credential conditions, without spam.
+//! The modules are layered, bottom first; a module uses only modules of lower layers (the rule
+//! is checked by a test in `layers.rs`, and ARCHITECTURE.md explains it):
 //!
-//! The provider plugins (rotators and stores) live in the `keyrotd-providers` crate.
+//! 0. leaves: [`protocol`] (phases, steps, triggers and the decisions on them), [`event`] (the
+//!    conditions raised and cleared, and their sink), [`schedule`] (cron, intervals, windows),
+//!    [`fmt`] (human-readable durations and times), [`liveness`] (whether a lease's owner still
+//!    runs), [`logging`] (the log filter, which keeps client libraries' statement and body logs
+//!    off at every level);
+//! 1. [`config`]: the inventory, parsed once into validated types (the `[alerts]` table
+//!    included);
+//! 2. [`state`]: the durable journal (SQLite) behind the [`state::StateStore`] trait, with its
+//!    versioned schema migrations;
+//! 3. [`instrument`]: metered wrappers around the plugins and the state store;
+//! 4. [`engine`]: drives the rotation protocol; [`alert`]: email and webhook notifications;
+//! 5. [`scheduler`]: decides when each credential needs the engine;
+//! 6. [`metrics`], 7. [`http`]: the Prometheus exposition and health endpoints;
+//! 8. [`daemon`] (`keyrotd run`, wired to one shutdown signal) and [`cli`] (`check`, `status`,
+//!    `rotate`, `adopt`, `history`).
+//!
+//! The plugin API lives in the `keyrotd-plugin` crate, the rotators and stores in
+//! `keyrotd-providers`.
 
 #![warn(missing_docs)]
 

@@ -17,7 +17,7 @@
 //! without any provider's SDK:
 //! - the traits and their types: [`Credential`], [`Attrs`], [`StepContext`], [`ProviderError`],
 //!   [`ErrorClass`];
-//! - [`reference`]: the syntax of secret references (`env:`, `file:`, `credential:`,
+//! - [`reference`](mod@reference): the syntax of secret references (`env:`, `file:`, `credential:`,
 //!   `aws-sm:`); reading them is the providers' job;
 //! - [`timeouts`]: the deadlines every plugin that talks to a server is bounded by;
 //! - [`backoff`]: the one retry delay policy of keyrotd;

@@ -227,8 +227,9 @@ fn parse_aws_sm(rest: &str) -> Result<SecretRef, RefError> {
 }
 
 impl SecretRef {
-    /// Whether resolving this reference needs the network ([`SecretRef::resolve_async`]).
-    /// Configuration checks skip such references: they cannot be known statically.
+    /// Whether resolving this reference needs the network (the providers crate's
+    /// `Resolve::resolve_async`). Configuration checks skip such references: they cannot be
+    /// known statically.
     pub fn needs_async(&self) -> bool {
         matches!(self, Self::AwsSecretsManager { .. })
     }

@@ -3,7 +3,7 @@
 //!
 //! Crate map:
 //! - [`random`]: the `random` rotator (a generated password or token);
-//! - [`file`]: the `file` store (a local file, atomically replaced);
+//! - [`file`](mod@file): the `file` store (a local file, atomically replaced);
 //! - [`aws`] (feature `aws`): the `aws_secrets_manager` store and the `aws_iam_access_key`
 //!   rotator;
 //! - [`postgres`] (feature `postgres`): the `postgres_password` rotator (a role's password,

@@ -19,12 +19,14 @@
 //! metric. Summaries come from the caller, who must keep them free of secrets; resolved secrets
 //! (SMTP password, webhook URL and authorization) only go to the transport.
 //!
-//! Files: [`config`] (the `[alerts]` table and its validation), `notification` (what is
+//! The `[alerts]` table and its validation are config ([`crate::config::alerts`]). Files:
+//! `notification` (what is
 //! delivered: [`Notification`], [`DeliveryError`]), `router` (which channels a notification goes
 //! to), `dispatcher` (the active set, repeats and resolutions), `delivery` (the per-channel
 //! worker and its retries), `channel` (one attempt on one transport), [`email`] (SMTP via
 //! lettre), [`webhook`] (generic JSON and Slack-compatible HTTP via reqwest). Here: the
-//! [`Alerter`] handle, [`Condition`] and [`Severity`].
+//! [`Alerter`] handle and its [`EventSink`] implementation; [`Condition`] and [`Severity`] are
+//! re-exported from [`crate::event`].
 
 pub mod email;
 pub mod webhook;

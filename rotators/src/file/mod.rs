@@ -10,7 +10,7 @@
 //!
 //! Invariant: `path` is only ever replaced by an atomic `rename(2)` of a complete, fsynced file,
 //! so a consumer reads either the old value or the new one, never a torn or missing file. The
-//! directory may be writable by the consuming application: [`dir`] explains how every name in it
+//! directory may be writable by the consuming application: `dir` explains how every name in it
 //! is handled so that a planted symlink, FIFO or device is refused rather than used.
 //!
 //! Files: `config` holds [`FileConfig`] and its validation, `encoding` how a credential is

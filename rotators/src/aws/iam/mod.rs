@@ -13,7 +13,7 @@
 //! - revoke: `UpdateAccessKey` to `Inactive`, then `DeleteAccessKey`.
 //! - abandon: deletes the issued key, or, when a crash lost it, every key of the user that is
 //!   neither the current one nor the one the rotation replaces and was created since the rotation
-//!   started, on AWS's clock (see [`clock::started_in_aws_time`]).
+//!   started, on AWS's clock (see `clock::started_in_aws_time`).
 //!
 //! The credential's secret is the `SecretAccessKey`; its attribute `AccessKeyId` identifies it,
 //! so its store should write JSON (file `format = "json"`, Secrets Manager with `field`).
