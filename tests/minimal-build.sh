@@ -34,7 +34,8 @@ max_age = "35d"
 grace = "1h"
 EOF
 "$work/keyrotd" check --config "$work/ok.toml" >/dev/null || fail "check refused a random/file inventory"
-"$work/keyrotd" rotate token --config "$work/ok.toml" >/dev/null || fail "rotate failed"
+"$work/keyrotd" rotate token --config "$work/ok.toml" >/dev/null 2>"$work/rotate.log" ||
+  fail "rotate failed: $(cat "$work/rotate.log")"
 [ "$(stat -c %a "$work/out/token")" = 600 ] || fail "the store file is not 0600"
 [ "$(tr -d '\n' <"$work/out/token" | wc -c)" -eq 32 ] || fail "the stored token is not 32 characters"
 
@@ -47,5 +48,5 @@ code=$?
 set -e
 [ "$code" -eq 2 ] || fail "an aws_iam_access_key inventory gave exit $code, not 2: $out"
 grep -q 'built without the `aws` cargo feature' <<<"$out" || fail "no feature named: $out"
-grep -q "aws.toml:[0-9]*:[0-9]*: rotator.kind" <<<"$out" || fail "no file:line:col: field: $out"
+grep -q "aws.toml:[0-9]*:[0-9]*: credential\[token\]\.rotator\.kind: " <<<"$out" || fail "no file:line:col: field: $out"
 echo "minimal build: ok"
