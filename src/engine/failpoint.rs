@@ -1,5 +1,5 @@
-//! The crash-test hook (`KEYROTD_FAILPOINT=step:event`): `tests/daemon.rs` kills the process at
-//! each step boundary it names.
+//! The crash-test hook (`KEYROTD_FAILPOINT=step:event`): `tests/integration/daemon/` kills the
+//! process at each step boundary it names.
 //!
 //! Invariant: unset, it changes nothing and costs one load.
 
