@@ -229,24 +229,23 @@ fn a_database_of_another_instance_is_foreign() {
     std::fs::rename(env.path("state"), env.path("first-instance-state")).unwrap();
     let before = env.current().unwrap();
 
-    // A daemon finds it on its own first run.
+    // A daemon finds it on its own first run: the mismatch gauge is set as the run finds it, the
+    // credential's status once the run has ended, so both are awaited.
     let daemon = env.daemon(&[]);
+    let failed =
+        "keyrotd_credential_status{credential=\"db\",rotator=\"random\",state=\"failed\"} 1";
+    let mut metrics = String::new();
     let flagged = wait_until(Duration::from_secs(10), || {
-        http_get(env.port, "/metrics")
-            .is_some_and(|(_, m)| m.contains("keyrotd_state_mismatch{credential=\"db\"} 1"))
+        metrics = http_get(env.port, "/metrics")
+            .map(|(_, m)| m)
+            .unwrap_or_default();
+        metrics.contains("keyrotd_state_mismatch{credential=\"db\"} 1") && metrics.contains(failed)
     });
     let log = daemon.log_text();
-    assert!(flagged, "{log}");
+    assert!(flagged, "{metrics}\n{log}");
     assert!(
         log.contains("ERROR") && log.contains("state lost or foreign") && log.contains(&rotation),
         "{log}"
-    );
-    let (_, metrics) = http_get(env.port, "/metrics").unwrap();
-    assert!(
-        metrics.contains(
-            "keyrotd_credential_status{credential=\"db\",rotator=\"random\",state=\"failed\"} 1"
-        ),
-        "{metrics}"
     );
     drop(daemon);
     assert_eq!(env.current().unwrap(), before, "nothing issued");
