@@ -18,10 +18,13 @@ use crate::event::{Condition, EventSink};
 use crate::http::{serve, Endpoint};
 use crate::instrument::MeteredState;
 use crate::metrics::Metrics;
-use crate::scheduler::{Scheduler, Settings, Table};
+use crate::scheduler::{Heartbeat, Scheduler, Settings, Table};
 use crate::state::{check_removed, open_state, StateStore};
+use crate::systemd::Notifier;
 
-/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads the inventory.
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads the inventory. Under systemd
+/// (`Type=notify`) it reports readiness, reloads, shutdown and its status, and the scheduling loop
+/// feeds the watchdog (see [`crate::systemd`]).
 ///
 /// Each loaded inventory is a *generation* with its own token, a child of the shutdown token. A
 /// reload that validates cancels the generation: in-flight rotations park at their next step
@@ -34,6 +37,7 @@ use crate::state::{check_removed, open_state, StateStore};
 pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     let started = Instant::now();
     let shutdown = CancellationToken::new();
+    let notifier = Notifier::start(&shutdown);
     let metrics = Metrics::new().context("registering metrics")?;
     let endpoint = Endpoint {
         metrics: metrics.clone(),
@@ -61,11 +65,13 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
             &alerts.1,
             generation.clone(),
             abort.clone(),
+            notifier.heartbeat(),
         )
         .await?;
         let table = scheduler.table();
         *endpoint.table.write().unwrap_or_else(|p| p.into_inner()) = Some(table.clone());
         endpoint.ready.store(true, Ordering::Release);
+        notifier.ready(&table);
         info!(
             credentials = table.len(),
             listen = %inventory.daemon.listen,
@@ -74,11 +80,14 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
         );
         let next = async {
             tokio::select! {
-                next = reloaded(&inventory, &metrics, &reload) => {
+                next = reloaded(&inventory, &metrics, &reload, &notifier) => {
                     generation.cancel();
                     Some(next)
                 }
-                _ = shutdown.cancelled() => None,
+                _ = shutdown.cancelled() => {
+                    notifier.stopping();
+                    None
+                }
             }
         };
         let stopped = async {
@@ -167,6 +176,7 @@ async fn schedule(
     events: &Arc<dyn EventSink>,
     generation: CancellationToken,
     abort: CancellationToken,
+    heartbeat: Option<Heartbeat>,
 ) -> anyhow::Result<Scheduler> {
     let ids: Vec<String> = inventory.credentials.iter().map(|c| c.id.clone()).collect();
     state.ensure_credentials(&ids).await?;
@@ -212,15 +222,22 @@ async fn schedule(
         warn_before: inventory.alerts.warn_before,
         data_version,
         metrics: metrics.scheduler.clone(),
+        heartbeat,
     };
     Ok(Scheduler::new(table, engine, settings, generation))
 }
 
 /// Waits for SIGHUP and a valid inventory at the same path; invalid ones are logged, counted and
-/// ignored.
-async fn reloaded(current: &Inventory, metrics: &Metrics, reload: &Notify) -> Inventory {
+/// ignored (systemd hears `RELOADING=1`, then `READY=1` again for the running inventory).
+async fn reloaded(
+    current: &Inventory,
+    metrics: &Metrics,
+    reload: &Notify,
+    notifier: &Notifier,
+) -> Inventory {
     loop {
         reload.notified().await;
+        notifier.reloading();
         let path = current.path.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             let inventory = crate::config::load(&path)?;
@@ -235,6 +252,7 @@ async fn reloaded(current: &Inventory, metrics: &Metrics, reload: &Notify) -> In
             {
                 warn!("reload refused: `listen` and `state` only change with a restart");
                 metrics.config.reloaded(false);
+                notifier.reload_refused();
             }
             Ok(Ok(next)) => return next,
             Ok(Err(errors)) => {
@@ -242,10 +260,12 @@ async fn reloaded(current: &Inventory, metrics: &Metrics, reload: &Notify) -> In
                     error!(error = %e, "reload refused: the inventory is invalid; keeping the running one");
                 }
                 metrics.config.reloaded(false);
+                notifier.reload_refused();
             }
             Err(e) => {
                 error!(error = %e, "reload failed");
                 metrics.config.reloaded(false);
+                notifier.reload_refused();
             }
         }
     }

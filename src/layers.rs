@@ -18,7 +18,8 @@ const LAYERS: &[&[&str]] = &[
     &["engine", "alert"],
     &["scheduler"],
     &["metrics"],
-    &["http"],
+    // The daemon's faces to the outside: the HTTP endpoint and the service manager.
+    &["http", "systemd"],
     // The entry points.
     &["daemon", "cli"],
 ];

@@ -15,7 +15,8 @@
 //! 3. [`instrument`]: metered wrappers around the plugins and the state store;
 //! 4. [`engine`]: drives the rotation protocol; [`alert`]: email and webhook notifications;
 //! 5. [`scheduler`]: decides when each credential needs the engine;
-//! 6. [`metrics`], 7. [`http`]: the Prometheus exposition and health endpoints;
+//! 6. [`metrics`], 7. [`http`]: the Prometheus exposition and health endpoints; [`systemd`]:
+//!    readiness, status, reload, stop and watchdog notifications (`Type=notify`);
 //! 8. [`daemon`] (`keyrotd run`, wired to one shutdown signal) and [`cli`] (`check`, `status`,
 //!    `rotate`, `adopt`, `history`).
 //!
@@ -40,6 +41,7 @@ pub mod protocol;
 pub mod schedule;
 pub mod scheduler;
 pub mod state;
+pub mod systemd;
 
 #[cfg(test)]
 mod layers;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite's real servers need on a fresh Debian 12 machine (run as root):
-# PostgreSQL 15, Prometheus + promtool, openssl (test certificates), moto (AWS emulator) and
-# aiosmtpd (SMTP sink).
+# PostgreSQL 15, Prometheus + promtool, openssl (test certificates), systemd-analyze (the unit
+# file's checks), moto (AWS emulator) and aiosmtpd (SMTP sink).
 # Idempotent and quick when everything is already there.
 set -euo pipefail
 
@@ -9,6 +9,7 @@ apt_packages=()
 command -v promtool >/dev/null || apt_packages+=(prometheus)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || apt_packages+=(postgresql)
 command -v openssl >/dev/null || apt_packages+=(openssl)
+command -v systemd-analyze >/dev/null || apt_packages+=(systemd)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "== apt-get install ${apt_packages[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -25,7 +26,7 @@ if ! command -v moto_server >/dev/null || ! python3 -c 'import aiosmtpd' 2>/dev/
   if command -v pyenv >/dev/null; then pyenv rehash; fi
 fi
 
-for tool in promtool prometheus openssl moto_server /usr/lib/postgresql/15/bin/initdb; do
+for tool in promtool prometheus openssl systemd-analyze moto_server /usr/lib/postgresql/15/bin/initdb; do
   command -v "$tool" >/dev/null || { echo "FATAL: $tool is still missing after install" >&2; exit 1; }
 done
 python3 -c 'import aiosmtpd' || { echo "FATAL: aiosmtpd is still missing after install" >&2; exit 1; }

@@ -104,6 +104,19 @@ pub struct Settings {
     pub data_version: i64,
     /// Where panics are counted.
     pub metrics: SchedulerMetrics,
+    /// Given by the loop itself while it turns (the daemon's systemd watchdog), if any.
+    pub heartbeat: Option<Heartbeat>,
+}
+
+/// A beat the scheduling loop gives every `every` from inside its own `select!`, so a loop
+/// stuck on an await (a wedged state store) stops beating. The daemon feeds it to systemd's
+/// watchdog.
+#[derive(Clone)]
+pub struct Heartbeat {
+    /// How often the loop beats.
+    pub every: Duration,
+    /// Called on each beat; must not block.
+    pub beat: Arc<dyn Fn() + Send + Sync>,
 }
 
 /// Runs the schedule until `shutdown`.
@@ -119,6 +132,7 @@ pub struct Scheduler {
     plugins: Option<Plugins>,
     /// Per credential: whether its last run panicked (a failure alert to clear once it succeeds).
     panicked: Vec<bool>,
+    heartbeat: Option<Heartbeat>,
 }
 
 /// What an engine run returns.
@@ -192,6 +206,7 @@ impl Scheduler {
             data_version: settings.data_version,
             metrics: settings.metrics,
             plugins: None,
+            heartbeat: settings.heartbeat,
         }
     }
 
@@ -230,6 +245,10 @@ impl Scheduler {
             tokio::time::interval_at(tokio::time::Instant::now() + WATCH_EVERY, WATCH_EVERY);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen_version = self.data_version;
+        // Without a heartbeat the timer never fires (its branch is disabled), so one type serves.
+        let heartbeat = self.heartbeat.take();
+        let mut beats = tokio::time::interval(heartbeat.as_ref().map_or(MAX_SLEEP, |h| h.every));
+        beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             while let Some((i, trigger)) = queue.next_run(&self.table, Utc::now()) {
@@ -260,6 +279,10 @@ impl Scheduler {
                         queue.watch_age(i, self.ages.check(i, self.table.slot(i), now));
                     }
                     queue.enqueue_due(&self.table, wall);
+                }
+                // Also while shutting down: parking in-flight runs can take a while.
+                _ = beats.tick(), if heartbeat.is_some() => {
+                    if let Some(h) = &heartbeat { (h.beat)(); }
                 }
                 _ = watch.tick(), if !self.shutdown.is_cancelled() => {
                     let version = match self.engine.state().external_version().await {

@@ -25,3 +25,4 @@ mod prometheus_rules_live;
 mod state_loss;
 mod store_locations;
 mod support;
+mod systemd_notify;

@@ -10,11 +10,14 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The binary under test, logging at the most verbose level: the leak scans of every test then
-/// cover what any log level could show.
+/// cover what any log level could show. It never talks to a service manager the tests run under.
 pub fn keyrotd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyrotd"));
     cmd.env_remove("KEYROTD_CONFIG")
         .env_remove("KEYROTD_FAILPOINT")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .env("KEYROTD_LOG", "trace");
     cmd
 }

@@ -45,6 +45,7 @@ async fn a_panicking_rotation_is_reported_released_and_retried_and_shutdown_does
         warn_before: Duration::from_secs(3600),
         data_version: f.state.external_version().await.unwrap(),
         metrics: metrics.clone(),
+        heartbeat: None,
     };
     let scheduler = Scheduler::new(table.clone(), engine, settings, shutdown.clone()).with_plugins(
         Arc::new(move |_| {
