@@ -115,7 +115,7 @@ pub struct Settings {
 pub struct Heartbeat {
     /// How often the loop beats.
     pub every: Duration,
-    /// Called on each beat; must not block.
+    /// Called on each beat, on the loop itself: it must return at once (one datagram, say).
     pub beat: Arc<dyn Fn() + Send + Sync>,
 }
 

