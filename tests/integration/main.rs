@@ -20,6 +20,7 @@ mod daemon;
 mod deadlines;
 mod engine;
 mod http_e2e;
+mod logging;
 mod postgres_e2e;
 mod prometheus_rules_live;
 mod state_loss;
