@@ -24,5 +24,6 @@ mod logging;
 mod postgres_e2e;
 mod prometheus_rules_live;
 mod state_loss;
+mod status;
 mod store_locations;
 mod support;
