@@ -94,7 +94,12 @@ struct StatusRow {
     max_age_seconds: u64,
     stale: bool,
     last_rotation: Option<DateTime<Utc>>,
+    /// When the next rotation starts (or an unfinished one resumes); during grace, the next
+    /// rotation after the pending revoke, never the revoke itself.
     next_rotation: Option<DateTime<Utc>>,
+    /// When the old credential of a promoted rotation is revoked (the retry time after a failed
+    /// revoke); `None` when no revoke is pending.
+    revoke_at: Option<DateTime<Utc>>,
     consecutive_failures: u32,
     last_error: Option<String>,
     /// The store names a rotation the state database does not know: state lost or foreign.
@@ -197,10 +202,7 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
             let last = record
                 .issued_at
                 .and_then(|t| Utc.timestamp_opt(t, 0).single());
-            let next = live
-                .wake
-                .and_then(|t| Utc.timestamp_opt(t, 0).single())
-                .or_else(|| spec.schedule.next_rotation(last, now));
+            let (next, revoke_at) = next_and_revoke(spec, open, live.wake, last, now);
             let age = record.issued_at.map(|t| now.timestamp() - t);
             let store = stores.remove(&spec.id);
             // An unreadable store: what the last run found.
@@ -222,6 +224,7 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
                 stale: age.is_none_or(|a| a > spec.max_age.as_secs() as i64),
                 last_rotation: last,
                 next_rotation: next,
+                revoke_at,
                 consecutive_failures: record.consecutive_failures,
                 state_lost: lost.is_some(),
                 last_error: lost.or(record.last_error),
@@ -239,8 +242,8 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
         return Ok(code);
     }
     println!(
-        "{:<24} {:<20} {:<20} {:>10} {:>10} {:<21} {:<21} STATE",
-        "ID", "ROTATOR", "STORE", "AGE", "MAX AGE", "LAST ROTATION", "NEXT ROTATION"
+        "{:<24} {:<20} {:<20} {:>10} {:>10} {:<21} {:<21} {:<21} STATE",
+        "ID", "ROTATOR", "STORE", "AGE", "MAX AGE", "LAST ROTATION", "NEXT ROTATION", "REVOKE AT"
     );
     for r in &rows {
         let age = r.age_seconds.map_or_else(
@@ -255,7 +258,7 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
             r.state.to_owned()
         };
         println!(
-            "{:<24} {:<20} {:<20} {:>10} {:>10} {:<21} {:<21} {}",
+            "{:<24} {:<20} {:<20} {:>10} {:>10} {:<21} {:<21} {:<21} {}",
             r.id,
             r.rotator,
             r.store,
@@ -263,6 +266,7 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
             human(std::time::Duration::from_secs(r.max_age_seconds)),
             time(r.last_rotation.map(|t| t.timestamp())),
             time(r.next_rotation.map(|t| t.timestamp())),
+            time(r.revoke_at.map(|t| t.timestamp())),
             state
         );
     }
@@ -274,6 +278,37 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
         );
     }
     Ok(code)
+}
+
+/// The next rotation and the pending revoke of a credential, for `status`. `wake` is when the
+/// scheduler next acts on it ([`live_view`]): for a promoted rotation that is the revoke (or its
+/// retry), and the next rotation is the schedule's, but no earlier than the revoke, since a
+/// credential starts no rotation during its grace period. Otherwise `wake` is the next rotation
+/// (or the resumption of an unfinished one) and no revoke is pending.
+fn next_and_revoke(
+    spec: &CredentialSpec,
+    open: Option<&RotationRecord>,
+    wake: Option<i64>,
+    last: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+    let at = |t: i64| Utc.timestamp_opt(t, 0).single();
+    match open.filter(|r| r.phase == Phase::Promoted) {
+        Some(promoted) => {
+            // A credential marked failed has no wake-up: its revoke waits at the planned time.
+            let revoke = wake.or(promoted.revoke_at).and_then(at);
+            let next = spec
+                .schedule
+                .next_rotation(last, now)
+                .map(|next| revoke.map_or(next, |revoke| next.max(revoke)));
+            (next, revoke)
+        }
+        None => (
+            wake.and_then(at)
+                .or_else(|| spec.schedule.next_rotation(last, now)),
+            None,
+        ),
+    }
 }
 
 /// `keyrotd rotate ID [--dry-run]`. Returns the exit status.

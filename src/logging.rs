@@ -1,4 +1,10 @@
-//! The log filter of the daemon and the CLI.
+//! The log filter and format of the daemon and the CLI.
+//!
+//! Without `KEYROTD_LOG`, keyrotd's own crates log at INFO and every other crate at WARN
+//! ([`DEFAULT_DIRECTIVES`]): the SDKs and client libraries announce routine work at INFO (the AWS
+//! SDK logs every credential provider it builds from `~/.aws/credentials`), which is noise in a
+//! service's journal. Colour codes are written only when stderr is a terminal (and `NO_COLOR` is
+//! unset), so journald and log files get plain text.
 //!
 //! `KEYROTD_LOG` chooses what is logged, with one exception no setting can lift: the database,
 //! HTTP, TLS and AWS client libraries keyrotd uses log statements, request and response bodies
@@ -9,6 +15,8 @@
 //! event must also pass. It is a separate filter rather than a directive appended to the user's
 //! own, because `EnvFilter` lets the most specific directive win, so `tokio_postgres::query=trace`
 //! would override an appended `tokio_postgres=info`.
+
+use std::io::IsTerminal;
 
 use tracing::Level;
 use tracing_subscriber::filter::{EnvFilter, FilterExt, Targets};
@@ -47,24 +55,29 @@ pub const CAPPED_TARGETS: &[&str] = &[
     "axum",
 ];
 
+/// The filter directives used when `KEYROTD_LOG` is unset (or not valid): INFO for keyrotd's own
+/// crates, WARN for every other crate.
+pub const DEFAULT_DIRECTIVES: &str = "warn,keyrotd=info,keyrotd_providers=info,keyrotd_plugin=info";
+
 /// Log format on stderr.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
-    /// Human-readable lines.
+    /// Human-readable lines, coloured only on a terminal.
     Text,
-    /// One JSON object per line.
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields` with the message and
+    /// the event's fields, and the enclosing `span`/`spans`), for log shippers.
     Json,
 }
 
-/// The filter every event passes: the user's `KEYROTD_LOG` (default `info`) and the cap on the
-/// client libraries.
+/// The filter every event passes: the user's `KEYROTD_LOG` (default [`DEFAULT_DIRECTIVES`]) and
+/// the cap on the client libraries.
 pub fn filter<S>(user: Option<&str>) -> impl Filter<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
     let user = user
         .and_then(|directives| EnvFilter::try_new(directives).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .unwrap_or_else(|| EnvFilter::new(DEFAULT_DIRECTIVES));
     let cap = CAPPED_TARGETS
         .iter()
         .fold(Targets::new().with_default(Level::TRACE), |t, target| {
@@ -73,11 +86,19 @@ where
     user.and(cap)
 }
 
+/// Whether text logs get ANSI colour codes: only on a terminal, and not when `NO_COLOR` is set
+/// to a non-empty value (<https://no-color.org>).
+fn colour() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 /// Installs the global subscriber writing to stderr, filtered by `KEYROTD_LOG`. Also routes the
 /// `log` crate's records (tokio-postgres logs through it) into the same filter.
 pub fn init(format: Format) {
     let user = std::env::var("KEYROTD_LOG").ok();
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(format == Format::Text && colour());
     let registry = tracing_subscriber::registry();
     match format {
         Format::Text => registry
@@ -110,18 +131,22 @@ mod tests {
         }
     }
 
-    fn logged(user: &str) -> String {
+    fn logged(user: impl Into<Option<&'static str>>) -> String {
         let out = Captured::default();
         let writer = out.clone();
         let layer = tracing_subscriber::fmt::layer()
             .with_writer(move || writer.clone())
-            .with_filter(filter(Some(user)));
+            .with_filter(filter(user.into()));
         tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
             tracing::debug!(target: "tokio_postgres::query", "executing statement ALTER ROLE");
             tracing::trace!(target: "aws_smithy_runtime::client", "response body SECRETBODY");
             tracing::debug!(target: "hyper_util::client", "hyper debug");
             tracing::info!(target: "tokio_postgres::connection", "server notice");
+            tracing::info!(target: "aws_config::profile::credentials", "sdk chatter");
+            tracing::warn!(target: "aws_runtime::env_config", "sdk warning");
             tracing::debug!(target: "keyrotd::engine", "own debug line");
+            tracing::info!(target: "keyrotd::engine", "own info line");
+            tracing::info!(target: "keyrotd_providers::aws", "provider info line");
         });
         let bytes = out.0.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()
@@ -144,5 +169,20 @@ mod tests {
         }
         let quiet = logged("warn");
         assert!(!quiet.contains("server notice") && !quiet.contains("own debug line"));
+    }
+
+    #[test]
+    fn by_default_only_keyrotd_logs_at_info() {
+        for user in [None, Some("keyrotd=loudest")] {
+            let text = logged(user);
+            assert!(text.contains("own info line"), "{user:?}: {text}");
+            assert!(text.contains("provider info line"), "{user:?}: {text}");
+            assert!(text.contains("sdk warning"), "{user:?}: {text}");
+            assert!(!text.contains("sdk chatter"), "{user:?}: {text}");
+            assert!(!text.contains("server notice"), "{user:?}: {text}");
+            assert!(!text.contains("own debug line"), "{user:?}: {text}");
+        }
+        // Asked for, third-party INFO shows.
+        assert!(logged("info").contains("sdk chatter"));
     }
 }

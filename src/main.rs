@@ -17,7 +17,9 @@ struct Args {
     /// The inventory.
     #[arg(long, global = true, env = "KEYROTD_CONFIG", default_value = config::DEFAULT_PATH)]
     config: PathBuf,
-    /// Log format on stderr.
+    /// Log format on stderr: `text` (coloured only on a terminal) or `json` (one object per
+    /// line, for log shippers). The level comes from `KEYROTD_LOG` (default: keyrotd's own
+    /// logs at info, other crates' at warn).
     #[arg(long, global = true, env = "KEYROTD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -26,7 +28,9 @@ struct Args {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line: timestamp, level, target, fields.
     Json,
 }
 
@@ -84,7 +88,9 @@ fn main() -> ExitCode {
     ) {
         end_quietly_on_a_closed_pipe();
     }
-    logging::init(args.log_format.into());
+    let format = args.log_format.into();
+    logging::init(format);
+    let complain = |line: std::fmt::Arguments<'_>| complain(format, line);
     let inventory = match config::load(&args.config) {
         Ok(inventory) => inventory,
         Err(errors) => {
@@ -136,7 +142,7 @@ fn main() -> ExitCode {
             if e.downcast_ref::<keyrotd::state::RemovedWhileOpen>()
                 .is_some() =>
         {
-            eprintln!("{e}");
+            complain(format_args!("{e}"));
             ExitCode::from(cli::EXIT_USAGE)
         }
         Err(e) => {
@@ -146,11 +152,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// Writes an error line on stderr. A closed stderr must not turn an error into a panic: the exit
-/// status still says what happened.
-fn complain(line: std::fmt::Arguments<'_>) {
+/// Writes an error on stderr: as text, or with `--log-format json` as an ERROR event, so that
+/// every line a log shipper reads is one JSON object. A closed stderr must not turn an error into
+/// a panic: the exit status still says what happened.
+fn complain(format: logging::Format, line: std::fmt::Arguments<'_>) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
+    match format {
+        logging::Format::Text => {
+            let _ = writeln!(std::io::stderr(), "{line}");
+        }
+        logging::Format::Json => tracing::error!("{line}"),
+    }
 }
 
 /// Restores the default action of SIGPIPE, which the Rust runtime ignores, so that a read-only
