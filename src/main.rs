@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use keyrotd::{cli, config, daemon, logging};
 
 #[derive(Parser)]
@@ -78,15 +78,49 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Print a completion script for SHELL on stdout (e.g. `keyrotd completions bash >
+    /// /usr/share/bash-completion/completions/keyrotd`). Reads no inventory.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout (e.g. `keyrotd man > keyrotd.1`). Reads no inventory.
+    Man,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     if matches!(
         args.command,
-        Command::Check | Command::Status { .. } | Command::History { .. }
+        Command::Check
+            | Command::Status { .. }
+            | Command::History { .. }
+            | Command::Completions { .. }
+            | Command::Man
     ) {
         end_quietly_on_a_closed_pipe();
+    }
+    // Generated from the argument definitions themselves, so they never drift from them.
+    match &args.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Args::command(),
+                "keyrotd",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            return match clap_mangen::Man::new(Args::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: cannot write the man page: {e}");
+                    ExitCode::from(cli::EXIT_FAILED)
+                }
+            };
+        }
+        _ => {}
     }
     let format = args.log_format.into();
     logging::init(format);
@@ -131,6 +165,9 @@ fn main() -> ExitCode {
             Command::Rotate { id, dry_run } => cli::rotate(&inventory, &id, dry_run).await,
             Command::Adopt { id } => cli::adopt(&inventory, &id).await,
             Command::History { id, limit } => cli::history(&inventory, id.as_deref(), limit).await,
+            Command::Completions { .. } | Command::Man => {
+                unreachable!("handled before the inventory is read")
+            }
         }
     });
     // A task stuck in a blocking call (the daemon gave up on it at its shutdown deadline) must

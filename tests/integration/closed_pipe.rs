@@ -60,6 +60,8 @@ fn commands_writing_to_a_closed_pipe_end_quietly() {
         &["history", "c0"],
         &["rotate", "c5"],
         &["rotate", "c6", "--dry-run"],
+        &["completions", "bash"],
+        &["man"],
     ] {
         let out = into_closed_pipe(&config, args);
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -19,6 +19,7 @@ mod closed_pipe;
 mod daemon;
 mod deadlines;
 mod engine;
+mod generated_docs;
 mod http_e2e;
 mod logging;
 mod postgres_e2e;
