@@ -186,12 +186,13 @@ pub(crate) fn has_code<E: ProvideErrorMetadata>(
     error_code(err).as_deref() == Some(code)
 }
 
-/// The AWS error code of a service error.
+/// The AWS error code of a service error (public for the tests that call AWS behind the
+/// rotators' back).
 ///
 /// Falls back to the `<Code>` element of an XML body the SDK could not parse: the query protocol
 /// (IAM, STS) expects `<ErrorResponse><Error>`, but some front ends (moto's authentication
 /// layer among them) wrap it as `<ErrorResponse><Errors><Error>`, which loses the code.
-fn error_code<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Option<String> {
+pub fn error_code<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Option<String> {
     if let Some(code) = err.code() {
         return Some(code.to_owned());
     }

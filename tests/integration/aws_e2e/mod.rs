@@ -234,21 +234,8 @@ impl Aws {
         );
         match self.rt.block_on(sts.get_caller_identity().send()) {
             Ok(out) => Ok(out.arn().unwrap_or_default().to_owned()),
-            Err(e) => {
-                if let Some(code) = aws_sdk_sts::error::ProvideErrorMetadata::code(&e) {
-                    return Err(code.to_owned());
-                }
-                // moto wraps STS authentication errors in an element the SDK does not parse.
-                let body = e
-                    .raw_response()
-                    .and_then(|r| r.body().bytes())
-                    .unwrap_or_default();
-                let body = String::from_utf8_lossy(body);
-                let code = body
-                    .split_once("<Code>")
-                    .and_then(|(_, rest)| rest.split_once("</Code>"));
-                Err(code.map_or_else(|| format!("no code in {body}"), |(c, _)| c.to_owned()))
-            }
+            Err(e) => Err(keyrotd_providers::aws::error_code(&e)
+                .unwrap_or_else(|| format!("no AWS error code in {e:?}"))),
         }
     }
 }
