@@ -108,7 +108,7 @@ impl Notifier {
     /// `WATCHDOG_USEC`, as `sd_watchdog_enabled(3)` recommends.
     pub fn heartbeat(&self) -> Option<Heartbeat> {
         let inner = self.inner.as_ref()?;
-        let every = inner.watchdog? / 2;
+        let every = beat_interval(inner.watchdog?);
         let inner = inner.clone();
         Some(Heartbeat {
             every,
@@ -127,6 +127,17 @@ impl Inner {
             }
         }
     }
+}
+
+/// The fastest and slowest watchdog beats. `WATCHDOG_USEC` comes from the environment: a value of
+/// a microsecond would spin the loop, a year would overflow a timer. Beating more often than
+/// half the interval is harmless; a watchdog shorter than twice the floor cannot be met by any
+/// beat rate and gets the floor.
+const BEAT_BOUNDS: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(60));
+
+/// Half of `WATCHDOG_USEC` (as `sd_watchdog_enabled(3)` recommends), within [`BEAT_BOUNDS`].
+fn beat_interval(watchdog: Duration) -> Duration {
+    (watchdog / 2).clamp(BEAT_BOUNDS.0, BEAT_BOUNDS.1)
 }
 
 /// Recomputes the status line every [`STATUS_EVERY`] and sends it when it changed.
@@ -169,4 +180,25 @@ fn summary(table: &Table) -> String {
 
 fn unpoisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn beats_are_half_the_watchdog_within_bounds() {
+        assert_eq!(
+            beat_interval(Duration::from_secs(60)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            beat_interval(Duration::from_micros(1)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            beat_interval(Duration::from_micros(u64::MAX)),
+            Duration::from_secs(60)
+        );
+    }
 }
