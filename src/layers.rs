@@ -46,16 +46,41 @@ fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// The modules named by `crate::NAME` paths in one line of code (comments excluded).
-fn crate_paths(line: &str) -> impl Iterator<Item = &str> {
+/// The modules named by `crate::NAME` paths in one line of code (comments excluded), including
+/// each member of a group `crate::{a::X, b}` that opens on this line.
+fn crate_paths(line: &str) -> Vec<&str> {
     let code = line.split("//").next().unwrap_or("");
-    code.match_indices("crate::").map(move |(at, _)| {
+    let name = |text: &'_ str| -> usize {
+        text.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(text.len())
+    };
+    let mut found = Vec::new();
+    for (at, _) in code.match_indices("crate::") {
         let rest = &code[at + "crate::".len()..];
-        let end = rest
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(rest.len());
-        &rest[..end]
-    })
+        match rest.strip_prefix('{') {
+            Some(group) => {
+                // The first name of each member at the group's own depth.
+                let (mut depth, mut start) = (0, Some(0));
+                for (i, c) in group.char_indices() {
+                    if let Some(from) = start.take() {
+                        let member = group[from..].trim_start();
+                        if !member.is_empty() && member.starts_with(|c: char| c != '}') {
+                            found.push(&member[..name(member)]);
+                        }
+                    }
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => start = Some(i + 1),
+                        _ => {}
+                    }
+                }
+            }
+            None => found.push(&rest[..name(rest)]),
+        }
+    }
+    found
 }
 
 #[test]
@@ -98,9 +123,10 @@ fn every_module_is_in_a_layer_and_imports_only_from_below() {
 
 #[test]
 fn crate_paths_are_found_outside_comments() {
-    let found: Vec<_> =
-        crate_paths("use crate::engine::{Engine}; x(crate::fmt::human) // crate::cli").collect();
+    let found = crate_paths("use crate::engine::{Engine}; x(crate::fmt::human) // crate::cli");
     assert_eq!(found, ["engine", "fmt"]);
+    let grouped = crate_paths("use crate::{config::Inventory, state, engine::{Engine, Outcome}};");
+    assert_eq!(grouped, ["config", "state", "engine"]);
     assert_eq!(module_of(std::path::Path::new("engine/steps.rs")), "engine");
     assert_eq!(module_of(std::path::Path::new("fmt.rs")), "fmt");
 }
