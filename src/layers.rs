@@ -21,7 +21,7 @@ const LAYERS: &[&[&str]] = &[
     // The daemon's faces to the outside: the HTTP endpoint and the service manager.
     &["http", "systemd"],
     // The entry points.
-    &["daemon", "cli"],
+    &["daemon", "cli", "policy"],
 ];
 
 fn layer(module: &str) -> Option<usize> {

@@ -17,8 +17,8 @@
 //! 5. [`scheduler`]: decides when each credential needs the engine;
 //! 6. [`metrics`], 7. [`http`]: the Prometheus exposition and health endpoints; [`systemd`]:
 //!    readiness, status, reload, stop and watchdog notifications (`Type=notify`);
-//! 8. [`daemon`] (`keyrotd run`, wired to one shutdown signal) and [`cli`] (`check`, `status`,
-//!    `rotate`, `adopt`, `history`).
+//! 8. [`daemon`] (`keyrotd run`, wired to one shutdown signal), [`cli`] (`check`, `status`,
+//!    `rotate`, `adopt`, `history`) and [`policy`] (`keyrotd policy`, the least privilege).
 //!
 //! The plugin API lives in the `keyrotd-plugin` crate, the rotators and stores in
 //! `keyrotd-providers`.
@@ -37,6 +37,7 @@ pub mod instrument;
 pub mod liveness;
 pub mod logging;
 pub mod metrics;
+pub mod policy;
 pub mod protocol;
 pub mod schedule;
 pub mod scheduler;

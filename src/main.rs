@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use keyrotd::{cli, config, daemon, logging};
+use keyrotd::{cli, config, daemon, logging, policy};
 
 #[derive(Parser)]
 #[command(
@@ -78,6 +78,16 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Print the least privilege each credential's rotator and store need, scoped to its
+    /// resources: an AWS IAM policy, PostgreSQL grants, and what no policy language states.
+    /// Reads no secret and no state.
+    Policy {
+        /// Only this credential.
+        id: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a completion script for SHELL on stdout (e.g. `keyrotd completions bash >
     /// /usr/share/bash-completion/completions/keyrotd`). Reads no inventory.
     Completions {
@@ -93,6 +103,7 @@ fn main() -> ExitCode {
     if matches!(
         args.command,
         Command::Check
+            | Command::Policy { .. }
             | Command::Status { .. }
             | Command::History { .. }
             | Command::Completions { .. }
@@ -132,7 +143,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Command::Rotate { id, .. } | Command::Adopt { id } = &args.command {
+    if let Command::Rotate { id, .. }
+    | Command::Adopt { id }
+    | Command::Policy { id: Some(id), .. } = &args.command
+    {
         if !inventory.credentials.iter().any(|c| &c.id == id) {
             complain(format_args!(
                 "error: no credential `{id}` in {}",
@@ -165,6 +179,9 @@ fn main() -> ExitCode {
             Command::Rotate { id, dry_run } => cli::rotate(&inventory, &id, dry_run).await,
             Command::Adopt { id } => cli::adopt(&inventory, &id).await,
             Command::History { id, limit } => cli::history(&inventory, id.as_deref(), limit).await,
+            Command::Policy { id, json } => {
+                policy::policy(&inventory, id.as_deref(), json).map(|()| 0)
+            }
             Command::Completions { .. } | Command::Man => {
                 unreachable!("handled before the inventory is read")
             }

@@ -21,6 +21,7 @@
 //!   `aws-sm:`); reading them is the providers' job;
 //! - [`timeouts`]: the deadlines every plugin that talks to a server is bounded by;
 //! - [`backoff`]: the one retry delay policy of keyrotd;
+//! - [`permissions`]: what a provider needs to be allowed to do (`keyrotd policy`);
 //! - [`is_loopback_host`]: where plain-text protocols are allowed.
 //!
 //! *Invariant:* no error message and no `Debug` output of these types carries secret material.
@@ -28,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod permissions;
 pub mod reference;
 pub mod timeouts;
 
@@ -38,6 +40,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use secrecy::SecretString;
 
+pub use permissions::Permissions;
 pub use timeouts::Timeouts;
 
 /// A credential: its secret value plus public attributes that identify it.
@@ -180,6 +183,14 @@ pub trait Rotator: Send + Sync {
         timeouts::DEFAULT_TIMEOUT
     }
 
+    /// The least privilege this rotator needs at its provider for every method below, scoped to
+    /// the resources it is configured for (`keyrotd policy`). Implement it beside the calls, so
+    /// that a new call and its permission are added together. The default is for rotators that
+    /// call nothing.
+    fn permissions(&self) -> Permissions {
+        Permissions::none()
+    }
+
     /// Creates a new credential. `current` is what the store holds now, if anything.
     ///
     /// The engine stages the result before anything else happens. If a crash loses the result,
@@ -233,6 +244,13 @@ pub trait Store: Send + Sync {
     /// step past it as a transient failure, whatever the store does itself.
     fn timeout(&self) -> Duration {
         timeouts::DEFAULT_TIMEOUT
+    }
+
+    /// The least privilege this store needs for every method below, scoped to its location
+    /// (`keyrotd policy`); see [`Rotator::permissions`]. The default is for stores that need
+    /// nothing.
+    fn permissions(&self) -> Permissions {
+        Permissions::none()
     }
 
     /// The value consumers read now, if there is one.

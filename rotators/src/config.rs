@@ -32,16 +32,27 @@ pub struct AwsDefaults {
     pub region: Option<String>,
     /// Endpoint override for credentials that set none (a VPC endpoint, a test server).
     pub endpoint_url: Option<String>,
+    /// The AWS account of the IAM users and secrets, for the ARNs `keyrotd policy` prints
+    /// (twelve digits). Calls never need it.
+    pub account_id: Option<String>,
 }
 
 impl AwsDefaults {
     #[cfg(feature = "aws")]
-    fn fill(&self, region: &mut Option<String>, endpoint_url: &mut Option<String>) {
+    fn fill(
+        &self,
+        region: &mut Option<String>,
+        endpoint_url: &mut Option<String>,
+        account_id: &mut Option<String>,
+    ) {
         if region.is_none() {
             region.clone_from(&self.region);
         }
         if endpoint_url.is_none() {
             endpoint_url.clone_from(&self.endpoint_url);
+        }
+        if account_id.is_none() {
+            account_id.clone_from(&self.account_id);
         }
     }
 }
@@ -158,7 +169,7 @@ impl RotatorConfig {
     pub fn inherit_aws(&mut self, defaults: &AwsDefaults) {
         #[cfg(feature = "aws")]
         if let Self::AwsIamAccessKey(c) = self {
-            defaults.fill(&mut c.region, &mut c.endpoint_url);
+            defaults.fill(&mut c.region, &mut c.endpoint_url, &mut c.account_id);
         }
         #[cfg(not(feature = "aws"))]
         let _ = defaults;
@@ -286,7 +297,7 @@ impl StoreConfig {
     pub fn inherit_aws(&mut self, defaults: &AwsDefaults) {
         #[cfg(feature = "aws")]
         if let Self::AwsSecretsManager(c) = self {
-            defaults.fill(&mut c.region, &mut c.endpoint_url);
+            defaults.fill(&mut c.region, &mut c.endpoint_url, &mut c.account_id);
         }
         #[cfg(not(feature = "aws"))]
         let _ = defaults;

@@ -15,9 +15,31 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use keyrotd_plugin::permissions::Permission;
 use keyrotd_plugin::reference::{RefError, SecretRef, MAX_SECRET_BYTES};
-use keyrotd_plugin::Timeouts;
+use keyrotd_plugin::{Permissions, Timeouts};
 use secrecy::{ExposeSecret, SecretString};
+
+/// What reading `reference` needs besides keyrotd's environment, for `keyrotd policy`: read
+/// access to a file, or `GetSecretValue` on a Secrets Manager secret. `field` names the plugin
+/// field that holds the reference (`admin_dsn`).
+pub fn permissions(reference: &SecretRef, field: &'static [&'static str]) -> Permissions {
+    match reference {
+        SecretRef::Env(_) | SecretRef::SystemdCredential(_) => Permissions::none(),
+        SecretRef::File(path) => Permissions::none().need(Permission::Text(format!(
+            "`{}` ({}) reads the file {}: keyrotd's user needs read access to it",
+            field.join(", "),
+            reference,
+            path.display()
+        ))),
+        #[cfg(feature = "aws")]
+        SecretRef::AwsSecretsManager { secret_id, .. } => {
+            crate::aws::secrets_manager::read_current_permissions(secret_id, field)
+        }
+        #[cfg(not(feature = "aws"))]
+        SecretRef::AwsSecretsManager { .. } => Permissions::none(),
+    }
+}
 
 /// Reads what a [`SecretRef`] names. Implemented for `SecretRef`; import it to call the methods.
 #[async_trait]

@@ -5,13 +5,14 @@
 use crate::support::keyrotd;
 
 /// Every subcommand and global flag, as a user types them.
-const WORDS: [&str; 10] = [
+const WORDS: [&str; 11] = [
     "run",
     "check",
     "status",
     "rotate",
     "adopt",
     "history",
+    "policy",
     "completions",
     "man",
     "--config",

@@ -22,6 +22,7 @@ mod engine;
 mod generated_docs;
 mod http_e2e;
 mod logging;
+mod policy;
 mod postgres_e2e;
 mod prometheus_rules_live;
 mod state_loss;

@@ -243,6 +243,32 @@ pub(crate) fn validate_endpoint_url(url: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
+/// The account id for the ARNs of `keyrotd policy`, or `*` with a note saying so when the
+/// configuration names none.
+pub(crate) fn account_or_wildcard(account_id: Option<&str>) -> (&str, Option<String>) {
+    match account_id {
+        Some(account) => (account, None),
+        None => (
+            "*",
+            Some(
+                "no AWS account id is configured, so the ARNs match any account (`*`): set \
+                 `account_id` in the inventory's [aws] table to name yours"
+                    .to_owned(),
+            ),
+        ),
+    }
+}
+
+/// Checks an optional `account_id`: twelve digits.
+pub(crate) fn validate_account_id(account_id: Option<&str>) -> Result<(), String> {
+    match account_id {
+        Some(a) if a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit()) => Err(format!(
+            "account_id: `{a}` is not an AWS account id (twelve digits)"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Checks an optional `region`: lowercase letters, digits and dashes (`us-east-1`).
 pub(crate) fn validate_region(region: Option<&str>) -> Result<(), String> {
     match region {

@@ -35,7 +35,8 @@ pub use self::dir::MAX_FILE_BYTES;
 use self::dir::{Perms, StoreDir};
 pub use self::encoding::Encoding;
 use self::sidecar::Meta;
-use keyrotd_plugin::{Credential, ProviderError, StepContext, Store};
+use keyrotd_plugin::permissions::Permission;
+use keyrotd_plugin::{Credential, Permissions, ProviderError, StepContext, Store};
 
 /// The `file` store.
 #[derive(Debug, Clone)]
@@ -199,6 +200,33 @@ impl Store for FileStore {
 
     fn location(&self) -> String {
         self.path.display().to_string()
+    }
+
+    /// The directory's write access (every write is a new file renamed into place), and the
+    /// right to hand the files to their owner or group.
+    fn permissions(&self) -> Permissions {
+        let mut permissions = Permissions::none().need(Permission::Text(format!(
+            "keyrotd's user needs write and search access to the directory {} (stage, promote, \
+             discard and release create, rename and remove files beside {}), and read access \
+             to the files it writes there",
+            self.dir.display(),
+            self.path.display()
+        )));
+        if self.perms.owner.is_some() {
+            permissions = permissions.need(Permission::Text(
+                "`owner` is set: giving the files to another user needs CAP_CHOWN (root, or \
+                 AmbientCapabilities=CAP_CHOWN in the unit)"
+                    .into(),
+            ));
+        }
+        if self.perms.group.is_some() {
+            permissions = permissions.need(Permission::Text(
+                "`group` is set: keyrotd's user must be a member of that group (or have \
+                 CAP_CHOWN)"
+                    .into(),
+            ));
+        }
+        permissions
     }
 
     async fn current(&self, ctx: StepContext<'_>) -> Result<Option<Credential>, ProviderError> {

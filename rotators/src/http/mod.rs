@@ -48,7 +48,10 @@ use self::config::Parsed;
 pub use self::config::{HttpConfig, RequestConfig, VerifyConfig};
 use self::template::{render_body, Vars};
 use crate::resolve::Resolve;
-use keyrotd_plugin::{Attrs, Credential, ErrorClass, ProviderError, Rotator, StepContext};
+use keyrotd_plugin::permissions::Permission;
+use keyrotd_plugin::{
+    Attrs, Credential, ErrorClass, Permissions, ProviderError, Rotator, StepContext,
+};
 
 /// Attribute carrying the provider's id of a key.
 pub const KEY_ID_ATTR: &str = "key_id";
@@ -147,6 +150,19 @@ impl Rotator for HttpRotator {
 
     fn timeout(&self) -> Duration {
         self.config.timeout
+    }
+
+    /// The admin token's rights at the provider, in words (no policy language is common to
+    /// HTTP APIs), and reading `auth`.
+    fn permissions(&self) -> Permissions {
+        let (issue, revoke) = (&self.config.issue, &self.config.revoke);
+        let mut permissions = Permissions::none().need(Permission::Text(format!(
+            "the `auth` token must be allowed to create keys (issue: {} {}) and to delete them \
+             (revoke, abandon: {} {}), and nothing else; verify uses the new key itself",
+            issue.method, issue.url, revoke.method, revoke.url
+        )));
+        permissions.extend(crate::resolve::permissions(&self.config.auth, &["auth"]));
+        permissions
     }
 
     async fn issue(

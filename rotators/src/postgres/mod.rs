@@ -49,7 +49,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 pub use self::config::{PostgresConfig, SslMode, Strategy};
 use self::connect::tls_config;
 use crate::random::{generate, Alphabet};
-use keyrotd_plugin::{Attrs, Credential, ProviderError, Rotator, StepContext};
+use keyrotd_plugin::{Attrs, Credential, Permissions, ProviderError, Rotator, StepContext};
 
 /// Attribute naming the role a credential logs in as.
 pub const USERNAME_ATTR: &str = "username";
@@ -159,6 +159,23 @@ impl Rotator for PostgresRotator {
 
     fn timeout(&self) -> Duration {
         self.config.timeout
+    }
+
+    /// The admin role's SQL privileges on the rotated roles (see `sql`), and reading `admin_dsn`.
+    fn permissions(&self) -> Permissions {
+        let roles = match self.config.strategy {
+            Strategy::Single => vec![self.single_role()],
+            Strategy::Alternating => {
+                let (a, b) = self.alternating_roles();
+                vec![a, b]
+            }
+        };
+        let mut permissions = self.sql_permissions(&roles);
+        permissions.extend(crate::resolve::permissions(
+            &self.config.admin_dsn,
+            &["admin_dsn"],
+        ));
+        permissions
     }
 
     async fn issue(

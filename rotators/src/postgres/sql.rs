@@ -11,7 +11,8 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::connect::pg_error;
 use super::PostgresRotator;
-use keyrotd_plugin::ProviderError;
+use keyrotd_plugin::permissions::{Permission, SqlGrant};
+use keyrotd_plugin::{Permissions, ProviderError};
 
 /// How long before the step's deadline the server must cancel an `ALTER ROLE` still waiting, so
 /// its cancellation reaches keyrotd before keyrotd gives up on the statement.
@@ -56,6 +57,60 @@ impl PostgresRotator {
                 .map_err(|e| pg_error(&what, &e))
         })
         .await
+    }
+}
+
+/// The role keyrotd's admin connection logs in as, in the SQL of `keyrotd policy`: a psql
+/// variable, since its name is in the admin DSN, a secret `policy` does not read.
+const ADMIN_ROLE: &str = ":\"admin_role\"";
+
+impl PostgresRotator {
+    /// What [`PostgresRotator::set_password`] needs of the admin role, for `keyrotd policy`: the
+    /// privilege to set the password of each of `roles` and nothing else. The rotator runs no
+    /// other statement as the admin role.
+    pub(super) fn sql_permissions(&self, roles: &[&str]) -> Permissions {
+        let names: Vec<String> = roles.iter().map(|r| quote_ident(r)).collect();
+        let mut permissions = Permissions::none().need(Permission::Sql(SqlGrant {
+            statement: format!("ALTER ROLE {ADMIN_ROLE} WITH LOGIN CREATEROLE;"),
+            versions: None,
+            why: format!(
+                "activate, abandon and revoke set the password of {} with ALTER ROLE ... PASSWORD, \
+                 which needs CREATEROLE; LOGIN for the admin connection itself",
+                names.join(" and ")
+            ),
+        }));
+        for name in &names {
+            permissions = permissions.need(Permission::Sql(SqlGrant {
+                statement: format!(
+                    "GRANT {name} TO {ADMIN_ROLE} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE;"
+                ),
+                versions: Some("PostgreSQL 16 and newer"),
+                why: format!(
+                    "since PostgreSQL 16, CREATEROLE changes only roles it has ADMIN OPTION on; \
+                     INHERIT FALSE and SET FALSE keep {name}'s own privileges from the admin role"
+                ),
+            }));
+        }
+        permissions
+            .need(Permission::Text(
+                "the admin role needs CONNECT on the admin DSN's database (PUBLIC has it by \
+                 default)"
+                    .into(),
+            ))
+            .need(Permission::Text(format!(
+                "verify logs in as {} with the new password: it needs LOGIN and CONNECT on the \
+                 database it logs in to{}",
+                names.join(" and "),
+                if self.config.probe_query.is_some() {
+                    ", and whatever `probe_query` reads"
+                } else {
+                    ""
+                }
+            )))
+            .note(
+                "on PostgreSQL 15 and older, CREATEROLE alone can change the password of any role \
+                 that is not a superuser: no narrower grant exists there",
+            )
     }
 }
 

@@ -24,6 +24,7 @@ use support::*;
 
 mod crash;
 mod failures;
+mod policy;
 
 const CURRENT: &str = "AWSCURRENT";
 const PREVIOUS: &str = "AWSPREVIOUS";

@@ -17,6 +17,7 @@ use support::*;
 
 mod crash;
 mod failures;
+mod policy;
 
 /// The variable the inventories name (`admin_dsn = "env:..."`); set on each keyrotd process only.
 const DSN_VAR: &str = "KEYROTD_E2E_PG_ADMIN_DSN";

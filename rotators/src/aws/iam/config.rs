@@ -23,6 +23,10 @@ pub struct IamAccessKeyConfig {
     /// Endpoint override for IAM and STS (a test server).
     #[serde(default)]
     pub endpoint_url: Option<String>,
+    /// The user's AWS account (twelve digits), for the ARN `keyrotd policy` prints; defaults to
+    /// the `[aws]` table's. Calls never need it.
+    #[serde(default)]
+    pub account_id: Option<String>,
     /// How long verify keeps retrying while IAM propagates a new key (`"30s"`, `"2m"`).
     #[serde(default = "default_verify_timeout")]
     pub verify_timeout: String,
@@ -71,6 +75,7 @@ impl IamAccessKeyConfig {
                 "user_name: `{user}` may only contain letters, digits and +=,.@_-"
             ));
         }
+        aws::validate_account_id(self.account_id.as_deref())?;
         let timeout = humantime::parse_duration(&self.verify_timeout).map_err(|e| {
             format!(
                 "verify_timeout: `{}` is not a duration like \"30s\": {e}",
@@ -101,6 +106,7 @@ mod tests {
             user_name: user.into(),
             region: None,
             endpoint_url: None,
+            account_id: None,
             verify_timeout: default_verify_timeout(),
             delete_after_deactivate: true,
             connect_timeout: timeouts::DEFAULT_CONNECT_TIMEOUT,

@@ -11,12 +11,18 @@
 //!   while IAM propagates the key, and the caller must be the configured user. Its step may
 //!   therefore last `verify_timeout` longer than `timeout`.
 //! - revoke: `UpdateAccessKey` to `Inactive`, then `DeleteAccessKey`.
+//! - a `DeleteAccessKey` or `UpdateAccessKey` answered `NoSuchEntity` asks `ListAccessKeys`
+//!   whether the user exists (the key is then already gone).
 //! - abandon: deletes the issued key, or, when a crash lost it, every key of the user that is
 //!   neither the current one nor the one the rotation replaces and was created since the rotation
 //!   started, on AWS's clock (see `clock::started_in_aws_time`).
 //!
 //! The credential's secret is the `SecretAccessKey`; its attribute `AccessKeyId` identifies it,
 //! so its store should write JSON (file `format = "json"`, Secrets Manager with `field`).
+//!
+//! Permissions: [`IAM_CALLS`] lists every IAM call above with the methods that make it, and
+//! `keyrotd policy` prints it as a policy on the user's ARN; keep it in step with the calls. STS
+//! `GetCallerIdentity` needs no permission, and `verify` signs it with the new key anyway.
 //!
 //! Files: `config` holds [`IamAccessKeyConfig`] and its validation, `clock` AWS's time for
 //! dating orphaned keys, and this file the rotator and its [`Rotator`] implementation.
@@ -35,10 +41,34 @@ use self::clock::{started_in_aws_time, ResponseDate};
 pub use self::config::IamAccessKeyConfig;
 use super::{aws_error, has_code, Connection};
 use keyrotd_plugin::backoff::Backoff;
-use keyrotd_plugin::{Attrs, Credential, ProviderError, Rotator, StepContext};
+use keyrotd_plugin::permissions::{aws_partition, AwsAction, AwsStatement, Permission};
+use keyrotd_plugin::{Attrs, Credential, Permissions, ProviderError, Rotator, StepContext};
 
 /// The attribute naming the access key id.
 pub const ACCESS_KEY_ID: &str = "AccessKeyId";
+
+/// Every IAM action this rotator calls, with the [`Rotator`] methods that call it: the whole
+/// policy of `keyrotd policy`, all on the configured user.
+pub const IAM_CALLS: &[AwsAction] = &[
+    // list_keys: issue (room for a new key), abandon (orphans), user_exists (after NoSuchEntity).
+    AwsAction {
+        action: "iam:ListAccessKeys",
+        used_by: &["issue", "abandon", "revoke"],
+    },
+    AwsAction {
+        action: "iam:CreateAccessKey",
+        used_by: &["issue"],
+    },
+    // delete_key: issue (an inactive leftover), abandon, revoke (delete_after_deactivate).
+    AwsAction {
+        action: "iam:DeleteAccessKey",
+        used_by: &["issue", "abandon", "revoke"],
+    },
+    AwsAction {
+        action: "iam:UpdateAccessKey",
+        used_by: &["revoke"],
+    },
+];
 const NO_SUCH_ENTITY: &str = "NoSuchEntity";
 
 /// The `aws_iam_access_key` rotator.
@@ -140,17 +170,14 @@ impl IamAccessKeyRotator {
         }
     }
 
-    /// Tells a missing key from a missing user, which both answer `NoSuchEntity`.
+    /// Tells a missing key from a missing user, which both answer `NoSuchEntity`. Asks with
+    /// `ListAccessKeys`, which the policy allows anyway, rather than `GetUser`, which it would
+    /// need only for this.
     async fn user_exists(&self, iam: &aws_sdk_iam::Client) -> Result<bool, ProviderError> {
-        match iam
-            .get_user()
-            .user_name(&self.config.user_name)
-            .send()
-            .await
-        {
+        match self.list_keys(iam).await {
             Ok(_) => Ok(true),
-            Err(e) if has_code(&e, NO_SUCH_ENTITY) => Ok(false),
-            Err(e) => Err(aws_error("IAM GetUser", &self.target(), e)),
+            Err(e) if e.code.as_deref() == Some(NO_SUCH_ENTITY) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -211,6 +238,28 @@ impl Rotator for IamAccessKeyRotator {
 
     fn public_attrs(&self) -> &'static [&'static str] {
         &[ACCESS_KEY_ID]
+    }
+
+    /// [`IAM_CALLS`] on the user's ARN, at any IAM path (user names are unique in an account,
+    /// whatever their path).
+    fn permissions(&self) -> Permissions {
+        let region = self.config.region.as_deref();
+        let partition = aws_partition(region);
+        let (account, note) = super::account_or_wildcard(self.config.account_id.as_deref());
+        let user = &self.config.user_name;
+        let statement = AwsStatement {
+            sid: "KeyrotdIamAccessKeys".into(),
+            actions: IAM_CALLS.to_vec(),
+            resources: vec![
+                format!("arn:{partition}:iam::{account}:user/{user}"),
+                format!("arn:{partition}:iam::{account}:user/*/{user}"),
+            ],
+        };
+        let permissions = Permissions::none().need(Permission::Aws(statement));
+        match note {
+            Some(note) => permissions.note(note),
+            None => permissions,
+        }
     }
 
     /// A step may take `timeout`, and verify may also wait `verify_timeout` for propagation.

@@ -28,6 +28,10 @@ pub struct SecretsManagerConfig {
     /// Endpoint override (a VPC endpoint, a test server).
     #[serde(default)]
     pub endpoint_url: Option<String>,
+    /// The secret's AWS account (twelve digits), for the ARN `keyrotd policy` prints when
+    /// `secret_id` is a name; defaults to the `[aws]` table's. Calls never need it.
+    #[serde(default)]
+    pub account_id: Option<String>,
     /// The longest wait for a connection to Secrets Manager (`"10s"`).
     #[serde(
         default = "timeouts::default_connect",
@@ -66,6 +70,7 @@ impl SecretsManagerConfig {
             field: None,
             region: None,
             endpoint_url: None,
+            account_id: None,
             connect_timeout: timeouts::DEFAULT_CONNECT_TIMEOUT,
             timeout: timeouts::DEFAULT_TIMEOUT,
         }
@@ -90,6 +95,7 @@ impl SecretsManagerConfig {
             return Err("field: must not be empty when set".into());
         }
         aws::validate_region(self.region.as_deref())?;
+        aws::validate_account_id(self.account_id.as_deref())?;
         aws::validate_endpoint_url(self.endpoint_url.as_deref())?;
         timeouts::validate(self.connect_timeout, self.timeout)
     }

@@ -14,6 +14,9 @@
 //! is a JSON object; staging copies the current object, replaces `field` and the credential's
 //! attributes, and keeps every other member (`host`, `port`, ...).
 //!
+//! Permissions: [`SECRETS_MANAGER_CALLS`] lists every call with the methods that make it, and
+//! `keyrotd policy` prints it as a policy on the secret's ARN; keep it in step with the calls.
+//!
 //! Files: `config` holds [`SecretsManagerConfig`] and the secret id rules, and this file the store,
 //! its [`Store`] implementation and the reads behind `aws-sm:` secret references.
 
@@ -30,10 +33,81 @@ use serde_json::{Map, Value};
 pub use self::config::SecretsManagerConfig;
 use super::{aws_error, Connection};
 use crate::timeouts::Timeouts;
-use keyrotd_plugin::{Attrs, Credential, ProviderError, StepContext, Store};
+use keyrotd_plugin::permissions::{aws_partition, AwsAction, AwsStatement, Permission};
+use keyrotd_plugin::{Attrs, Credential, Permissions, ProviderError, StepContext, Store};
 
 const CURRENT: &str = "AWSCURRENT";
 const PENDING: &str = "AWSPENDING";
+
+/// Every Secrets Manager action this store calls, with the [`Store`] methods that call it: the
+/// whole policy of `keyrotd policy`, all on the configured secret.
+pub const SECRETS_MANAGER_CALLS: &[AwsAction] = &[
+    // versions(): every method reads the labels first.
+    AwsAction {
+        action: "secretsmanager:DescribeSecret",
+        used_by: &[
+            "current",
+            "stage",
+            "pending",
+            "promote",
+            "discard",
+            "last_rotation",
+        ],
+    },
+    // read(): current, pending, and stage with `field` (it copies the current object).
+    AwsAction {
+        action: "secretsmanager:GetSecretValue",
+        used_by: &["current", "stage", "pending"],
+    },
+    AwsAction {
+        action: "secretsmanager:PutSecretValue",
+        used_by: &["stage"],
+    },
+    // move_label(): promote, discard, and stage putting back a lost AWSPENDING.
+    AwsAction {
+        action: "secretsmanager:UpdateSecretVersionStage",
+        used_by: &["stage", "promote", "discard"],
+    },
+];
+
+/// The ARN patterns of `secret_id` for a policy's `Resource`, with a note for each part the
+/// configuration left open. A name gets AWS's random six-character suffix as `-??????`, which
+/// matches this secret and not one whose name merely starts with it.
+pub(crate) fn secret_arns(
+    secret_id: &str,
+    region: Option<&str>,
+    account_id: Option<&str>,
+) -> (Vec<String>, Vec<String>) {
+    if secret_id.starts_with("arn:") {
+        // A complete ARN ends with the suffix; a partial one (AWS accepts both) gets it here.
+        let name = secret_id.splitn(7, ':').nth(6).unwrap_or_default();
+        let complete = name.rsplit_once('-').is_some_and(|(_, suffix)| {
+            suffix.len() == 6 && suffix.bytes().all(|b| b.is_ascii_alphanumeric())
+        });
+        let arn = if complete {
+            secret_id.to_owned()
+        } else {
+            format!("{secret_id}-??????")
+        };
+        return (vec![arn], vec![]);
+    }
+    let mut notes = Vec::new();
+    let (account, note) = super::account_or_wildcard(account_id);
+    notes.extend(note);
+    let region_part = region.unwrap_or_else(|| {
+        notes.push(format!(
+            "secret `{secret_id}` has no region configured, so its ARN matches any region (`*`)"
+        ));
+        "*"
+    });
+    let partition = aws_partition(region);
+    (
+        vec![format!(
+            "arn:{partition}:secretsmanager:{region_part}:{account}:secret:{secret_id}-??????"
+        )],
+        notes,
+    )
+}
 
 /// The `aws_secrets_manager` store.
 #[derive(Debug)]
@@ -234,6 +308,26 @@ pub(crate) async fn read_current(
     store.decode(value).map(|c| c.secret)
 }
 
+/// What [`read_current`] needs: `GetSecretValue` on the secret (region and account from an
+/// ARN, else any), for `keyrotd policy`. `used_by` names the plugin field holding the reference.
+pub(crate) fn read_current_permissions(
+    secret_id: &str,
+    used_by: &'static [&'static str],
+) -> Permissions {
+    let (resources, notes) = secret_arns(secret_id, None, None);
+    let statement = AwsStatement {
+        sid: "KeyrotdSecretReference".into(),
+        actions: vec![AwsAction {
+            action: "secretsmanager:GetSecretValue",
+            used_by,
+        }],
+        resources,
+    };
+    let mut permissions = Permissions::none().need(Permission::Aws(statement));
+    permissions.notes.extend(notes);
+    permissions
+}
+
 #[async_trait]
 impl Store for SecretsManagerStore {
     fn kind(&self) -> &'static str {
@@ -249,6 +343,28 @@ impl Store for SecretsManagerStore {
 
     fn timeout(&self) -> Duration {
         self.config.timeout
+    }
+
+    /// [`SECRETS_MANAGER_CALLS`] on the secret's ARN.
+    fn permissions(&self) -> Permissions {
+        let (resources, notes) = secret_arns(
+            &self.config.secret_id,
+            self.config.region.as_deref(),
+            self.config.account_id.as_deref(),
+        );
+        let statement = AwsStatement {
+            sid: "KeyrotdSecretsManagerStore".into(),
+            actions: SECRETS_MANAGER_CALLS.to_vec(),
+            resources,
+        };
+        let mut permissions = Permissions::none().need(Permission::Aws(statement));
+        permissions.notes.extend(notes);
+        permissions.note(format!(
+            "if secret `{}` is encrypted with a customer-managed KMS key, also allow \
+             kms:Decrypt and kms:GenerateDataKey on that key (the default aws/secretsmanager \
+             key needs nothing)",
+            self.config.secret_id
+        ))
     }
 
     async fn current(&self, _ctx: StepContext<'_>) -> Result<Option<Credential>, ProviderError> {

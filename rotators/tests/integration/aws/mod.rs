@@ -60,6 +60,7 @@ fn rotator(user: &str, verify_timeout: &str, delete_after_deactivate: bool) -> I
         user_name: user.into(),
         region: Some("us-east-1".into()),
         endpoint_url: Some(moto_url()),
+        account_id: None,
         verify_timeout: verify_timeout.into(),
         delete_after_deactivate,
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
