@@ -1,5 +1,6 @@
 //! The `aws_secrets_manager` store's configuration: the secret (a name or an ARN), the JSON
-//! member that holds the credential, the region and endpoint, and the timeouts.
+//! member that holds the credential, the region, endpoint and account, the timeouts, and the
+//! secret's ARN patterns for `keyrotd policy`.
 //!
 //! Invariant: secret ids are checked without calling AWS, and the reasons a check gives never
 //! quote the id, so a secret reference holding a pasted secret is refused without echoing it.
@@ -10,6 +11,7 @@ use serde::Deserialize;
 
 use crate::aws;
 use crate::timeouts::{self, Timeouts};
+use keyrotd_plugin::permissions::aws_partition;
 use keyrotd_plugin::reference::check_secret_id;
 
 /// Configuration of the `aws_secrets_manager` store.
@@ -101,6 +103,45 @@ impl SecretsManagerConfig {
     }
 }
 
+/// The ARN patterns of `secret_id` for a policy's `Resource`, with a note for each part the
+/// configuration left open. A name gets AWS's random six-character suffix as `-??????`, which
+/// matches this secret and not one whose name merely starts with it.
+pub(crate) fn secret_arns(
+    secret_id: &str,
+    region: Option<&str>,
+    account_id: Option<&str>,
+) -> (Vec<String>, Vec<String>) {
+    if secret_id.starts_with("arn:") {
+        // A complete ARN ends with the suffix; a partial one (AWS accepts both) gets it here.
+        let name = secret_id.splitn(7, ':').nth(6).unwrap_or_default();
+        let complete = name.rsplit_once('-').is_some_and(|(_, suffix)| {
+            suffix.len() == 6 && suffix.bytes().all(|b| b.is_ascii_alphanumeric())
+        });
+        let arn = if complete {
+            secret_id.to_owned()
+        } else {
+            format!("{secret_id}-??????")
+        };
+        return (vec![arn], vec![]);
+    }
+    let mut notes = Vec::new();
+    let (account, note) = aws::account_or_wildcard(account_id);
+    notes.extend(note);
+    let region_part = region.unwrap_or_else(|| {
+        notes.push(format!(
+            "secret `{secret_id}` has no region configured, so its ARN matches any region (`*`)"
+        ));
+        "*"
+    });
+    let partition = aws_partition(region);
+    (
+        vec![format!(
+            "arn:{partition}:secretsmanager:{region_part}:{account}:secret:{secret_id}-??????"
+        )],
+        notes,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +182,25 @@ mod tests {
         c.field = None;
         c.endpoint_url = Some("localhost:4566".into());
         assert!(c.validate().unwrap_err().starts_with("endpoint_url:"));
+    }
+
+    #[test]
+    fn secret_arns_match_the_secret_and_say_what_is_open() {
+        let (arns, notes) = secret_arns("prod/db", Some("eu-west-1"), Some("123456789012"));
+        assert_eq!(
+            arns,
+            ["arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/db-??????"]
+        );
+        assert!(notes.is_empty(), "{notes:?}");
+        let (arns, notes) = secret_arns("prod/db", None, None);
+        assert_eq!(arns, ["arn:aws:secretsmanager:*:*:secret:prod/db-??????"]);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        let partial = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/db";
+        assert_eq!(
+            secret_arns(partial, None, None).0,
+            [format!("{partial}-??????")]
+        );
+        let complete = format!("{partial}-AbC123");
+        assert_eq!(secret_arns(&complete, None, None), (vec![complete], vec![]));
     }
 }

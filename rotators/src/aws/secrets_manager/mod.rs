@@ -17,7 +17,7 @@
 //! Permissions: [`SECRETS_MANAGER_CALLS`] lists every call with the methods that make it, and
 //! `keyrotd policy` prints it as a policy on the secret's ARN; keep it in step with the calls.
 //!
-//! Files: `config` holds [`SecretsManagerConfig`] and the secret id rules, and this file the store,
+//! Files: `config` holds [`SecretsManagerConfig`], the secret id rules and ARNs, and this file the store,
 //! its [`Store`] implementation and the reads behind `aws-sm:` secret references.
 
 mod config;
@@ -30,10 +30,11 @@ use aws_sdk_secretsmanager::Client;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 
+use self::config::secret_arns;
 pub use self::config::SecretsManagerConfig;
 use super::{aws_error, Connection};
 use crate::timeouts::Timeouts;
-use keyrotd_plugin::permissions::{aws_partition, AwsAction, AwsStatement, Permission};
+use keyrotd_plugin::permissions::{AwsAction, AwsStatement, Permission};
 use keyrotd_plugin::{Attrs, Credential, Permissions, ProviderError, StepContext, Store};
 
 const CURRENT: &str = "AWSCURRENT";
@@ -69,45 +70,6 @@ pub const SECRETS_MANAGER_CALLS: &[AwsAction] = &[
         used_by: &["stage", "promote", "discard"],
     },
 ];
-
-/// The ARN patterns of `secret_id` for a policy's `Resource`, with a note for each part the
-/// configuration left open. A name gets AWS's random six-character suffix as `-??????`, which
-/// matches this secret and not one whose name merely starts with it.
-pub(crate) fn secret_arns(
-    secret_id: &str,
-    region: Option<&str>,
-    account_id: Option<&str>,
-) -> (Vec<String>, Vec<String>) {
-    if secret_id.starts_with("arn:") {
-        // A complete ARN ends with the suffix; a partial one (AWS accepts both) gets it here.
-        let name = secret_id.splitn(7, ':').nth(6).unwrap_or_default();
-        let complete = name.rsplit_once('-').is_some_and(|(_, suffix)| {
-            suffix.len() == 6 && suffix.bytes().all(|b| b.is_ascii_alphanumeric())
-        });
-        let arn = if complete {
-            secret_id.to_owned()
-        } else {
-            format!("{secret_id}-??????")
-        };
-        return (vec![arn], vec![]);
-    }
-    let mut notes = Vec::new();
-    let (account, note) = super::account_or_wildcard(account_id);
-    notes.extend(note);
-    let region_part = region.unwrap_or_else(|| {
-        notes.push(format!(
-            "secret `{secret_id}` has no region configured, so its ARN matches any region (`*`)"
-        ));
-        "*"
-    });
-    let partition = aws_partition(region);
-    (
-        vec![format!(
-            "arn:{partition}:secretsmanager:{region_part}:{account}:secret:{secret_id}-??????"
-        )],
-        notes,
-    )
-}
 
 /// The `aws_secrets_manager` store.
 #[derive(Debug)]
