@@ -6,8 +6,8 @@
 //! - a line says only what the journal holds (ids, times, steps, the actor's identity, the
 //!   trigger, the error text, which carries no secret by contract) and the row's chain hash;
 //! - pruning removes a prefix of the chain made of whole rotations, each finished before the
-//!   cut-off and superseded by a newer completed rotation of its credential (the store may still
-//!   name the newest one), and records the checkpoint in the same transaction.
+//!   cut-off and superseded by a newer promoted or completed rotation of its credential (the
+//!   store may still name the newest one), and records the checkpoint in the same transaction.
 
 use rusqlite::{params, Connection, TransactionBehavior};
 use serde::Serialize;
@@ -116,10 +116,11 @@ pub struct Pruned {
     pub checkpoint: Checkpoint,
 }
 
-/// A rotation prunable at cut-off `?1`: finished before it and superseded by a newer completed
-/// rotation of the same credential.
+/// A rotation prunable at cut-off `?1`: finished before it and superseded by a newer promoted
+/// or completed rotation of the same credential (the store names the newest such one).
 const PRUNABLE: &str = "r.finished_at IS NOT NULL AND r.finished_at < ?1 AND EXISTS (
-    SELECT 1 FROM rotations n WHERE n.credential_id = r.credential_id AND n.phase = 'done'
+    SELECT 1 FROM rotations n WHERE n.credential_id = r.credential_id
+      AND n.phase IN ('promoted', 'done')
       AND (n.started_at, n.id) > (r.started_at, r.id))";
 
 /// Deletes the rotations finished before `before` (Unix seconds) that form a prefix of the
