@@ -235,7 +235,7 @@ fn each_row_names_its_actor_and_trigger_daemon_or_person() {
         assert_eq!(actor["pid"], pid, "{line}");
         assert_eq!(actor["version"], env!("CARGO_PKG_VERSION"));
         assert!(actor["host"].as_str().is_some_and(|h| !h.is_empty()));
-        assert_eq!(line["trigger"], "schedule", "{line}");
+        assert_eq!(line["trigger"], "overdue", "never rotated: {line}");
     }
 
     // A person, under sudo. The grace period is not over: rotate after it by hand needs a new
@@ -267,6 +267,41 @@ fn each_row_names_its_actor_and_trigger_daemon_or_person() {
         )
         .unwrap();
     assert_eq!(without, 0, "the rotation records its actor too");
+}
+
+#[test]
+fn each_row_says_why_its_run_started() {
+    let env = Env::new(
+        &["db"],
+        "rotate_every = \"2s\"\nmax_age = \"1h\"\ngrace = \"0s\"",
+        "",
+    );
+    let mut daemon = env.start("daemon.log");
+    let triggers = || -> Vec<String> {
+        env.export(&[])
+            .iter()
+            .map(|l| l["trigger"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || triggers()
+            .contains(&"interval".to_owned())),
+        "{:?}\n{}",
+        triggers(),
+        daemon.log_text()
+    );
+    daemon.terminate(Duration::from_secs(10));
+    let seen = triggers();
+    assert_eq!(
+        seen[0], "overdue",
+        "never rotated: due when the daemon started"
+    );
+    assert!(
+        seen.iter().all(|t| t == "overdue" || t == "interval"),
+        "{seen:?}"
+    );
+    env.rotate("db", &[]);
+    assert_eq!(triggers().last().unwrap(), "manual");
 }
 
 /// The flags of the descriptor `pid` holds open on `path`.
