@@ -535,7 +535,7 @@ impl StateStore for SqliteState {
     }
 
     async fn verify_journal(&self) -> Result<Result<Intact, Break>, StateError> {
-        self.with(|c| chain::verify(c)).await
+        self.with(chain::verify).await
     }
 
     async fn prune(&self, before: i64) -> Result<Pruned, StateError> {
