@@ -2,8 +2,11 @@
 //! shared by the process and used off the async worker threads.
 //!
 //! Invariants:
-//! - only the lease holder writes a rotation or its journal, checked in the same statement as the
-//!   write (`... WHERE owner = me`), so a process that lost its lease cannot overwrite progress;
+//! - only the lease holder writes a rotation or its journal, checked in the same statement or
+//!   write transaction as the write (`... WHERE owner = me`), so a process that lost its lease
+//!   cannot overwrite progress;
+//! - journal rows are inserted by `append_step` alone, which hashes each into the chain (see
+//!   `chain`) inside the write transaction that inserts it;
 //! - a partial unique index allows at most one open rotation per credential, across processes;
 //! - the database directory is 0700 and its files 0600, whatever the umask.
 
