@@ -255,15 +255,18 @@ const ROWS: &str =
     "SELECT s.seq, s.rotation_id, COALESCE(r.credential_id, ''), s.at_ms, s.step, s.event,
         s.detail, a.actor, s.trigger, s.hash
     FROM steps s LEFT JOIN rotations r ON r.id = s.rotation_id LEFT JOIN actors a ON a.id = s.actor
-    ORDER BY s.seq";
+    WHERE s.seq > ?1 ORDER BY s.seq LIMIT ?2";
 
-/// Visits every row as `(seq, line, stored hash)`, in `seq` order.
+/// Visits the rows after `after` as `(seq, line, stored hash)`, in `seq` order, at most `limit`
+/// of them (-1: all).
 fn each_row(
     conn: &Connection,
+    after: i64,
+    limit: i64,
     mut visit: impl FnMut(i64, &Line<'_>, Option<&[u8]>) -> Result<(), StateError>,
 ) -> Result<(), StateError> {
     let mut stmt = conn.prepare(ROWS)?;
-    let mut rows = stmt.query([])?;
+    let mut rows = stmt.query([after, limit])?;
     while let Some(r) = rows.next()? {
         let (rotation_id, credential_id): (String, String) = (r.get(1)?, r.get(2)?);
         let (step, event): (String, String) = (r.get(4)?, r.get(5)?);
@@ -292,7 +295,7 @@ pub fn verify(conn: &mut Connection) -> Result<Result<Intact, Break>, StateError
     let conn = &*tx;
     let mut walk = Walk::new(checkpoint(conn)?);
     let mut broken = None;
-    each_row(conn, |seq, line, hash| {
+    each_row(conn, i64::MIN, -1, |seq, line, hash| {
         if broken.is_none() {
             broken = walk.next(seq, line, hash).err();
         }
@@ -313,19 +316,25 @@ pub fn verify(conn: &mut Connection) -> Result<Result<Intact, Break>, StateError
 }
 
 /// Hashes every row in `seq` order from the start (the migration that introduced the chain).
+/// A batch at a time, so a long history never sits in memory whole.
 pub fn chain_existing(conn: &Connection) -> Result<(), StateError> {
-    let mut hashes = Vec::new();
-    let mut prev = GENESIS;
-    each_row(conn, |seq, line, _| {
-        prev = line.link(seq, &prev);
-        hashes.push((seq, prev));
-        Ok(())
-    })?;
+    let (mut after, mut prev) = (i64::MIN, GENESIS);
     let mut update = conn.prepare("UPDATE steps SET hash = ?2 WHERE seq = ?1")?;
-    for (seq, hash) in hashes {
-        update.execute(params![seq, &hash[..]])?;
+    loop {
+        let mut hashes = Vec::new();
+        each_row(conn, after, 10_000, |seq, line, _| {
+            prev = line.link(seq, &prev);
+            hashes.push((seq, prev));
+            Ok(())
+        })?;
+        let Some(&(last, _)) = hashes.last() else {
+            return Ok(());
+        };
+        for (seq, hash) in hashes {
+            update.execute(params![seq, &hash[..]])?;
+        }
+        after = last;
     }
-    Ok(())
 }
 
 #[cfg(test)]

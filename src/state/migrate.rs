@@ -265,6 +265,26 @@ INSERT INTO steps (rotation_id, at_ms, step, event) VALUES ('r2', 1700000000000,
         );
     }
 
+    #[tokio::test]
+    async fn a_long_history_is_chained_in_batches_across_their_boundary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        v1_database(&path);
+        let mut conn = Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for i in 0..10_001 {
+            tx.execute(
+                "INSERT INTO steps (rotation_id, at_ms, step, event) VALUES ('r1', ?1, 'issue', 'ok')",
+                [i],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        drop(conn);
+        let state = SqliteState::open(&path).unwrap();
+        assert_eq!(again_verified(&state).await, 10_004);
+    }
+
     async fn again_verified(state: &SqliteState) -> i64 {
         state.verify_journal().await.unwrap().unwrap().rows
     }
