@@ -99,7 +99,7 @@ enum AuditCommand {
     /// first edited, deleted or reordered row (exit 1).
     Verify,
     /// Print the journal as JSON lines (time, credential, rotation, step, event, actor,
-    /// trigger, error, hash), oldest first.
+    /// trigger, error and its code, hash), oldest first.
     Export {
         /// Only rows at or after this time: RFC 3339, or a duration before now (`7d`).
         #[arg(long)]

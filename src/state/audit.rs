@@ -36,6 +36,8 @@ pub struct AuditLine {
     pub trigger: String,
     /// The error, on an `error` row.
     pub error: Option<String>,
+    /// The provider's own error code (`AccessDenied`, `28P01`), when the error names one.
+    pub error_code: Option<String>,
     /// The reason, on other rows that give one.
     pub detail: Option<String>,
     /// The row's chain hash (hex).
@@ -83,6 +85,7 @@ pub fn lines(conn: &Connection, filter: &AuditFilter) -> Result<Vec<AuditLine>, 
         } else {
             (None, detail)
         };
+        let error_code = error.as_deref().and_then(provider_code).map(str::to_owned);
         out.push(AuditLine {
             seq: r.get(0)?,
             time: chrono::DateTime::from_timestamp_millis(at_ms)
@@ -98,11 +101,20 @@ pub fn lines(conn: &Connection, filter: &AuditFilter) -> Result<Vec<AuditLine>, 
                 .map_err(|e| StateError::Corrupt(format!("actor: {e}")))?,
             trigger: r.get(7)?,
             error,
+            error_code,
             detail,
             hash: chain::hex(hash.as_deref().unwrap_or_default()),
         });
     }
     Ok(out)
+}
+
+/// The provider's code in a journaled error: `ProviderError` displays it as a trailing
+/// ` (provider code CODE)`.
+fn provider_code(error: &str) -> Option<&str> {
+    let (_, code) = error.rsplit_once(" (provider code ")?;
+    code.strip_suffix(')')
+        .filter(|c| !c.is_empty() && !c.contains(' '))
 }
 
 /// What [`prune`] removed.

@@ -123,6 +123,10 @@ async fn finished_rotation(s: &SqliteState, id: &str, cred: &str, started: i64, 
             .await
             .unwrap();
     }
+    let denied = "not authorized (provider code AccessDenied)";
+    s.log_step(id, "revoke", "error", Some(denied), Trigger::Retry)
+        .await
+        .unwrap();
     r.phase = Phase::Done;
     r.finished_at = Some(finished);
     s.save(&r, &CredentialRecord::new(cred)).await.unwrap();
@@ -137,7 +141,7 @@ async fn the_journal_is_chained_with_its_actor_and_pruned_behind_a_checkpoint() 
     finished_rotation(&s, "r2", "other", 30, 40).await;
     finished_rotation(&s, "r3", "db", 50, 60).await;
     let intact = s.verify_journal().await.unwrap().unwrap();
-    assert_eq!((intact.rows, intact.head_seq), (6, 6));
+    assert_eq!((intact.rows, intact.head_seq), (9, 9));
     let lines = s
         .audit_lines(&audit::AuditFilter {
             limit: 100,
@@ -145,21 +149,35 @@ async fn the_journal_is_chained_with_its_actor_and_pruned_behind_a_checkpoint() 
         })
         .await
         .unwrap();
-    assert_eq!(lines.len(), 6);
+    assert_eq!(lines.len(), 9);
     assert_eq!(lines[0].actor.as_ref().unwrap()["kind"], "daemon");
     assert_eq!(lines[0].trigger, "schedule");
-    assert_eq!(lines[5].hash, chain::hex(&intact.head));
+    assert_eq!(lines[8].hash, chain::hex(&intact.head));
+    let error = &lines[2];
+    assert_eq!(
+        (error.event.as_str(), error.trigger.as_str()),
+        ("error", "retry")
+    );
+    assert_eq!(
+        error.error.as_deref(),
+        Some("not authorized (provider code AccessDenied)")
+    );
+    assert_eq!(error.error_code.as_deref(), Some("AccessDenied"));
+    assert_eq!(
+        (lines[0].error_code.as_deref(), lines[0].error.as_deref()),
+        (None, None)
+    );
 
     // r1 is superseded by r3 and old; r2 is its credential's newest: kept, and so is r3 after it.
     let pruned = s.prune(45).await.unwrap();
     assert_eq!(
         (pruned.rotations, pruned.rows, pruned.checkpoint.seq),
-        (1, 2, 2)
+        (1, 3, 3)
     );
     let after = s.verify_journal().await.unwrap().unwrap();
     assert_eq!(
         (after.rows, after.head, after.checkpoint.pruned),
-        (4, intact.head, 2)
+        (6, intact.head, 3)
     );
     assert!(s.knows_rotation("other", "r2").await.unwrap());
     assert!(!s.knows_rotation("db", "r1").await.unwrap());
@@ -167,5 +185,5 @@ async fn the_journal_is_chained_with_its_actor_and_pruned_behind_a_checkpoint() 
     assert_eq!(s.prune(45).await.unwrap().rows, 0);
     // New rows chain to the head after pruning.
     finished_rotation(&s, "r4", "db", 70, 80).await;
-    assert_eq!(s.verify_journal().await.unwrap().unwrap().head_seq, 8);
+    assert_eq!(s.verify_journal().await.unwrap().unwrap().head_seq, 12);
 }

@@ -185,6 +185,7 @@ fn export_filters_by_credential_and_time_and_carries_every_field() {
             "event",
             "actor",
             "trigger",
+            "error_code",
             "error",
             "hash",
         ] {
