@@ -5,8 +5,8 @@
 //! - only the lease holder writes a rotation or its journal, checked in the same statement or
 //!   write transaction as the write (`... WHERE owner = me`), so a process that lost its lease
 //!   cannot overwrite progress;
-//! - journal rows are inserted by `append_step` alone, which hashes each into the chain (see
-//!   `chain`) inside the write transaction that inserts it;
+//! - journal rows are inserted by `rows::append_step` alone, which hashes each into the chain
+//!   (see `chain`) inside the write transaction that inserts it;
 //! - a partial unique index allows at most one open rotation per credential, across processes;
 //! - the database directory is 0700 and its files 0600, whatever the umask.
 
@@ -18,10 +18,10 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::audit::{self, AuditFilter, AuditLine, Pruned};
-use super::chain::{self, Break, Intact, Line};
+use super::chain::{self, Break, Intact};
 use super::rows::{
-    attrs_to_json, credential_record, query_rotations, records, upsert_credential,
-    CREDENTIAL_COLUMNS, ROTATION_COLUMNS,
+    append_step, attrs_to_json, credential_record, query_rotations, records, upsert_credential,
+    NewStep, CREDENTIAL_COLUMNS, ROTATION_COLUMNS,
 };
 use super::{
     migrate, Actor, Busy, Claim, CredentialRecord, Phase, RotationRecord, StateError, StateStore,
@@ -180,67 +180,6 @@ fn narrow_if_present(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
-}
-
-/// One journal row to append.
-struct NewStep<'a> {
-    rotation_id: &'a str,
-    at_ms: i64,
-    step: &'a str,
-    event: &'a str,
-    detail: Option<&'a str>,
-    trigger: &'a str,
-}
-
-/// Appends one journal row, chained to the head (see `chain`), as `actor`: the single place a
-/// row is written, so every row is hashed in the transaction that inserts it. `conn` must be in
-/// a write transaction. With `lease_owner`, writes only if that process holds the rotation's
-/// lease; returns whether a row was written.
-fn append_step(
-    conn: &Connection,
-    row: &NewStep<'_>,
-    lease_owner: Option<&str>,
-    actor: Option<&(i64, Arc<str>)>,
-) -> Result<bool, StateError> {
-    let credential: Option<String> = conn
-        .prepare_cached(
-            "SELECT credential_id FROM rotations WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)",
-        )?
-        .query_row(params![row.rotation_id, lease_owner], |r| r.get(0))
-        .optional()?;
-    let Some(credential_id) = credential else {
-        return Ok(false);
-    };
-    let (head, prev) = chain::head(conn)?;
-    let seq = head + 1;
-    let hash = Line {
-        rotation_id: row.rotation_id,
-        credential_id: &credential_id,
-        at_ms: row.at_ms,
-        step: row.step,
-        event: row.event,
-        detail: row.detail,
-        actor: actor.map(|(_, a)| &**a),
-        trigger: Some(row.trigger),
-    }
-    .link(seq, &prev);
-    let (actor, hash) = (actor.map(|(id, _)| *id), &hash[..]);
-    conn.prepare_cached(
-        "INSERT INTO steps (seq, rotation_id, at_ms, step, event, detail, actor, trigger, hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?
-    .execute(params![
-        seq,
-        row.rotation_id,
-        row.at_ms,
-        row.step,
-        row.event,
-        row.detail,
-        actor,
-        row.trigger,
-        hash
-    ])?;
-    Ok(true)
 }
 
 #[async_trait]
