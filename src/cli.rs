@@ -18,8 +18,8 @@ use crate::metrics::Metrics;
 use crate::protocol::{Phase, Trigger};
 use crate::scheduler::live_view;
 use crate::state::{
-    check_removed, open_state, Busy, CredentialRecord, RotationRecord, SqliteState, StateStore,
-    Status,
+    check_removed, open_state, open_state_as, Actor, Busy, CredentialRecord, RotationRecord,
+    SqliteState, StateStore, Status,
 };
 
 /// Exit status: the operation failed (a rotation failed, a credential is busy).
@@ -317,7 +317,7 @@ pub async fn rotate(inventory: &Inventory, id: &str, dry_run: bool) -> anyhow::R
     if dry_run {
         return dry_run_plan(spec).await;
     }
-    let state = open_state(inventory)?;
+    let state = open_state_as(inventory, &Actor::cli())?;
     state
         .ensure_credentials(std::slice::from_ref(&spec.id))
         .await?;
@@ -408,7 +408,7 @@ pub async fn adopt(inventory: &Inventory, id: &str) -> anyhow::Result<u8> {
     let rotator = spec.rotator.build().map_err(anyhow::Error::msg)?;
     let store = spec.store.build().map_err(anyhow::Error::msg)?;
     let location = store.location();
-    let state = open_state(inventory)?;
+    let state = open_state_as(inventory, &Actor::cli())?;
     let ctx = context(spec, rotator.as_ref());
     let read = |what: &str, e| {
         anyhow::anyhow!("credential `{id}`: reading {what} from the store {location} failed: {e}")

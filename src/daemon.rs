@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::alert::{Alerter, AlertsConfig};
+use crate::audit::Trail;
 use crate::config::Inventory;
 use crate::engine::Engine;
 use crate::event::{Condition, EventSink};
@@ -19,7 +20,7 @@ use crate::http::{serve, Endpoint};
 use crate::instrument::MeteredState;
 use crate::metrics::Metrics;
 use crate::scheduler::{Heartbeat, Scheduler, Settings, Table};
-use crate::state::{check_removed, open_state, StateStore};
+use crate::state::{check_removed, open_state_as, Actor, StateStore};
 use crate::systemd::Notifier;
 
 /// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads the inventory. Under systemd
@@ -47,8 +48,14 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     let http = serve(inventory.daemon.listen, endpoint.clone(), shutdown.clone()).await?;
     // The inventory was parsed and validated just before `run` was called.
     metrics.config.loaded();
-    let state = MeteredState::wrap(open_state(&inventory)?, metrics.state.clone());
+    let state = open_state_as(&inventory, &Actor::daemon())?;
+    let state = MeteredState::wrap(state, metrics.state.clone());
     check_removed(&inventory.credentials, &state.open_rotations().await?)?;
+    // Stopped after the last generation, so the audit log gets the rows written while parking.
+    let audit_stop = CancellationToken::new();
+    let audit = Trail::open(&inventory.daemon, state.clone())
+        .await?
+        .start(audit_stop.clone());
     let reload = Arc::new(Notify::new());
     tokio::spawn(signals(shutdown.clone(), reload.clone()));
 
@@ -132,6 +139,8 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     }
     alerts.0.cancel();
     let _ = alerts.2.await;
+    audit_stop.cancel();
+    let _ = audit.await;
     let _ = http.await;
     info!("keyrotd stopped");
     Ok(())

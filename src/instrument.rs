@@ -17,6 +17,9 @@ use async_trait::async_trait;
 use keyrotd_plugin::{Attrs, Credential, ProviderError, Rotator, StepContext, Store};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntGauge, Registry};
 
+use crate::protocol::Trigger;
+use crate::state::audit::{AuditFilter, AuditLine, Pruned};
+use crate::state::chain::{Break, Intact};
 use crate::state::{
     Busy, Claim, CredentialRecord, RotationRecord, StateError, StateStore, StepRecord,
 };
@@ -323,9 +326,25 @@ impl StateStore for MeteredState {
         step: &str,
         event: &str,
         detail: Option<&str>,
+        trigger: Trigger,
     ) -> Result<(), StateError> {
-        self.metrics
-            .record(self.inner.log_step(rotation_id, step, event, detail).await)
+        self.metrics.record(
+            self.inner
+                .log_step(rotation_id, step, event, detail, trigger)
+                .await,
+        )
+    }
+
+    async fn audit_lines(&self, filter: &AuditFilter) -> Result<Vec<AuditLine>, StateError> {
+        self.metrics.record(self.inner.audit_lines(filter).await)
+    }
+
+    async fn verify_journal(&self) -> Result<Result<Intact, Break>, StateError> {
+        self.metrics.record(self.inner.verify_journal().await)
+    }
+
+    async fn prune(&self, before: i64) -> Result<Pruned, StateError> {
+        self.metrics.record(self.inner.prune(before).await)
     }
 
     async fn history(

@@ -19,7 +19,7 @@ const LAYERS: &[&[&str]] = &[
     &["scheduler"],
     &["metrics"],
     // The daemon's faces to the outside: the HTTP endpoint and the service manager.
-    &["http", "systemd"],
+    &["http", "systemd", "audit"],
     // The entry points.
     &["daemon", "cli", "policy"],
 ];

@@ -16,7 +16,8 @@
 //! 4. [`engine`]: drives the rotation protocol; [`alert`]: email and webhook notifications;
 //! 5. [`scheduler`]: decides when each credential needs the engine;
 //! 6. [`metrics`], 7. [`http`]: the Prometheus exposition and health endpoints; [`systemd`]:
-//!    readiness, status, reload, stop and watchdog notifications (`Type=notify`);
+//!    readiness, status, reload, stop and watchdog notifications (`Type=notify`); [`audit`]:
+//!    `keyrotd audit verify|export`, the daemon's audit log and history pruning;
 //! 8. [`daemon`] (`keyrotd run`, wired to one shutdown signal), [`cli`] (`check`, `status`,
 //!    `rotate`, `adopt`, `history`) and [`policy`] (`keyrotd policy`, the least privilege).
 //!
@@ -26,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod alert;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -149,7 +149,8 @@ fn try_lock(file: &File) -> io::Result<bool> {
     }
 }
 
-fn hostname() -> String {
+/// This host's name (as the kernel has it), `unknown` if unreadable.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into())

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use keyrotd::{cli, config, daemon, logging, policy};
+use keyrotd::{audit, cli, config, daemon, logging, policy};
 
 #[derive(Parser)]
 #[command(
@@ -94,8 +94,30 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// The tamper-evident audit trail of every rotation step (see README "Audit trail").
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Print the man page (roff) on stdout (e.g. `keyrotd man > keyrotd.1`). Reads no inventory.
     Man,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk the journal's hash chain: print its row count and head hash (exit 0), or name the
+    /// first edited, deleted or reordered row (exit 1).
+    Verify,
+    /// Print the journal as JSON lines (time, credential, rotation, step, event, actor,
+    /// trigger, error and its code, hash), oldest first.
+    Export {
+        /// Only rows at or after this time: RFC 3339, or a duration before now (`7d`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this credential's rows.
+        #[arg(long)]
+        credential: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -106,6 +128,7 @@ fn main() -> ExitCode {
             | Command::Policy { .. }
             | Command::Status { .. }
             | Command::History { .. }
+            | Command::Audit { .. }
             | Command::Completions { .. }
             | Command::Man
     ) {
@@ -182,6 +205,12 @@ fn main() -> ExitCode {
             Command::Policy { id, json } => {
                 policy::policy(&inventory, id.as_deref(), json).map(|()| 0)
             }
+            Command::Audit { command } => match command {
+                AuditCommand::Verify => audit::verify(&inventory).await,
+                AuditCommand::Export { since, credential } => {
+                    audit::export(&inventory, since.as_deref(), credential.as_deref()).await
+                }
+            },
             Command::Completions { .. } | Command::Man => {
                 unreachable!("handled before the inventory is read")
             }

@@ -147,8 +147,13 @@ impl Step {
 /// Why a rotation was started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
-    /// Its schedule said so (or it was overdue at start-up).
+    /// A cron fire time came (or a grace period ended, so the old credential is revoked).
     Schedule,
+    /// `rotate_every` passed since the last rotation.
+    Interval,
+    /// It was already due when the daemon took it on: never rotated, or its due time passed
+    /// while the daemon was down.
+    Overdue,
     /// A retry after a failure.
     Retry,
     /// An operator ran `keyrotd rotate`: also restarts a credential marked failed.
@@ -160,6 +165,8 @@ impl Trigger {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Schedule => "schedule",
+            Self::Interval => "interval",
+            Self::Overdue => "overdue",
             Self::Retry => "retry",
             Self::Manual => "manual",
         }

@@ -64,7 +64,16 @@ pub struct DaemonSettings {
     /// How long SIGTERM and SIGHUP wait for steps in flight before interrupting them (they
     /// resume from the journal). Keep it below the service manager's stop timeout.
     pub shutdown_timeout: Duration,
+    /// How long finished rotations and their journal rows are kept (the newest completed
+    /// rotation of each credential is always kept); older ones are pruned behind a checkpoint.
+    pub history_retention: Duration,
+    /// A file the daemon appends every journal row to as a JSON line (relative paths count from
+    /// the config file).
+    pub audit_log: Option<PathBuf>,
 }
+
+/// The default `daemon.history_retention`: 400 days, a yearly audit plus a month.
+pub const DEFAULT_HISTORY_RETENTION: Duration = Duration::from_secs(400 * 86_400);
 
 /// The default `daemon.shutdown_timeout`: 10 s below the shipped unit's `TimeoutStopSec=30s`.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);

@@ -31,6 +31,8 @@ pub(super) struct RawDaemon {
     pub(super) listen: Option<Spanned<String>>,
     pub(super) max_concurrent_rotations: Option<Spanned<i64>>,
     pub(super) shutdown_timeout: Option<Spanned<String>>,
+    pub(super) history_retention: Option<Spanned<String>>,
+    pub(super) audit_log: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -15,7 +15,10 @@ use toml::Spanned;
 
 use super::alerts::AlertsConfig;
 use super::raw::{RawDaemon, RawDefaults, RawRetry};
-use super::{ConfigError, DaemonSettings, RetryPolicy, StateUrl, DEFAULT_SHUTDOWN_TIMEOUT};
+use super::{
+    ConfigError, DaemonSettings, RetryPolicy, StateUrl, DEFAULT_HISTORY_RETENTION,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+};
 use crate::fmt::human;
 use crate::schedule::{parse_duration, Accepts, CronSchedule};
 
@@ -246,11 +249,20 @@ impl Validator<'_> {
                 None => DEFAULT_SHUTDOWN_TIMEOUT,
             },
         };
+        let history_retention = raw
+            .history_retention
+            .as_ref()
+            .and_then(|v| self.duration(v, "daemon.history_retention"))
+            .unwrap_or(DEFAULT_HISTORY_RETENTION);
+        let base = self.file.parent().unwrap_or(Path::new(".")).to_owned();
+        let audit_log = raw.audit_log.as_ref().map(|p| base.join(p.get_ref()));
         DaemonSettings {
             state,
             listen,
             max_concurrent_rotations,
             shutdown_timeout,
+            history_retention,
+            audit_log,
         }
     }
 

@@ -27,7 +27,7 @@ impl Engine {
         }
         let rotation = &job.rotation.id;
         self.state
-            .log_step(rotation, step.as_str(), "start", None)
+            .log_step(rotation, step.as_str(), "start", None, job.trigger)
             .await?;
         failpoint(step, "start").await;
         let started = Instant::now();
@@ -43,6 +43,7 @@ impl Engine {
                     step.as_str(),
                     "interrupted",
                     Some("the shutdown deadline passed; the step resumes at the next start"),
+                    job.trigger,
                 )
                 .await?;
             return Err(Failure::Interrupted);
@@ -55,7 +56,7 @@ impl Engine {
             Ok(v) => {
                 failpoint(step, "done").await;
                 self.state
-                    .log_step(rotation, step.as_str(), "ok", None)
+                    .log_step(rotation, step.as_str(), "ok", None, job.trigger)
                     .await?;
                 failpoint(step, "ok").await;
                 Ok(v)
@@ -72,6 +73,7 @@ impl Engine {
                         step.as_str(),
                         "error",
                         Some(&err.source.to_string()),
+                        job.trigger,
                     )
                     .await?;
                 Err(Failure::Step(err))

@@ -131,6 +131,7 @@ impl Engine {
             rotation,
             new: None,
             resumed,
+            trigger,
         };
         // Make the new status visible (to `keyrotd status`) before any step runs.
         self.save(&mut job).await?;

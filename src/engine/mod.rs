@@ -146,6 +146,8 @@ struct Job<'a> {
     new: Option<Credential>,
     /// Whether this run took over a rotation that an earlier run (maybe a crashed one) began.
     resumed: bool,
+    /// Why this run started (journaled with each step it runs).
+    trigger: Trigger,
 }
 
 impl Engine {

@@ -48,6 +48,8 @@ pub(super) struct Queue {
     crons: Vec<CronCursor>,
     /// Each cron group's next fire: (at, group).
     cron_fires: BinaryHeap<Reverse<(i64, usize)>>,
+    /// When this queue was built (Unix seconds): a wake-up due by then was overdue.
+    started: i64,
 }
 
 impl Queue {
@@ -81,6 +83,7 @@ impl Queue {
             ages: BinaryHeap::new(),
             crons,
             cron_fires,
+            started: now.timestamp(),
         }
     }
 
@@ -146,10 +149,12 @@ impl Queue {
                 continue;
             }
             self.busy[i] = true;
-            let trigger = if lock(table.slot(i).live).status == Status::Retrying {
-                Trigger::Retry
-            } else {
-                Trigger::Schedule
+            let trigger = match lock(table.slot(i).live).status {
+                Status::Retrying => Trigger::Retry,
+                _ if at <= self.started => Trigger::Overdue,
+                Status::Grace => Trigger::Schedule,
+                _ if table.slot(i).spec.schedule.every.is_some() => Trigger::Interval,
+                _ => Trigger::Schedule,
             };
             self.ready.push_back((i, trigger, None));
         }

@@ -129,7 +129,7 @@ fn due_credentials_start_in_the_order_they_are_due() {
     wake(&mut queue, &table, late);
     assert_eq!(
         start_all(&mut queue, &table, late),
-        [(1, Trigger::Schedule), (0, Trigger::Schedule)]
+        [(1, Trigger::Interval), (0, Trigger::Interval)]
     );
     assert_eq!(
         queue.next_wake(),
@@ -139,7 +139,7 @@ fn due_credentials_start_in_the_order_they_are_due() {
     wake(&mut queue, &table, later);
     assert_eq!(
         start_all(&mut queue, &table, later),
-        [(2, Trigger::Schedule)]
+        [(2, Trigger::Interval)]
     );
     assert_eq!(queue.running(), 3);
     assert_eq!(queue.next_wake(), None);
@@ -156,7 +156,7 @@ fn a_credential_is_queued_or_running_at_most_once() {
     );
     let mut queue = Queue::new(&table, 1, t0);
     wake(&mut queue, &table, t0);
-    assert_eq!(start_all(&mut queue, &table, t0), [(0, Trigger::Schedule)]);
+    assert_eq!(start_all(&mut queue, &table, t0), [(0, Trigger::Overdue)]);
     // `a` is running when the cron fires: only `b` is queued.
     let fire = at(2026, 6, 1, 3, 0);
     wake(&mut queue, &table, fire);
@@ -191,16 +191,16 @@ fn no_more_than_the_concurrency_limit_run_at_once() {
     wake(&mut queue, &table, t0);
     assert_eq!(
         start_all(&mut queue, &table, t0),
-        [(0, Trigger::Schedule), (1, Trigger::Schedule)]
+        [(0, Trigger::Overdue), (1, Trigger::Overdue)]
     );
     assert_eq!(queue.running(), 2);
     queue.finished(1, Some((t0 + hours(24)).timestamp()));
-    assert_eq!(start_all(&mut queue, &table, t0), [(2, Trigger::Schedule)]);
+    assert_eq!(start_all(&mut queue, &table, t0), [(2, Trigger::Overdue)]);
     queue.finished(0, None);
     queue.finished(2, None);
     assert_eq!(
         start_all(&mut queue, &table, t0),
-        [(3, Trigger::Schedule), (4, Trigger::Schedule)]
+        [(3, Trigger::Overdue), (4, Trigger::Overdue)]
     );
     assert_eq!(queue.running(), 2);
 }
@@ -211,7 +211,7 @@ fn a_credential_another_process_holds_is_looked_at_again_later() {
     let table = table(vec![every("a", Duration::from_secs(DAY))], vec![], t0);
     let mut queue = Queue::new(&table, 1, t0);
     wake(&mut queue, &table, t0);
-    assert_eq!(start_all(&mut queue, &table, t0), [(0, Trigger::Schedule)]);
+    assert_eq!(start_all(&mut queue, &table, t0), [(0, Trigger::Overdue)]);
     let busy = Outcome::Busy {
         rotation: "r1".into(),
         owner: "other:1:n".into(),
@@ -228,7 +228,7 @@ fn a_credential_another_process_holds_is_looked_at_again_later() {
     wake(&mut queue, &table, then);
     assert_eq!(
         start_all(&mut queue, &table, then),
-        [(0, Trigger::Schedule)]
+        [(0, Trigger::Interval)]
     );
 }
 
@@ -390,10 +390,7 @@ fn a_replaced_or_removed_wake_up_never_fires() {
     );
     let mut queue = Queue::new(&table2, 10, due);
     wake(&mut queue, &table2, due);
-    assert_eq!(
-        start_all(&mut queue, &table2, due),
-        [(0, Trigger::Schedule)]
-    );
+    assert_eq!(start_all(&mut queue, &table2, due), [(0, Trigger::Overdue)]);
     assert_eq!(table2.slot(0).spec.id, "b");
     assert_eq!(queue.next_wake(), None);
 }
@@ -407,7 +404,7 @@ fn shutdown_releases_what_was_queued_and_not_started() {
     let table = table(specs, vec![], t0);
     let mut queue = Queue::new(&table, 1, t0);
     wake(&mut queue, &table, t0);
-    assert_eq!(start_all(&mut queue, &table, t0), [(0, Trigger::Schedule)]);
+    assert_eq!(start_all(&mut queue, &table, t0), [(0, Trigger::Overdue)]);
     queue.drop_queued();
     assert_eq!(queue.busy(), [true, false, false]);
     queue.finished(0, None);

@@ -20,13 +20,14 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 use crate::state::StateError;
 
 /// The schema version this binary reads and writes.
-pub const VERSION: i64 = 2;
+pub const VERSION: i64 = 3;
 
 /// One migration step: brings the schema from its index to its index + 1.
 type Migration = fn(&Transaction<'_>) -> rusqlite::Result<()>;
 
 /// Migration `i` migrates version `i` to `i + 1`.
-const STEPS: [Migration; VERSION as usize] = [v1_initial_layout, v2_meta_and_current_attrs];
+const STEPS: [Migration; VERSION as usize] =
+    [v1_initial_layout, v2_meta_and_current_attrs, v3_audit_trail];
 
 /// The unversioned layout keyrotd shipped first. Frozen: databases in the field have it.
 fn v1_initial_layout(tx: &Transaction<'_>) -> rusqlite::Result<()> {
@@ -94,6 +95,35 @@ UPDATE credentials SET current_attrs = (
         [uuid::Uuid::now_v7().to_string()],
     )?;
     Ok(())
+}
+
+/// Version 3: the audit trail. Actors (stored once, referred to by id from each rotation and
+/// journal row), each journal row's trigger and chain hash, and the retention checkpoint; the
+/// rows already there are chained in `seq` order (see `chain`).
+fn v3_audit_trail(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "
+CREATE TABLE actors (
+    id INTEGER PRIMARY KEY,
+    actor TEXT NOT NULL UNIQUE
+);
+ALTER TABLE rotations ADD COLUMN actor INTEGER;
+ALTER TABLE steps ADD COLUMN actor INTEGER;
+ALTER TABLE steps ADD COLUMN trigger TEXT;
+ALTER TABLE steps ADD COLUMN hash BLOB;
+CREATE TABLE chain_checkpoint (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    pruned INTEGER NOT NULL,
+    at INTEGER NOT NULL
+);
+",
+    )?;
+    super::chain::chain_existing(tx).map_err(|e| match e {
+        StateError::Sqlite(e) => e,
+        other => rusqlite::Error::ToSqlConversionFailure(Box::new(other)),
+    })
 }
 
 /// What [`migrate`] found and did.
@@ -224,6 +254,8 @@ INSERT INTO steps (rotation_id, at_ms, step, event) VALUES ('r2', 1700000000000,
         assert_eq!(version(&conn).unwrap(), VERSION);
         let instance = instance_id(&conn).unwrap().expect("an instance id");
         assert_eq!(instance, state.instance_id());
+        let chained = again_verified(&state).await;
+        assert_eq!(chained, 3, "the rows already there are chained");
         drop(state);
         let again = SqliteState::open(&path).unwrap();
         assert_eq!(
@@ -231,6 +263,30 @@ INSERT INTO steps (rotation_id, at_ms, step, event) VALUES ('r2', 1700000000000,
             instance,
             "opening again migrates nothing"
         );
+    }
+
+    #[tokio::test]
+    async fn a_long_history_is_chained_in_batches_across_their_boundary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        v1_database(&path);
+        let mut conn = Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for i in 0..10_001 {
+            tx.execute(
+                "INSERT INTO steps (rotation_id, at_ms, step, event) VALUES ('r1', ?1, 'issue', 'ok')",
+                [i],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        drop(conn);
+        let state = SqliteState::open(&path).unwrap();
+        assert_eq!(again_verified(&state).await, 10_004);
+    }
+
+    async fn again_verified(state: &SqliteState) -> i64 {
+        state.verify_journal().await.unwrap().unwrap().rows
     }
 
     #[test]

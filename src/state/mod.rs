@@ -14,6 +14,9 @@
 //! schema migrations; `removed` refuses an inventory that drops a credential whose rotation is
 //! still open ([`check_removed`]).
 
+mod actor;
+pub mod audit;
+pub mod chain;
 mod migrate;
 mod removed;
 mod rows;
@@ -28,16 +31,32 @@ use async_trait::async_trait;
 use keyrotd_plugin::Attrs;
 
 use crate::config::{Inventory, StateUrl};
-use crate::protocol::Phase;
+use crate::protocol::{Phase, Trigger};
+pub use actor::Actor;
+use audit::{AuditFilter, AuditLine, Pruned};
+use chain::{Break, Intact};
 pub use removed::{check_removed, RemovedWhileOpen};
 pub use sqlite::SqliteState;
 
 /// Opens the configured state backend (`daemon.state`), creating and migrating it if needed.
 pub fn open_state(inventory: &Inventory) -> anyhow::Result<Arc<dyn StateStore>> {
+    open(inventory, None)
+}
+
+/// [`open_state`] for a process that writes rotations: `actor` is recorded in the audit trail
+/// of every rotation it begins and every journal row it writes.
+pub fn open_state_as(inventory: &Inventory, actor: &Actor) -> anyhow::Result<Arc<dyn StateStore>> {
+    open(inventory, Some(actor))
+}
+
+fn open(inventory: &Inventory, actor: Option<&Actor>) -> anyhow::Result<Arc<dyn StateStore>> {
     match &inventory.daemon.state {
         StateUrl::Sqlite(path) => {
-            let state = SqliteState::open(path)
-                .with_context(|| format!("opening state {}", path.display()))?;
+            let state = match actor {
+                Some(actor) => SqliteState::open_as(path, actor),
+                None => SqliteState::open(path),
+            }
+            .with_context(|| format!("opening state {}", path.display()))?;
             tracing::debug!(path = %path.display(), instance = state.instance_id(), "state database opened");
             Ok(Arc::new(state))
         }
@@ -276,14 +295,16 @@ pub trait StateStore: Send + Sync {
         rotation: &RotationRecord,
         credential: &CredentialRecord,
     ) -> Result<(), StateError>;
-    /// Appends to the step log of a rotation whose lease this process holds; fails with
-    /// [`StateError::LeaseLost`] (writing nothing) otherwise.
+    /// Appends to the step log of a rotation whose lease this process holds, as this process's
+    /// actor, for a run started by `trigger`, chained to the row before (see [`chain`]); fails
+    /// with [`StateError::LeaseLost`] (writing nothing) otherwise.
     async fn log_step(
         &self,
         rotation_id: &str,
         step: &str,
         event: &str,
         detail: Option<&str>,
+        trigger: Trigger,
     ) -> Result<(), StateError>;
     /// Recent rotations, newest first, with their step logs.
     async fn history(
@@ -313,4 +334,11 @@ pub trait StateStore: Send + Sync {
         credential: &CredentialRecord,
         now: i64,
     ) -> Result<Result<Option<RotationRecord>, Busy>, StateError>;
+    /// The journal rows `filter` selects, as audit lines, in chain order.
+    async fn audit_lines(&self, filter: &AuditFilter) -> Result<Vec<AuditLine>, StateError>;
+    /// Walks the journal's hash chain: its first break, or its size and head.
+    async fn verify_journal(&self) -> Result<Result<Intact, Break>, StateError>;
+    /// Deletes the rotations finished before `before` (Unix seconds) that are superseded and
+    /// form a prefix of the journal, moving the chain's checkpoint past their rows.
+    async fn prune(&self, before: i64) -> Result<Pruned, StateError>;
 }

@@ -1,13 +1,17 @@
 //! How the SQLite backend maps records to rows: the column lists, the (de)serialization of
-//! public attributes as JSON, and the queries shared by several calls.
+//! public attributes as JSON, the queries shared by several calls, and `append_step`, the one
+//! function that inserts a journal row (hashed into the chain in its transaction).
 //!
 //! Invariant: the column lists and the row readers agree index by index; a value the database
 //! holds but this keyrotd cannot read (an unknown phase or status, bad JSON) is
 //! [`StateError::Corrupt`], never a panic.
 
-use keyrotd_plugin::Attrs;
-use rusqlite::{params, Connection};
+use std::sync::Arc;
 
+use keyrotd_plugin::Attrs;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::chain::{self, Line};
 use super::{CredentialRecord, RotationRecord, StateError, Status};
 use crate::protocol::Phase;
 
@@ -84,6 +88,67 @@ pub(super) fn upsert_credential(conn: &Connection, c: &CredentialRecord) -> rusq
         params![c.id, c.status.as_str(), c.issued_at, c.consecutive_failures, c.next_attempt_at, c.last_error, attrs_to_json(&c.current_attrs), c.state_lost],
     )?;
     Ok(())
+}
+
+/// One journal row to append.
+pub(super) struct NewStep<'a> {
+    pub(super) rotation_id: &'a str,
+    pub(super) at_ms: i64,
+    pub(super) step: &'a str,
+    pub(super) event: &'a str,
+    pub(super) detail: Option<&'a str>,
+    pub(super) trigger: &'a str,
+}
+
+/// Appends one journal row, chained to the head (see `chain`), as `actor`: the single place a
+/// row is written, so every row is hashed in the transaction that inserts it. `conn` must be in
+/// a write transaction. With `lease_owner`, writes only if that process holds the rotation's
+/// lease; returns whether a row was written.
+pub(super) fn append_step(
+    conn: &Connection,
+    row: &NewStep<'_>,
+    lease_owner: Option<&str>,
+    actor: Option<&(i64, Arc<str>)>,
+) -> Result<bool, StateError> {
+    let credential: Option<String> = conn
+        .prepare_cached(
+            "SELECT credential_id FROM rotations WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)",
+        )?
+        .query_row(params![row.rotation_id, lease_owner], |r| r.get(0))
+        .optional()?;
+    let Some(credential_id) = credential else {
+        return Ok(false);
+    };
+    let (head, prev) = chain::head(conn)?;
+    let seq = head + 1;
+    let hash = Line {
+        rotation_id: row.rotation_id,
+        credential_id: &credential_id,
+        at_ms: row.at_ms,
+        step: row.step,
+        event: row.event,
+        detail: row.detail,
+        actor: actor.map(|(_, a)| &**a),
+        trigger: Some(row.trigger),
+    }
+    .link(seq, &prev);
+    let (actor, hash) = (actor.map(|(id, _)| *id), &hash[..]);
+    conn.prepare_cached(
+        "INSERT INTO steps (seq, rotation_id, at_ms, step, event, detail, actor, trigger, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        seq,
+        row.rotation_id,
+        row.at_ms,
+        row.step,
+        row.event,
+        row.detail,
+        actor,
+        row.trigger,
+        hash
+    ])?;
+    Ok(true)
 }
 
 pub(super) fn query_rotations(

@@ -2,8 +2,11 @@
 //! shared by the process and used off the async worker threads.
 //!
 //! Invariants:
-//! - only the lease holder writes a rotation or its journal, checked in the same statement as the
-//!   write (`... WHERE owner = me`), so a process that lost its lease cannot overwrite progress;
+//! - only the lease holder writes a rotation or its journal, checked in the same statement or
+//!   write transaction as the write (`... WHERE owner = me`), so a process that lost its lease
+//!   cannot overwrite progress;
+//! - journal rows are inserted by `rows::append_step` alone, which hashes each into the chain
+//!   (see `chain`) inside the write transaction that inserts it;
 //! - a partial unique index allows at most one open rotation per credential, across processes;
 //! - the database directory is 0700 and its files 0600, whatever the umask.
 
@@ -14,15 +17,18 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::audit::{self, AuditFilter, AuditLine, Pruned};
+use super::chain::{self, Break, Intact};
 use super::rows::{
-    attrs_to_json, credential_record, query_rotations, records, upsert_credential,
-    CREDENTIAL_COLUMNS, ROTATION_COLUMNS,
+    append_step, attrs_to_json, credential_record, query_rotations, records, upsert_credential,
+    NewStep, CREDENTIAL_COLUMNS, ROTATION_COLUMNS,
 };
 use super::{
-    migrate, Busy, Claim, CredentialRecord, Phase, RotationRecord, StateError, StateStore,
+    migrate, Actor, Busy, Claim, CredentialRecord, Phase, RotationRecord, StateError, StateStore,
     StepRecord,
 };
 use crate::liveness::Liveness;
+use crate::protocol::Trigger;
 
 /// The embedded SQLite backend.
 #[derive(Clone)]
@@ -32,6 +38,8 @@ pub struct SqliteState {
     me: Option<Arc<Liveness>>,
     /// The database's instance id (see the `migrate` module).
     instance_id: Arc<str>,
+    /// Who this process is in the audit trail: its row in `actors` and its description.
+    actor: Option<(i64, Arc<str>)>,
 }
 
 /// Suffixes of the files SQLite keeps beside the database in WAL mode.
@@ -83,7 +91,17 @@ impl SqliteState {
             conn: Arc::new(Mutex::new(conn)),
             me: Some(Arc::new(me)),
             instance_id: migrated.instance_id.into(),
+            actor: None,
         })
+    }
+
+    /// [`SqliteState::open`], writing rotations and journal rows as `actor` (recorded once).
+    pub fn open_as(path: &Path, actor: &Actor) -> Result<Self, StateError> {
+        let mut state = Self::open(path)?;
+        let description = actor.to_json();
+        let id = audit::register_actor(&mut state.conn.lock().unwrap(), &description)?;
+        state.actor = Some((id, description.into()));
+        Ok(state)
     }
 
     /// Opens an existing database without changing it (for `keyrotd check`); `None` if absent.
@@ -104,6 +122,7 @@ impl SqliteState {
             conn: Arc::new(Mutex::new(conn)),
             me: None,
             instance_id: instance_id.into(),
+            actor: None,
         }))
     }
 
@@ -244,9 +263,10 @@ impl StateStore for SqliteState {
         credential: &CredentialRecord,
         now: i64,
     ) -> Result<Result<Option<RotationRecord>, Busy>, StateError> {
-        let (r, credential) = (adopted.clone(), credential.clone());
+        let (r, credential, actor) = (adopted.clone(), credential.clone(), self.actor.clone());
         self.with(move |c| {
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let manual = Trigger::Manual.as_str();
             let open = query_rotations(
                 &tx,
                 "WHERE finished_at IS NULL AND credential_id = ?1",
@@ -266,22 +286,19 @@ impl StateStore for SqliteState {
                        lease_until = 0, finished_at = ?4 WHERE id = ?1",
                     params![open.id, Phase::RolledBack.as_str(), error, now],
                 )?;
-                tx.execute(
-                    "INSERT INTO steps (rotation_id, at_ms, step, event, detail) VALUES (?1, ?2, 'adopt', 'skip', ?3)",
-                    params![open.id, now * 1000, error],
-                )?;
+                let row = NewStep { rotation_id: &open.id, at_ms: now * 1000, step: "adopt", event: "skip", detail: Some(&error), trigger: manual };
+                append_step(&tx, &row, None, actor.as_ref())?;
             }
             tx.execute(
-                &format!("INSERT INTO rotations ({ROTATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                &format!("INSERT INTO rotations ({ROTATION_COLUMNS}, actor) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
                 params![
                     r.id, r.credential_id, r.trigger, r.started_at, r.phase.as_str(), attrs_to_json(&r.new_attrs),
-                    attrs_to_json(&r.old_attrs), r.revoke_at, r.owner, r.lease_until, r.error, r.finished_at
+                    attrs_to_json(&r.old_attrs), r.revoke_at, r.owner, r.lease_until, r.error, r.finished_at, actor.as_ref().map(|a| a.0)
                 ],
             )?;
-            tx.execute(
-                "INSERT INTO steps (rotation_id, at_ms, step, event, detail) VALUES (?1, ?2, 'adopt', 'ok', 'the value in the store was adopted by an operator; nothing was issued')",
-                params![r.id, now * 1000],
-            )?;
+            let detail = "the value in the store was adopted by an operator; nothing was issued";
+            let row = NewStep { rotation_id: &r.id, at_ms: now * 1000, step: "adopt", event: "ok", detail: Some(detail), trigger: manual };
+            append_step(&tx, &row, None, actor.as_ref())?;
             upsert_credential(&tx, &credential)?;
             tx.commit()?;
             Ok(Ok(open))
@@ -306,13 +323,13 @@ impl StateStore for SqliteState {
     }
 
     async fn begin(&self, rotation: &RotationRecord) -> Result<Result<(), Busy>, StateError> {
-        let r = rotation.clone();
+        let (r, actor) = (rotation.clone(), self.actor.as_ref().map(|a| a.0));
         self.with(move |c| {
             let inserted = c.execute(
-                &format!("INSERT INTO rotations ({ROTATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                &format!("INSERT INTO rotations ({ROTATION_COLUMNS}, actor) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
                 params![
                     r.id, r.credential_id, r.trigger, r.started_at, r.phase.as_str(), attrs_to_json(&r.new_attrs),
-                    attrs_to_json(&r.old_attrs), r.revoke_at, r.owner, r.lease_until, r.error, r.finished_at
+                    attrs_to_json(&r.old_attrs), r.revoke_at, r.owner, r.lease_until, r.error, r.finished_at, actor
                 ],
             );
             match inserted {
@@ -424,6 +441,7 @@ impl StateStore for SqliteState {
         step: &str,
         event: &str,
         detail: Option<&str>,
+        trigger: Trigger,
     ) -> Result<(), StateError> {
         let (id, step, event, detail) = (
             rotation_id.to_owned(),
@@ -432,18 +450,39 @@ impl StateStore for SqliteState {
             detail.map(str::to_owned),
         );
         let at_ms = chrono::Utc::now().timestamp_millis();
-        let me = self.me()?;
+        let (me, actor) = (self.me()?, self.actor.clone());
         self.with(move |c| {
-            let mut insert = c.prepare_cached(
-                "INSERT INTO steps (rotation_id, at_ms, step, event, detail)
-                 SELECT ?1, ?2, ?3, ?4, ?5 FROM rotations WHERE id = ?1 AND owner = ?6",
-            )?;
-            if insert.execute(params![id, at_ms, step, event, detail, me.owner()])? == 0 {
+            // The write lock first: the head read and the insert see the same chain.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let row = NewStep {
+                rotation_id: &id,
+                at_ms,
+                step: &step,
+                event: &event,
+                detail: detail.as_deref(),
+                trigger: trigger.as_str(),
+            };
+            if !append_step(&tx, &row, Some(me.owner()), actor.as_ref())? {
                 return Err(StateError::LeaseLost(id));
             }
+            tx.commit()?;
             Ok(())
         })
         .await
+    }
+
+    async fn audit_lines(&self, filter: &AuditFilter) -> Result<Vec<AuditLine>, StateError> {
+        let filter = filter.clone();
+        self.with(move |c| audit::lines(c, &filter)).await
+    }
+
+    async fn verify_journal(&self) -> Result<Result<Intact, Break>, StateError> {
+        self.with(chain::verify).await
+    }
+
+    async fn prune(&self, before: i64) -> Result<Pruned, StateError> {
+        let now = chrono::Utc::now().timestamp();
+        self.with(move |c| audit::prune(c, before, now)).await
     }
 
     async fn history(

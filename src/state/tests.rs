@@ -3,6 +3,7 @@
 use keyrotd_plugin::Attrs;
 
 use super::*;
+use crate::protocol::Trigger;
 
 fn rotation(id: &str, cred: &str) -> RotationRecord {
     RotationRecord {
@@ -64,7 +65,9 @@ async fn leases_are_taken_only_when_free_expired_or_dead() {
     r.phase = Phase::Staged;
     let lost = me.save(&r, &CredentialRecord::new("db")).await;
     assert!(matches!(lost, Err(StateError::LeaseLost(_))), "{lost:?}");
-    let lost = me.log_step("r1", "stage", "start", None).await;
+    let lost = me
+        .log_step("r1", "stage", "start", None, Trigger::Manual)
+        .await;
     assert!(matches!(lost, Err(StateError::LeaseLost(_))), "{lost:?}");
     assert!(!me.renew("r1", 400).await.unwrap());
     assert_eq!(
@@ -72,7 +75,9 @@ async fn leases_are_taken_only_when_free_expired_or_dead() {
         Phase::Issuing
     );
     you.save(&r, &CredentialRecord::new("db")).await.unwrap();
-    you.log_step("r1", "stage", "start", None).await.unwrap();
+    you.log_step("r1", "stage", "start", None, Trigger::Manual)
+        .await
+        .unwrap();
     assert!(you.renew("r1", 400).await.unwrap());
 }
 
@@ -105,4 +110,80 @@ async fn a_claim_returns_the_rotation_as_it_is_now_and_a_dead_owner_loses_at_onc
     // Released: not even the last holder may write to it any more.
     let late = me.save(&done, &CredentialRecord::new("db")).await;
     assert!(matches!(late, Err(StateError::LeaseLost(_))), "{late:?}");
+}
+
+/// A rotation of `cred` begun, journaled and finished at `finished` by `s`.
+async fn finished_rotation(s: &SqliteState, id: &str, cred: &str, started: i64, finished: i64) {
+    let mut r = rotation(id, cred);
+    r.owner = Some(s.owner().into());
+    r.started_at = started;
+    s.begin(&r).await.unwrap().unwrap();
+    for step in ["issue", "promote"] {
+        s.log_step(id, step, "ok", None, Trigger::Schedule)
+            .await
+            .unwrap();
+    }
+    let denied = "not authorized (provider code AccessDenied)";
+    s.log_step(id, "revoke", "error", Some(denied), Trigger::Retry)
+        .await
+        .unwrap();
+    r.phase = Phase::Done;
+    r.finished_at = Some(finished);
+    s.save(&r, &CredentialRecord::new(cred)).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_journal_is_chained_with_its_actor_and_pruned_behind_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let s = SqliteState::open_as(&path, &Actor::daemon()).unwrap();
+    finished_rotation(&s, "r1", "db", 10, 20).await;
+    finished_rotation(&s, "r2", "other", 30, 40).await;
+    finished_rotation(&s, "r3", "db", 50, 60).await;
+    let intact = s.verify_journal().await.unwrap().unwrap();
+    assert_eq!((intact.rows, intact.head_seq), (9, 9));
+    let lines = s
+        .audit_lines(&audit::AuditFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(lines.len(), 9);
+    assert_eq!(lines[0].actor.as_ref().unwrap()["kind"], "daemon");
+    assert_eq!(lines[0].trigger, "schedule");
+    assert_eq!(lines[8].hash, chain::hex(&intact.head));
+    let error = &lines[2];
+    assert_eq!(
+        (error.event.as_str(), error.trigger.as_str()),
+        ("error", "retry")
+    );
+    assert_eq!(
+        error.error.as_deref(),
+        Some("not authorized (provider code AccessDenied)")
+    );
+    assert_eq!(error.error_code.as_deref(), Some("AccessDenied"));
+    assert_eq!(
+        (lines[0].error_code.as_deref(), lines[0].error.as_deref()),
+        (None, None)
+    );
+
+    // r1 is superseded by r3 and old; r2 is its credential's newest: kept, and so is r3 after it.
+    let pruned = s.prune(45).await.unwrap();
+    assert_eq!(
+        (pruned.rotations, pruned.rows, pruned.checkpoint.seq),
+        (1, 3, 3)
+    );
+    let after = s.verify_journal().await.unwrap().unwrap();
+    assert_eq!(
+        (after.rows, after.head, after.checkpoint.pruned),
+        (6, intact.head, 3)
+    );
+    assert!(s.knows_rotation("other", "r2").await.unwrap());
+    assert!(!s.knows_rotation("db", "r1").await.unwrap());
+    // Nothing more is prunable: r2 blocks the prefix.
+    assert_eq!(s.prune(45).await.unwrap().rows, 0);
+    // New rows chain to the head after pruning.
+    finished_rotation(&s, "r4", "db", 70, 80).await;
+    assert_eq!(s.verify_journal().await.unwrap().unwrap().head_seq, 12);
 }

@@ -14,6 +14,7 @@
 mod alert_rules;
 mod alerts;
 mod alerts_e2e;
+mod audit;
 mod aws_e2e;
 mod closed_pipe;
 mod daemon;
