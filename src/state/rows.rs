@@ -1,13 +1,15 @@
 //! How the SQLite backend maps records to rows: the column lists, the (de)serialization of
-//! public attributes as JSON, and the queries shared by several calls.
+//! public attributes as JSON, and the statements shared by several calls.
 //!
-//! Invariant: the column lists and the row readers agree index by index; a value the database
+//! Invariants: the column lists and the row readers agree index by index; a value the database
 //! holds but this keyrotd cannot read (an unknown phase or status, bad JSON) is
-//! [`StateError::Corrupt`], never a panic.
+//! [`StateError::Corrupt`], never a panic; a journal row is inserted by [`insert_step`] only;
+//! every statement is prepared once per connection (`prepare_cached`).
 
 use keyrotd_plugin::Attrs;
 use rusqlite::{params, Connection};
 
+use super::writer::uncommitted_failpoint;
 use super::{CredentialRecord, RotationRecord, StateError, Status};
 use crate::protocol::Phase;
 
@@ -76,13 +78,74 @@ pub(super) fn records<T>(
 }
 
 pub(super) fn upsert_credential(conn: &Connection, c: &CredentialRecord) -> rusqlite::Result<()> {
-    conn.execute(
-        &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS})
+    conn.prepare_cached(
+        "INSERT INTO credentials (id, status, issued_at, consecutive_failures, next_attempt_at, last_error, current_attrs, state_lost)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT(id) DO UPDATE SET status = ?2, issued_at = ?3, consecutive_failures = ?4, next_attempt_at = ?5, last_error = ?6,
-           current_attrs = ?7, state_lost = ?8"),
-        params![c.id, c.status.as_str(), c.issued_at, c.consecutive_failures, c.next_attempt_at, c.last_error, attrs_to_json(&c.current_attrs), c.state_lost],
-    )?;
+           current_attrs = ?7, state_lost = ?8",
+    )?
+    .execute(params![c.id, c.status.as_str(), c.issued_at, c.consecutive_failures, c.next_attempt_at, c.last_error, attrs_to_json(&c.current_attrs), c.state_lost])?;
+    Ok(())
+}
+
+/// Inserts a new rotation.
+pub(super) fn insert_rotation(conn: &Connection, r: &RotationRecord) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO rotations (id, credential_id, trigger, started_at, phase, new_attrs, old_attrs, revoke_at, owner, lease_until, error, finished_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        r.id, r.credential_id, r.trigger, r.started_at, r.phase.as_str(), attrs_to_json(&r.new_attrs),
+        attrs_to_json(&r.old_attrs), r.revoke_at, r.owner, r.lease_until, r.error, r.finished_at
+    ])?;
+    Ok(())
+}
+
+/// Saves a rotation and its credential record, if `owner` holds the rotation's lease; otherwise
+/// writes nothing and fails with [`StateError::LeaseLost`].
+pub(super) fn save_rotation(
+    conn: &Connection,
+    r: &RotationRecord,
+    credential: &CredentialRecord,
+    owner: &str,
+) -> Result<(), StateError> {
+    let updated = conn
+        .prepare_cached(
+            "UPDATE rotations SET phase = ?2, new_attrs = ?3, old_attrs = ?4, revoke_at = ?5, owner = ?6,
+               lease_until = ?7, error = ?8, finished_at = ?9
+             WHERE id = ?1 AND owner = ?10",
+        )?
+        .execute(params![
+            r.id, r.phase.as_str(), attrs_to_json(&r.new_attrs), attrs_to_json(&r.old_attrs), r.revoke_at, r.owner,
+            r.lease_until, r.error, r.finished_at, owner
+        ])?;
+    if updated == 0 {
+        return Err(StateError::LeaseLost(r.id.clone()));
+    }
+    Ok(upsert_credential(conn, credential)?)
+}
+
+/// Whether `owner` holds the lease of rotation `id`.
+pub(super) fn holds_lease(conn: &Connection, id: &str, owner: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM rotations WHERE id = ?1 AND owner = ?2)")?
+        .query_row(params![id, owner], |r| r.get(0))
+}
+
+/// Appends one line to a rotation's step log, inside the caller's transaction. The one place a
+/// journal row is inserted: whatever is derived from the rows before it belongs here.
+pub(super) fn insert_step(
+    conn: &Connection,
+    rotation_id: &str,
+    at_ms: i64,
+    step: &str,
+    event: &str,
+    detail: Option<&str>,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO steps (rotation_id, at_ms, step, event, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![rotation_id, at_ms, step, event, detail])?;
+    uncommitted_failpoint(step, event);
     Ok(())
 }
 

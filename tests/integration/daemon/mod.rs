@@ -9,6 +9,7 @@ use std::time::Duration;
 use support::*;
 
 mod concurrency;
+mod group_commit;
 
 /// An inventory in a fresh directory with one `random` credential `db` in a JSON file store.
 struct Setup {
@@ -354,6 +355,12 @@ fn kill_9_at_every_step_boundary_then_restart_completes_the_rotation() {
         "promote:ok",
         "revoke:start",
         "revoke:done",
+        // Inside the state store's group commit: the line is in a batch not yet committed.
+        "issue:start:uncommitted",
+        "stage:ok:uncommitted",
+        "verify:ok:uncommitted",
+        "promote:ok:uncommitted",
+        "revoke:ok:uncommitted",
     ] {
         crash_and_resume(point);
     }
