@@ -214,6 +214,8 @@ fn run_rotates_on_schedule_exports_metrics_and_leaks_no_secret() {
         "keyrotd_store_call_duration_seconds_count{operation=\"release_previous\",store=\"file\"}",
         "keyrotd_state_store_up 1",
         "keyrotd_state_store_errors_total 0",
+        "keyrotd_state_commits_total ",
+        "keyrotd_state_writes_total ",
         "keyrotd_config_last_reload_success_timestamp_seconds ",
         "keyrotd_config_last_reload_successful 1",
         "keyrotd_config_reloads_total{result=\"failure\"} 0",
