@@ -21,11 +21,14 @@ use std::fs;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 mod support;
-use support::{clock_ticks, cpu_user_system, env_number, free_port, get, locate_binary};
+use support::{
+    clock_ticks, cpu_user_system, env_number, free_port, get, locate_binary, random_credential,
+    spawn_daemon,
+};
 
 /// Rotations per second at concurrency 64.
 const RATE_TARGET: f64 = 1000.0;
@@ -136,16 +139,7 @@ fn mass_rotation(binary: &Path, n: usize, concurrency: usize) -> Run {
     let config = write_inventory(dir.path(), n, port, concurrency);
     let state = dir.path().join("state.db");
     let log_path = dir.path().join("daemon.log");
-    let mut child = Command::new(binary)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("KEYROTD_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log_path).expect("creating the daemon log"))
-        .spawn()
-        .expect("spawning keyrotd");
+    let mut child = spawn_daemon(binary, &config, &log_path);
     let started = Instant::now();
     let mut done = 0;
     while done < n {
@@ -235,14 +229,8 @@ fn write_inventory(dir: &Path, n: usize, port: u16, concurrency: usize) -> PathB
     )
     .unwrap();
     for i in 0..n {
-        let id = format!("svc-{i:06}-token");
-        writeln!(
-            out,
-            "\n[[credential]]\nid = \"{id}\"\nrotator = {{ kind = \"random\", length = 32, alphabet = \"base64url\" }}\n\
-             store = {{ kind = \"file\", path = \"{}\" }}\nrotate_every = \"30d\"\nmax_age = \"40d\"",
-            stores.join(&id).display()
-        )
-        .unwrap();
+        random_credential(&mut out, i, &stores);
+        writeln!(out, "rotate_every = \"30d\"\nmax_age = \"40d\"").unwrap();
     }
     out.flush().expect("writing the inventory");
     path

@@ -18,13 +18,16 @@ use std::fs;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use chrono::Datelike;
 
 mod support;
-use support::{clock_ticks, cpu_ticks, env_number, free_port, get, locate_binary};
+use support::{
+    clock_ticks, cpu_ticks, env_number, free_port, get, locate_binary, random_credential,
+    spawn_daemon,
+};
 
 /// Ready (loaded, validated, scheduled, serving /metrics) within this long.
 const READY_TARGET: Duration = Duration::from_secs(2);
@@ -72,18 +75,8 @@ fn main() {
     );
 
     let log_path = dir.path().join("daemon.log");
-    let log = fs::File::create(&log_path).expect("creating the daemon log");
     let started = Instant::now();
-    let mut child = Command::new(&binary)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("KEYROTD_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawning keyrotd");
+    let mut child = spawn_daemon(&binary, &config, &log_path);
     let pid = child.id();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
 
@@ -274,14 +267,7 @@ fn write_inventory(dir: &Path, n: usize, port: u16) -> (PathBuf, Vec<String>) {
     )
     .unwrap();
     for i in 0..n {
-        let id = format!("svc-{i:06}-token");
-        write!(
-            out,
-            "\n[[credential]]\nid = \"{id}\"\nrotator = {{ kind = \"random\", length = 32, alphabet = \"base64url\" }}\n\
-             store = {{ kind = \"file\", path = \"{}\" }}\n",
-            stores.join(&id).display()
-        )
-        .unwrap();
+        let id = random_credential(&mut out, i, &stores);
         if i % 10 < CRON_SHARE {
             let day = days[(i / 10) % days.len()];
             writeln!(out, "schedule = \"17 2 {day} * *\"\nmax_age = \"35d\"").unwrap();

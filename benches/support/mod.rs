@@ -8,7 +8,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// utime + stime of a process, in clock ticks.
@@ -125,4 +125,33 @@ pub fn env_number(name: &str, default: usize) -> usize {
             .unwrap_or_else(|_| panic!("{name}={v} is not a number")),
         Err(_) => default,
     }
+}
+
+/// Writes the start of credential number `i` of a bench inventory (`svc-NNNNNN-token`, a
+/// `random` rotator, a `file` store in `stores`), leaving its schedule to the caller, and returns
+/// its id.
+pub fn random_credential(out: &mut impl Write, i: usize, stores: &Path) -> String {
+    let id = format!("svc-{i:06}-token");
+    write!(
+        out,
+        "\n[[credential]]\nid = \"{id}\"\nrotator = {{ kind = \"random\", length = 32, alphabet = \"base64url\" }}\n\
+         store = {{ kind = \"file\", path = \"{}\" }}\n",
+        stores.join(&id).display()
+    )
+    .expect("writing the inventory");
+    id
+}
+
+/// Starts `binary run --config CONFIG`, logging at `info` into `log`.
+pub fn spawn_daemon(binary: &Path, config: &Path, log: &Path) -> Child {
+    Command::new(binary)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("KEYROTD_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(log).expect("creating the daemon log"))
+        .spawn()
+        .expect("spawning keyrotd")
 }
