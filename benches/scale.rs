@@ -15,13 +15,19 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufWriter, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use chrono::Datelike;
+
+mod support;
+use support::{
+    clock_ticks, cpu_ticks, env_number, free_port, get, locate_binary, random_credential,
+    spawn_daemon,
+};
 
 /// Ready (loaded, validated, scheduled, serving /metrics) within this long.
 const READY_TARGET: Duration = Duration::from_secs(2);
@@ -69,18 +75,8 @@ fn main() {
     );
 
     let log_path = dir.path().join("daemon.log");
-    let log = fs::File::create(&log_path).expect("creating the daemon log");
     let started = Instant::now();
-    let mut child = Command::new(&binary)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("KEYROTD_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawning keyrotd");
+    let mut child = spawn_daemon(&binary, &config, &log_path);
     let pid = child.id();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
 
@@ -246,26 +242,6 @@ fn proc_status_field(pid: u32, field: &str) -> Option<String> {
         .map(|v| v.trim().to_owned())
 }
 
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading /proc/PID/stat");
-    // The command name (field 2) is parenthesised and may contain spaces: count from after it.
-    let rest = &stat[stat.rfind(')').expect("a /proc/PID/stat line") + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 (utime) and 15 (stime) of the line; `rest` starts at field 3.
-    fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0)
-}
-
-fn clock_ticks() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100)
-}
-
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -291,14 +267,7 @@ fn write_inventory(dir: &Path, n: usize, port: u16) -> (PathBuf, Vec<String>) {
     )
     .unwrap();
     for i in 0..n {
-        let id = format!("svc-{i:06}-token");
-        write!(
-            out,
-            "\n[[credential]]\nid = \"{id}\"\nrotator = {{ kind = \"random\", length = 32, alphabet = \"base64url\" }}\n\
-             store = {{ kind = \"file\", path = \"{}\" }}\n",
-            stores.join(&id).display()
-        )
-        .unwrap();
+        let id = random_credential(&mut out, i, &stores);
         if i % 10 < CRON_SHARE {
             let day = days[(i / 10) % days.len()];
             writeln!(out, "schedule = \"17 2 {day} * *\"\nmax_age = \"35d\"").unwrap();
@@ -330,78 +299,6 @@ fn seed_state(path: &Path, ids: &[String]) {
         }
     }
     tx.commit().expect("committing the seed");
-}
-
-/// The release `keyrotd` next to this bench (`target/release/deps/scale-*` -> `target/release/`),
-/// built if missing.
-fn locate_binary() -> PathBuf {
-    if let Some(path) = option_env!("CARGO_BIN_EXE_keyrotd")
-        .map(PathBuf::from)
-        .filter(|p| p.exists())
-    {
-        return path;
-    }
-    let exe = std::env::current_exe().expect("the bench's own path");
-    let release = exe
-        .ancestors()
-        .find(|d| d.file_name().is_some_and(|n| n == "release"))
-        .map(Path::to_path_buf);
-    let candidate = release
-        .unwrap_or_else(|| {
-            exe.parent()
-                .and_then(Path::parent)
-                .unwrap_or(Path::new("."))
-                .to_path_buf()
-        })
-        .join("keyrotd");
-    if !candidate.exists() {
-        println!("building {} ...", candidate.display());
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--bin", "keyrotd"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("running cargo build");
-        assert!(
-            status.success(),
-            "cargo build --release --bin keyrotd failed"
-        );
-    }
-    candidate
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
-struct Response {
-    status: u16,
-    body: Vec<u8>,
-}
-
-/// A plain HTTP/1.0 GET: the server closes the connection after the body.
-fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no header end"))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other("bad status line"))?;
-    Ok(Response {
-        status,
-        body: raw[split + 4..].to_vec(),
-    })
 }
 
 fn terminate(child: &Child) {
@@ -440,17 +337,6 @@ fn verdict(met: bool, target: &str) -> String {
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
-}
-
-fn env_number(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .replace('_', "")
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v} is not a number")),
-        Err(_) => default,
-    }
 }
 
 /// Stops the daemon, shows the end of its log (the temp dir is kept for inspection) and exits.

@@ -10,6 +10,7 @@
 //!   counts failures in `keyrotd_state_store_errors_total`.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,8 @@ use crate::protocol::Trigger;
 use crate::state::audit::{AuditFilter, AuditLine, Pruned};
 use crate::state::chain::{Break, Intact};
 use crate::state::{
-    Busy, Claim, CredentialRecord, RotationRecord, StateError, StateStore, StepRecord,
+    Busy, Claim, CommitCounts, CredentialRecord, JournalLine, RotationRecord, StateError,
+    StateStore, StepRecord,
 };
 
 /// Buckets for provider and store calls: from a local file write to a slow cloud API.
@@ -213,6 +215,8 @@ impl Store for TimedStore {
 pub struct StateMetrics {
     up: IntGauge,
     errors: IntCounter,
+    commits: IntCounter,
+    writes: IntCounter,
 }
 
 impl StateMetrics {
@@ -226,9 +230,24 @@ impl StateMetrics {
             "keyrotd_state_store_errors_total",
             "Failed calls to the state store.",
         )?;
+        let commits = IntCounter::new(
+            "keyrotd_state_commits_total",
+            "Write transactions the state store committed (each one fsync); with group commit, many writes share one.",
+        )?;
+        let writes = IntCounter::new(
+            "keyrotd_state_writes_total",
+            "Writes the state store committed (steps, saves, leases).",
+        )?;
+        for metric in [&errors, &commits, &writes] {
+            registry.register(Box::new(metric.clone()))?;
+        }
         registry.register(Box::new(up.clone()))?;
-        registry.register(Box::new(errors.clone()))?;
-        Ok(Self { up, errors })
+        Ok(Self {
+            up,
+            errors,
+            commits,
+            writes,
+        })
     }
 
     fn record<T>(&self, result: Result<T, StateError>) -> Result<T, StateError> {
@@ -248,48 +267,67 @@ impl StateMetrics {
 pub struct MeteredState {
     inner: Arc<dyn StateStore>,
     metrics: StateMetrics,
+    /// The inner store's counts already added to the counters.
+    seen: [AtomicU64; 2],
 }
 
 impl MeteredState {
     /// Wraps `inner`.
     pub fn wrap(inner: Arc<dyn StateStore>, metrics: StateMetrics) -> Arc<dyn StateStore> {
-        Arc::new(Self { inner, metrics })
+        let seen = Default::default();
+        Arc::new(Self {
+            inner,
+            metrics,
+            seen,
+        })
+    }
+
+    /// Records a call's result, and brings the commit counters up to the inner store's counts.
+    fn done<T>(&self, result: Result<T, StateError>) -> Result<T, StateError> {
+        let CommitCounts { commits, writes } = self.inner.commit_counts();
+        let counters = [&self.metrics.commits, &self.metrics.writes];
+        for ((now, seen), counter) in [commits, writes].into_iter().zip(&self.seen).zip(counters) {
+            // Concurrent calls each add only what no other call has added yet.
+            let before = seen.fetch_max(now, Ordering::Relaxed);
+            if now > before {
+                counter.inc_by(now - before);
+            }
+        }
+        self.metrics.record(result)
     }
 }
 
 #[async_trait]
 impl StateStore for MeteredState {
     async fn credentials(&self) -> Result<Vec<CredentialRecord>, StateError> {
-        self.metrics.record(self.inner.credentials().await)
+        self.done(self.inner.credentials().await)
     }
 
     async fn credential(&self, id: &str) -> Result<Option<CredentialRecord>, StateError> {
-        self.metrics.record(self.inner.credential(id).await)
+        self.done(self.inner.credential(id).await)
     }
 
     async fn put_credential(&self, record: &CredentialRecord) -> Result<(), StateError> {
-        self.metrics.record(self.inner.put_credential(record).await)
+        self.done(self.inner.put_credential(record).await)
     }
 
     async fn ensure_credentials(&self, ids: &[String]) -> Result<(), StateError> {
-        self.metrics
-            .record(self.inner.ensure_credentials(ids).await)
+        self.done(self.inner.ensure_credentials(ids).await)
     }
 
     async fn open_rotations(&self) -> Result<Vec<RotationRecord>, StateError> {
-        self.metrics.record(self.inner.open_rotations().await)
+        self.done(self.inner.open_rotations().await)
     }
 
     async fn open_rotation(
         &self,
         credential_id: &str,
     ) -> Result<Option<RotationRecord>, StateError> {
-        self.metrics
-            .record(self.inner.open_rotation(credential_id).await)
+        self.done(self.inner.open_rotation(credential_id).await)
     }
 
     async fn begin(&self, rotation: &RotationRecord) -> Result<Result<(), Busy>, StateError> {
-        self.metrics.record(self.inner.begin(rotation).await)
+        self.done(self.inner.begin(rotation).await)
     }
 
     fn owner(&self) -> &str {
@@ -302,13 +340,11 @@ impl StateStore for MeteredState {
         lease_until: i64,
         now: i64,
     ) -> Result<Claim, StateError> {
-        self.metrics
-            .record(self.inner.claim(rotation_id, lease_until, now).await)
+        self.done(self.inner.claim(rotation_id, lease_until, now).await)
     }
 
     async fn renew(&self, rotation_id: &str, lease_until: i64) -> Result<bool, StateError> {
-        self.metrics
-            .record(self.inner.renew(rotation_id, lease_until).await)
+        self.done(self.inner.renew(rotation_id, lease_until).await)
     }
 
     async fn save(
@@ -316,8 +352,7 @@ impl StateStore for MeteredState {
         rotation: &RotationRecord,
         credential: &CredentialRecord,
     ) -> Result<(), StateError> {
-        self.metrics
-            .record(self.inner.save(rotation, credential).await)
+        self.done(self.inner.save(rotation, credential).await)
     }
 
     async fn log_step(
@@ -328,23 +363,36 @@ impl StateStore for MeteredState {
         detail: Option<&str>,
         trigger: Trigger,
     ) -> Result<(), StateError> {
-        self.metrics.record(
+        self.done(
             self.inner
                 .log_step(rotation_id, step, event, detail, trigger)
                 .await,
         )
     }
 
+    async fn record(
+        &self,
+        rotation_id: &str,
+        lines: &[JournalLine],
+        save: Option<(&RotationRecord, &CredentialRecord)>,
+    ) -> Result<(), StateError> {
+        self.done(self.inner.record(rotation_id, lines, save).await)
+    }
+
+    fn commit_counts(&self) -> CommitCounts {
+        self.inner.commit_counts()
+    }
+
     async fn audit_lines(&self, filter: &AuditFilter) -> Result<Vec<AuditLine>, StateError> {
-        self.metrics.record(self.inner.audit_lines(filter).await)
+        self.done(self.inner.audit_lines(filter).await)
     }
 
     async fn verify_journal(&self) -> Result<Result<Intact, Break>, StateError> {
-        self.metrics.record(self.inner.verify_journal().await)
+        self.done(self.inner.verify_journal().await)
     }
 
     async fn prune(&self, before: i64) -> Result<Pruned, StateError> {
-        self.metrics.record(self.inner.prune(before).await)
+        self.done(self.inner.prune(before).await)
     }
 
     async fn history(
@@ -352,12 +400,11 @@ impl StateStore for MeteredState {
         credential_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(RotationRecord, Vec<StepRecord>)>, StateError> {
-        self.metrics
-            .record(self.inner.history(credential_id, limit).await)
+        self.done(self.inner.history(credential_id, limit).await)
     }
 
     async fn external_version(&self) -> Result<i64, StateError> {
-        self.metrics.record(self.inner.external_version().await)
+        self.done(self.inner.external_version().await)
     }
 
     async fn knows_rotation(
@@ -365,8 +412,7 @@ impl StateStore for MeteredState {
         credential_id: &str,
         rotation_id: &str,
     ) -> Result<bool, StateError> {
-        self.metrics
-            .record(self.inner.knows_rotation(credential_id, rotation_id).await)
+        self.done(self.inner.knows_rotation(credential_id, rotation_id).await)
     }
 
     async fn adopt(
@@ -375,8 +421,7 @@ impl StateStore for MeteredState {
         credential: &CredentialRecord,
         now: i64,
     ) -> Result<Result<Option<RotationRecord>, Busy>, StateError> {
-        self.metrics
-            .record(self.inner.adopt(adopted, credential, now).await)
+        self.done(self.inner.adopt(adopted, credential, now).await)
     }
 }
 

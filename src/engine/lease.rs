@@ -132,9 +132,11 @@ impl Engine {
             new: None,
             resumed,
             trigger,
+            unwritten: Default::default(),
         };
-        // Make the new status visible (to `keyrotd status`) before any step runs.
-        self.save(&mut job).await?;
+        // Make the new status visible (to `keyrotd status`) before any step runs: the first
+        // step's `start` carries it.
+        self.save_later(&mut job);
         Ok(Taken::Job(Box::new(job)))
     }
 

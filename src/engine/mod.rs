@@ -11,6 +11,8 @@
 //!   step is retried;
 //! - the journal records each step before and after it runs, and a phase only after its step has
 //!   completed; every step is idempotent, so resuming re-runs at most the step in flight;
+//! - a step's `ok`, the phase it reached and the next step's `start` may share one commit, which
+//!   is durable before the next step's provider call and before anything is reported;
 //! - no secret value reaches the journal, a log line or an error: only public attributes do.
 //!
 //! Files: this one holds [`Engine`], its public API and the types it returns; `lease` takes,
@@ -32,7 +34,6 @@ mod steps;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use keyrotd_plugin::{Attrs, Credential, ProviderError, Rotator, Store};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -148,6 +149,8 @@ struct Job<'a> {
     resumed: bool,
     /// Why this run started (journaled with each step it runs).
     trigger: Trigger,
+    /// Journal writes held back to share the commit of the rotation's next write.
+    unwritten: std::sync::Mutex<journal::Unwritten>,
 }
 
 impl Engine {
@@ -247,17 +250,6 @@ impl Engine {
             }
             info!(credential = %spec.id, rotation = %job.rotation.id, "finished the earlier rotation; starting the one asked for");
         }
-    }
-
-    /// Saves the job's rotation and credential record in one transaction, renewing the lease
-    /// while this process holds it.
-    async fn save(&self, job: &mut Job<'_>) -> Result<(), StateError> {
-        if job.rotation.owner.is_some() {
-            job.rotation.lease_until = Utc::now()
-                .timestamp()
-                .saturating_add(LEASE.as_secs() as i64);
-        }
-        self.state.save(&job.rotation, &job.record).await
     }
 
     /// Raises `condition` for `credential` with the sink, if there is one.

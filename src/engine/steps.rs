@@ -4,7 +4,9 @@
 //!
 //! Invariants: a phase is saved only after its step has completed; the new secret exists only in
 //! memory between `issue` and `stage`; the old credential is revoked only in phase `Promoted`,
-//! once `revoke_at` has passed.
+//! once `revoke_at` has passed. Up to `verified`, a phase is saved with the next step's `start`
+//! (`save_later`); `promoted`, `done` and `rolled_back` are saved at once, before they are
+//! reported.
 
 use std::time::Duration;
 
@@ -50,11 +52,13 @@ impl Engine {
                 }
                 Phase::RollingBack => self.roll_back(job).await,
                 Phase::Done => {
+                    self.flush(job).await?;
                     return Ok(Outcome::Completed {
                         rotation: job.rotation.id.clone(),
-                    })
+                    });
                 }
                 Phase::RolledBack => {
+                    self.flush(job).await?;
                     if job.rotation.owner.is_some() {
                         job.rotation.owner = None;
                         job.rotation.lease_until = 0;
@@ -99,7 +103,8 @@ impl Engine {
                 job.rotation.new_attrs = Some(public_only(job.rotator.as_ref(), &staged.attrs));
                 job.new = Some(staged);
                 job.rotation.phase = Phase::Staged;
-                return Ok(self.save(job).await?);
+                self.save_later(job);
+                return Ok(());
             }
             self.abandon(job).await?;
         }
@@ -120,14 +125,16 @@ impl Engine {
         job.rotation.old_attrs = old_attrs;
         job.rotation.new_attrs = Some(new.attrs.clone());
         job.rotation.phase = Phase::Issued;
-        self.save(job).await?;
+        // Saved with the stage's `start`.
+        self.save_later(job);
         // The secret exists only in memory now: store it before anything else happens.
         let ctx = self.ctx(job);
         self.step(job, Step::Stage, job.store.stage(ctx, &new))
             .await?;
         job.new = Some(new);
         job.rotation.phase = Phase::Staged;
-        Ok(self.save(job).await?)
+        self.save_later(job);
+        Ok(())
     }
 
     /// Makes the staged credential usable at the provider.
@@ -150,7 +157,8 @@ impl Engine {
             .await?;
         job.new = Some(new);
         job.rotation.phase = Phase::Activated;
-        Ok(self.save(job).await?)
+        self.save_later(job);
+        Ok(())
     }
 
     /// Proves that the value consumers will read works.
@@ -175,7 +183,8 @@ impl Engine {
             .await?;
         job.new = Some(new);
         job.rotation.phase = Phase::Verified;
-        Ok(self.save(job).await?)
+        self.save_later(job);
+        Ok(())
     }
 
     /// Makes the new value current in the store and starts the grace period.

@@ -136,16 +136,9 @@ const PRUNABLE: &str = "r.finished_at IS NOT NULL AND r.finished_at < ?1 AND EXI
       AND (n.started_at, n.id) > (r.started_at, r.id))";
 
 /// Deletes the rotations finished before `before` (Unix seconds) that form a prefix of the
-/// chain, with their journal rows, and moves the checkpoint to the last row deleted, in one
-/// write transaction.
-pub fn prune(conn: &mut Connection, before: i64, now: i64) -> Result<Pruned, StateError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let pruned = prune_in(&tx, before, now)?;
-    tx.commit()?;
-    Ok(pruned)
-}
-
-fn prune_in(conn: &Connection, before: i64, now: i64) -> Result<Pruned, StateError> {
+/// chain, with their journal rows, and moves the checkpoint to the last row deleted, inside the
+/// caller's write transaction.
+pub fn prune(conn: &Connection, before: i64, now: i64) -> Result<Pruned, StateError> {
     let start = chain::checkpoint(conn)?;
     // Each rotation's span in the chain, in chain order, and whether it may go.
     let spans: Vec<(i64, i64, bool)> = conn

@@ -6,12 +6,14 @@
 //! - at most one rotation per credential is open (not finished) at any time, enforced by the
 //!   database itself, so two processes (the daemon and `keyrotd rotate`) cannot both start one;
 //! - a rotation's phase is written *after* the step that reaches it has completed, so after a crash
-//!   the recorded phase is never ahead of reality.
+//!   the recorded phase is never ahead of reality;
+//! - a write call returns only once what it wrote is durable (committed, fsynced), however many
+//!   concurrent writes share that commit.
 
 //!
 //! Files: this one holds the [`StateStore`] trait, its records and errors, and [`open_state`];
-//! `sqlite` the SQLite backend ([`SqliteState`]), `rows` its row mapping, `migrate` its versioned
-//! schema migrations; `removed` refuses an inventory that drops a credential whose rotation is
+//! `sqlite` the SQLite backend ([`SqliteState`]), `rows` its row mapping and statements, `writer`
+//! its group commit, `migrate` its versioned schema migrations; `removed` refuses an inventory that drops a credential whose rotation is
 //! still open ([`check_removed`]).
 
 mod actor;
@@ -23,6 +25,7 @@ mod rows;
 mod sqlite;
 #[cfg(test)]
 mod tests;
+mod writer;
 
 use std::sync::Arc;
 
@@ -80,7 +83,8 @@ pub enum StateError {
     /// A stored value this keyrotd cannot read (an unknown phase or status, bad JSON).
     #[error("state database: corrupt record: {0}")]
     Corrupt(String),
-    /// The blocking task running the query failed, or the handle is read-only.
+    /// The blocking task or the group commit running the query failed, or the handle is
+    /// read-only.
     #[error("state database task failed: {0}")]
     Task(String),
     /// This process no longer holds the rotation's lease: nothing was written.
@@ -229,6 +233,31 @@ pub struct StepRecord {
     pub detail: Option<String>,
 }
 
+/// A line to append to a rotation's step log (see [`StateStore::record`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalLine {
+    /// When the event happened, in Unix milliseconds (not when it is written).
+    pub at_ms: i64,
+    /// The step's name.
+    pub step: String,
+    /// `start`, `ok`, `error`, `skip` or `interrupted`.
+    pub event: String,
+    /// The error or the reason, if any (no secret by contract).
+    pub detail: Option<String>,
+    /// Why the run that writes it started (the audit trail records it on every row).
+    pub trigger: Trigger,
+}
+
+/// How many write transactions a handle has committed, and how many writes they carried: with
+/// group commit many writes share one commit, and each commit is one fsync.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitCounts {
+    /// Transactions committed.
+    pub commits: u64,
+    /// Writes (calls) they carried.
+    pub writes: u64,
+}
+
 /// Another rotation of the same credential is open.
 #[derive(Debug, thiserror::Error)]
 #[error("rotation {} of `{}` is still open (phase {})", .0.id, .0.credential_id, .0.phase.as_str())]
@@ -306,6 +335,19 @@ pub trait StateStore: Send + Sync {
         detail: Option<&str>,
         trigger: Trigger,
     ) -> Result<(), StateError>;
+    /// Appends `lines` to the step log of rotation `rotation_id`, then, if `save` is given, saves
+    /// that rotation and credential record as [`StateStore::save`] does: one write, all or
+    /// nothing, and only while this process holds the lease (otherwise nothing is written and the
+    /// call fails with [`StateError::LeaseLost`]). The engine writes a step's `ok`, the phase it
+    /// reached and the next step's `start` this way, in one commit.
+    async fn record(
+        &self,
+        rotation_id: &str,
+        lines: &[JournalLine],
+        save: Option<(&RotationRecord, &CredentialRecord)>,
+    ) -> Result<(), StateError>;
+    /// The write transactions this handle has committed since it was opened.
+    fn commit_counts(&self) -> CommitCounts;
     /// Recent rotations, newest first, with their step logs.
     async fn history(
         &self,

@@ -1,10 +1,11 @@
 //! How the SQLite backend maps records to rows: the column lists, the (de)serialization of
-//! public attributes as JSON, the queries shared by several calls, and `append_step`, the one
-//! function that inserts a journal row (hashed into the chain in its transaction).
+//! public attributes as JSON, and the statements shared by several calls.
 //!
-//! Invariant: the column lists and the row readers agree index by index; a value the database
+//! Invariants: the column lists and the row readers agree index by index; a value the database
 //! holds but this keyrotd cannot read (an unknown phase or status, bad JSON) is
-//! [`StateError::Corrupt`], never a panic.
+//! [`StateError::Corrupt`], never a panic; a journal row is inserted by [`insert_step`] only,
+//! which hashes it into the chain in its transaction;
+//! every statement is prepared once per connection (`prepare_cached`).
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use keyrotd_plugin::Attrs;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::chain::{self, Line};
+use super::writer::uncommitted_failpoint;
 use super::{CredentialRecord, RotationRecord, StateError, Status};
 use crate::protocol::Phase;
 
@@ -80,14 +82,55 @@ pub(super) fn records<T>(
 }
 
 pub(super) fn upsert_credential(conn: &Connection, c: &CredentialRecord) -> rusqlite::Result<()> {
-    conn.execute(
-        &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS})
+    conn.prepare_cached(
+        "INSERT INTO credentials (id, status, issued_at, consecutive_failures, next_attempt_at, last_error, current_attrs, state_lost)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT(id) DO UPDATE SET status = ?2, issued_at = ?3, consecutive_failures = ?4, next_attempt_at = ?5, last_error = ?6,
-           current_attrs = ?7, state_lost = ?8"),
-        params![c.id, c.status.as_str(), c.issued_at, c.consecutive_failures, c.next_attempt_at, c.last_error, attrs_to_json(&c.current_attrs), c.state_lost],
-    )?;
+           current_attrs = ?7, state_lost = ?8",
+    )?
+    .execute(params![c.id, c.status.as_str(), c.issued_at, c.consecutive_failures, c.next_attempt_at, c.last_error, attrs_to_json(&c.current_attrs), c.state_lost])?;
     Ok(())
+}
+
+/// Inserts a new rotation, begun by `actor` (its row in `actors`).
+pub(super) fn insert_rotation(
+    conn: &Connection,
+    r: &RotationRecord,
+    actor: Option<i64>,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO rotations (id, credential_id, trigger, started_at, phase, new_attrs, old_attrs, revoke_at, owner, lease_until, error, finished_at, actor)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?
+    .execute(params![
+        r.id, r.credential_id, r.trigger, r.started_at, r.phase.as_str(), attrs_to_json(&r.new_attrs),
+        attrs_to_json(&r.old_attrs), r.revoke_at, r.owner, r.lease_until, r.error, r.finished_at, actor
+    ])?;
+    Ok(())
+}
+
+/// Saves a rotation and its credential record, if `owner` holds the rotation's lease; otherwise
+/// writes nothing and fails with [`StateError::LeaseLost`].
+pub(super) fn save_rotation(
+    conn: &Connection,
+    r: &RotationRecord,
+    credential: &CredentialRecord,
+    owner: &str,
+) -> Result<(), StateError> {
+    let updated = conn
+        .prepare_cached(
+            "UPDATE rotations SET phase = ?2, new_attrs = ?3, old_attrs = ?4, revoke_at = ?5, owner = ?6,
+               lease_until = ?7, error = ?8, finished_at = ?9
+             WHERE id = ?1 AND owner = ?10",
+        )?
+        .execute(params![
+            r.id, r.phase.as_str(), attrs_to_json(&r.new_attrs), attrs_to_json(&r.old_attrs), r.revoke_at, r.owner,
+            r.lease_until, r.error, r.finished_at, owner
+        ])?;
+    if updated == 0 {
+        return Err(StateError::LeaseLost(r.id.clone()));
+    }
+    Ok(upsert_credential(conn, credential)?)
 }
 
 /// One journal row to append.
@@ -100,11 +143,11 @@ pub(super) struct NewStep<'a> {
     pub(super) trigger: &'a str,
 }
 
-/// Appends one journal row, chained to the head (see `chain`), as `actor`: the single place a
-/// row is written, so every row is hashed in the transaction that inserts it. `conn` must be in
-/// a write transaction. With `lease_owner`, writes only if that process holds the rotation's
-/// lease; returns whether a row was written.
-pub(super) fn append_step(
+/// Appends one journal row, chained to the head (see `chain`), as `actor`, inside the caller's
+/// write transaction: the one place a journal row is inserted, so every row is hashed in the
+/// transaction that inserts it. With `lease_owner`, writes only if that process holds the
+/// rotation's lease; returns whether a row was written.
+pub(super) fn insert_step(
     conn: &Connection,
     row: &NewStep<'_>,
     lease_owner: Option<&str>,
@@ -148,6 +191,7 @@ pub(super) fn append_step(
         row.trigger,
         hash
     ])?;
+    uncommitted_failpoint(row.step, row.event);
     Ok(true)
 }
 

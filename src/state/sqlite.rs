@@ -1,11 +1,11 @@
-//! The embedded SQLite backend of [`StateStore`]: WAL mode, `synchronous=FULL`, one connection
-//! shared by the process and used off the async worker threads.
+//! The embedded SQLite backend of [`StateStore`]: WAL mode, `synchronous=FULL`. Writes go to one
+//! writer thread that commits whatever is queued in one transaction (group commit, `writer`);
+//! reads use a second connection off the async worker threads, and see every committed write.
 //!
 //! Invariants:
-//! - only the lease holder writes a rotation or its journal, checked in the same statement or
-//!   write transaction as the write (`... WHERE owner = me`), so a process that lost its lease
-//!   cannot overwrite progress;
-//! - journal rows are inserted by `rows::append_step` alone, which hashes each into the chain
+//! - only the lease holder writes a rotation or its journal, checked in the same statement as the
+//!   write (`... WHERE owner = me`), so a process that lost its lease cannot overwrite progress;
+//! - journal rows are inserted by `rows::insert_step` alone, which hashes each into the chain
 //!   (see `chain`) inside the write transaction that inserts it;
 //! - a partial unique index allows at most one open rotation per credential, across processes;
 //! - the database directory is 0700 and its files 0600, whatever the umask.
@@ -20,12 +20,13 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::audit::{self, AuditFilter, AuditLine, Pruned};
 use super::chain::{self, Break, Intact};
 use super::rows::{
-    append_step, attrs_to_json, credential_record, query_rotations, records, upsert_credential,
-    NewStep, CREDENTIAL_COLUMNS, ROTATION_COLUMNS,
+    credential_record, insert_rotation, insert_step, query_rotations, records, save_rotation,
+    upsert_credential, NewStep, CREDENTIAL_COLUMNS,
 };
+use super::writer::Writer;
 use super::{
-    migrate, Actor, Busy, Claim, CredentialRecord, Phase, RotationRecord, StateError, StateStore,
-    StepRecord,
+    migrate, Actor, Busy, Claim, CommitCounts, CredentialRecord, JournalLine, Phase,
+    RotationRecord, StateError, StateStore, StepRecord,
 };
 use crate::liveness::Liveness;
 use crate::protocol::Trigger;
@@ -33,7 +34,10 @@ use crate::protocol::Trigger;
 /// The embedded SQLite backend.
 #[derive(Clone)]
 pub struct SqliteState {
-    conn: Arc<Mutex<Connection>>,
+    /// Reads; for a read-only handle, the only connection.
+    reader: Arc<Mutex<Connection>>,
+    /// Writes, committed in groups; `None` for a read-only handle.
+    writer: Option<Arc<Writer>>,
     /// Who this process is as a lease owner; `None` for a read-only handle, which never leases.
     me: Option<Arc<Liveness>>,
     /// The database's instance id (see the `migrate` module).
@@ -53,6 +57,15 @@ impl SqliteState {
     /// umask. SQLite creates `-wal` and `-shm` with the database file's mode; they are checked
     /// as well, in case an older keyrotd left them wider.
     pub fn open(path: &Path) -> Result<Self, StateError> {
+        Self::open_with(path, None)
+    }
+
+    /// [`SqliteState::open`], writing rotations and journal rows as `actor` (recorded once).
+    pub fn open_as(path: &Path, actor: &Actor) -> Result<Self, StateError> {
+        Self::open_with(path, Some(actor))
+    }
+
+    fn open_with(path: &Path, actor: Option<&Actor>) -> Result<Self, StateError> {
         let create = |p: &Path, source| StateError::Create {
             path: p.display().to_string(),
             source,
@@ -73,12 +86,11 @@ impl SqliteState {
             let side = std::path::PathBuf::from(side);
             narrow_if_present(&side).map_err(|e| create(&side, e))?;
         }
-        let mut conn = Connection::open(path)?;
+        let mut conn = connection(path, rusqlite::OpenFlags::default())?;
         // WAL lets `keyrotd status` read while the daemon writes; FULL sync makes every journal
         // write survive power loss, not only a process crash.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         let migrated = migrate::migrate(&mut conn)?;
         if migrated.from != migrate::VERSION {
             tracing::info!(path = %path.display(), from = migrated.from, to = migrate::VERSION, instance = %migrated.instance_id, "state database schema migrated");
@@ -87,21 +99,23 @@ impl SqliteState {
             path: format!("{}.owners", path.display()),
             source,
         })?;
+        let actor = match actor {
+            Some(actor) => {
+                let description = actor.to_json();
+                let id = audit::register_actor(&mut conn, &description)?;
+                Some((id, description.into()))
+            }
+            None => None,
+        };
+        // Opened after the journal mode is set: WAL lets it read while the writer commits.
+        let reader = connection(path, rusqlite::OpenFlags::default())?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            reader: Arc::new(Mutex::new(reader)),
+            writer: Some(Arc::new(Writer::start(conn)?)),
             me: Some(Arc::new(me)),
             instance_id: migrated.instance_id.into(),
-            actor: None,
+            actor,
         })
-    }
-
-    /// [`SqliteState::open`], writing rotations and journal rows as `actor` (recorded once).
-    pub fn open_as(path: &Path, actor: &Actor) -> Result<Self, StateError> {
-        let mut state = Self::open(path)?;
-        let description = actor.to_json();
-        let id = audit::register_actor(&mut state.conn.lock().unwrap(), &description)?;
-        state.actor = Some((id, description.into()));
-        Ok(state)
     }
 
     /// Opens an existing database without changing it (for `keyrotd check`); `None` if absent.
@@ -111,15 +125,15 @@ impl SqliteState {
         if !path.exists() {
             return Ok(None);
         }
-        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let conn = connection(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         migrate::refuse_newer(migrate::version(&conn)?)?;
         let instance_id = migrate::instance_id(&conn)
             .ok()
             .flatten()
             .unwrap_or_default();
         Ok(Some(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            reader: Arc::new(Mutex::new(conn)),
+            writer: None,
             me: None,
             instance_id: instance_id.into(),
             actor: None,
@@ -137,21 +151,52 @@ impl SqliteState {
             .ok_or_else(|| StateError::Task("the state database is open read-only".into()))
     }
 
-    /// Runs `f` on the connection off the async worker threads.
-    async fn with<T: Send + 'static>(
+    /// Runs `f` on the read connection off the async worker threads.
+    async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StateError> + Send + 'static,
     ) -> Result<T, StateError> {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
-            // back), so a poisoned lock is safe to keep using.
-            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut guard)
-        })
-        .await
-        .map_err(|e| StateError::Task(e.to_string()))?
+        locked(self.reader.clone(), f).await
     }
+
+    /// Queues `f` for the writer thread and returns once the transaction holding it has
+    /// committed. `f` runs inside that transaction in a savepoint of its own: it must not begin
+    /// or end a transaction, and an error undoes its changes only.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, StateError> {
+        match &self.writer {
+            Some(writer) => writer.write(f).await,
+            None => Err(StateError::Task(
+                "the state database is open read-only".into(),
+            )),
+        }
+    }
+}
+
+/// Opens a connection with the settings every handle shares.
+fn connection(path: &Path, flags: rusqlite::OpenFlags) -> Result<Connection, StateError> {
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // Room for every statement the backend runs, so none is parsed twice.
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+/// Runs `f` on `conn` off the async worker threads.
+async fn locked<T: Send + 'static>(
+    conn: Arc<Mutex<Connection>>,
+    f: impl FnOnce(&mut Connection) -> Result<T, StateError> + Send + 'static,
+) -> Result<T, StateError> {
+    tokio::task::spawn_blocking(move || {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
+        // back), so a poisoned lock is safe to keep using.
+        let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    })
+    .await
+    .map_err(|e| StateError::Task(e.to_string()))?
 }
 
 /// Creates `path` with mode 0600 if it is missing (the umask can only narrow that), and narrows
@@ -185,7 +230,7 @@ fn narrow_if_present(path: &Path) -> std::io::Result<()> {
 #[async_trait]
 impl StateStore for SqliteState {
     async fn credentials(&self) -> Result<Vec<CredentialRecord>, StateError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut stmt = c.prepare(&format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials"))?;
             // Sized up front: growing a 100,000-record vector among the rows' string allocations
             // fragments the heap (measured: +14 MiB resident at 100k credentials).
@@ -197,7 +242,7 @@ impl StateStore for SqliteState {
 
     async fn credential(&self, id: &str) -> Result<Option<CredentialRecord>, StateError> {
         let id = id.to_owned();
-        self.with(move |c| {
+        self.read(move |c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = ?1"
             ))?;
@@ -208,37 +253,47 @@ impl StateStore for SqliteState {
 
     async fn put_credential(&self, record: &CredentialRecord) -> Result<(), StateError> {
         let record = record.clone();
-        self.with(move |c| Ok(upsert_credential(c, &record)?)).await
+        self.write(move |c| Ok(upsert_credential(c, &record)?))
+            .await
     }
 
     async fn ensure_credentials(&self, ids: &[String]) -> Result<(), StateError> {
         let ids = ids.to_vec();
-        self.with(move |c| {
-            let tx = c.transaction()?;
-            {
-                let mut stmt = tx.prepare(
-                    "INSERT OR IGNORE INTO credentials (id, status) VALUES (?1, 'idle')",
-                )?;
-                for id in &ids {
-                    stmt.execute([id])?;
-                }
+        self.write(move |c| {
+            let mut stmt = c.prepare_cached(
+                "INSERT OR IGNORE INTO credentials (id, status) VALUES (?1, 'idle')",
+            )?;
+            for id in &ids {
+                stmt.execute([id])?;
             }
-            tx.commit()?;
             Ok(())
         })
         .await
     }
 
     async fn open_rotations(&self) -> Result<Vec<RotationRecord>, StateError> {
-        self.with(|c| query_rotations(c, "WHERE finished_at IS NULL", &[]))
+        self.read(|c| query_rotations(c, "WHERE finished_at IS NULL", &[]))
             .await
     }
 
     async fn external_version(&self) -> Result<i64, StateError> {
-        // SQLite's data_version is per connection and moves only on other connections' commits;
-        // every call of this process shares one connection. In WAL mode it reads shared memory.
-        self.with(|c| Ok(c.query_row("PRAGMA data_version", [], |r| r.get(0))?))
-            .await
+        // SQLite's data_version is per connection and moves only on other connections' commits,
+        // so it is read on the connection this process writes with (between two batches). In
+        // WAL mode it reads shared memory.
+        let conn = match &self.writer {
+            Some(writer) => writer.connection().clone(),
+            None => self.reader.clone(),
+        };
+        locked(conn, |c| {
+            Ok(c.query_row("PRAGMA data_version", [], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    fn commit_counts(&self) -> CommitCounts {
+        self.writer
+            .as_ref()
+            .map_or_else(CommitCounts::default, |w| w.counts())
     }
 
     async fn knows_rotation(
@@ -247,12 +302,11 @@ impl StateStore for SqliteState {
         rotation_id: &str,
     ) -> Result<bool, StateError> {
         let (cred, id) = (credential_id.to_owned(), rotation_id.to_owned());
-        self.with(move |c| {
-            Ok(c.query_row(
+        self.read(move |c| {
+            Ok(c.prepare_cached(
                 "SELECT EXISTS (SELECT 1 FROM rotations WHERE id = ?1 AND credential_id = ?2)",
-                params![id, cred],
-                |r| r.get(0),
-            )?)
+            )?
+            .query_row(params![id, cred], |r| r.get(0))?)
         })
         .await
     }
@@ -264,11 +318,10 @@ impl StateStore for SqliteState {
         now: i64,
     ) -> Result<Result<Option<RotationRecord>, Busy>, StateError> {
         let (r, credential, actor) = (adopted.clone(), credential.clone(), self.actor.clone());
-        self.with(move |c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.write(move |c| {
             let manual = Trigger::Manual.as_str();
             let open = query_rotations(
-                &tx,
+                c,
                 "WHERE finished_at IS NULL AND credential_id = ?1",
                 &[&r.credential_id],
             )?
@@ -281,26 +334,32 @@ impl StateStore for SqliteState {
                     "closed unfinished by `keyrotd adopt`, which adopted rotation {} found in the store",
                     r.id
                 );
-                tx.execute(
+                c.execute(
                     "UPDATE rotations SET phase = ?2, error = COALESCE(error || '; ' || ?3, ?3), owner = NULL,
                        lease_until = 0, finished_at = ?4 WHERE id = ?1",
                     params![open.id, Phase::RolledBack.as_str(), error, now],
                 )?;
-                let row = NewStep { rotation_id: &open.id, at_ms: now * 1000, step: "adopt", event: "skip", detail: Some(&error), trigger: manual };
-                append_step(&tx, &row, None, actor.as_ref())?;
+                let row = NewStep {
+                    rotation_id: &open.id,
+                    at_ms: now * 1000,
+                    step: "adopt",
+                    event: "skip",
+                    detail: Some(&error),
+                    trigger: manual,
+                };
+                insert_step(c, &row, None, actor.as_ref())?;
             }
-            tx.execute(
-                &format!("INSERT INTO rotations ({ROTATION_COLUMNS}, actor) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
-                params![
-                    r.id, r.credential_id, r.trigger, r.started_at, r.phase.as_str(), attrs_to_json(&r.new_attrs),
-                    attrs_to_json(&r.old_attrs), r.revoke_at, r.owner, r.lease_until, r.error, r.finished_at, actor.as_ref().map(|a| a.0)
-                ],
-            )?;
-            let detail = "the value in the store was adopted by an operator; nothing was issued";
-            let row = NewStep { rotation_id: &r.id, at_ms: now * 1000, step: "adopt", event: "ok", detail: Some(detail), trigger: manual };
-            append_step(&tx, &row, None, actor.as_ref())?;
-            upsert_credential(&tx, &credential)?;
-            tx.commit()?;
+            insert_rotation(c, &r, actor.as_ref().map(|a| a.0))?;
+            let row = NewStep {
+                rotation_id: &r.id,
+                at_ms: now * 1000,
+                step: "adopt",
+                event: "ok",
+                detail: Some("the value in the store was adopted by an operator; nothing was issued"),
+                trigger: manual,
+            };
+            insert_step(c, &row, None, actor.as_ref())?;
+            upsert_credential(c, &credential)?;
             Ok(Ok(open))
         })
         .await
@@ -311,7 +370,7 @@ impl StateStore for SqliteState {
         credential_id: &str,
     ) -> Result<Option<RotationRecord>, StateError> {
         let id = credential_id.to_owned();
-        self.with(move |c| {
+        self.read(move |c| {
             Ok(query_rotations(
                 c,
                 "WHERE finished_at IS NULL AND credential_id = ?1",
@@ -324,24 +383,21 @@ impl StateStore for SqliteState {
 
     async fn begin(&self, rotation: &RotationRecord) -> Result<Result<(), Busy>, StateError> {
         let (r, actor) = (rotation.clone(), self.actor.as_ref().map(|a| a.0));
-        self.with(move |c| {
-            let inserted = c.execute(
-                &format!("INSERT INTO rotations ({ROTATION_COLUMNS}, actor) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
-                params![
-                    r.id, r.credential_id, r.trigger, r.started_at, r.phase.as_str(), attrs_to_json(&r.new_attrs),
-                    attrs_to_json(&r.old_attrs), r.revoke_at, r.owner, r.lease_until, r.error, r.finished_at, actor
-                ],
-            );
-            match inserted {
-                Ok(_) => Ok(Ok(())),
-                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    let open = query_rotations(c, "WHERE finished_at IS NULL AND credential_id = ?1", &[&r.credential_id])?
-                        .pop()
-                        .ok_or_else(|| StateError::Corrupt(format!("rotation id {} already used", r.id)))?;
-                    Ok(Err(Busy(Box::new(open))))
-                }
-                Err(e) => Err(e.into()),
+        self.write(move |c| match insert_rotation(c, &r, actor) {
+            Ok(()) => Ok(Ok(())),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                let open = query_rotations(
+                    c,
+                    "WHERE finished_at IS NULL AND credential_id = ?1",
+                    &[&r.credential_id],
+                )?
+                .pop()
+                .ok_or_else(|| StateError::Corrupt(format!("rotation id {} already used", r.id)))?;
+                Ok(Err(Busy(Box::new(open))))
             }
+            Err(e) => Err(e.into()),
         })
         .await
     }
@@ -357,16 +413,14 @@ impl StateStore for SqliteState {
         now: i64,
     ) -> Result<Claim, StateError> {
         let (id, me) = (rotation_id.to_owned(), self.me()?);
-        self.with(move |c| {
-            // One write transaction: the read, the liveness verdict and the update see the same
-            // row, so two claimants cannot both win.
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let row: Option<(Option<String>, i64, Option<i64>)> = tx
-                .query_row(
+        // The writer's transaction holds the write lock: the read, the liveness verdict and the
+        // update see the same row, so two claimants cannot both win.
+        self.write(move |c| {
+            let row: Option<(Option<String>, i64, Option<i64>)> = c
+                .prepare_cached(
                     "SELECT owner, lease_until, finished_at FROM rotations WHERE id = ?1",
-                    [&id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
+                )?
+                .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?;
             let Some((owner, until, finished)) = row else {
                 return Err(StateError::Corrupt(format!("rotation {id} does not exist")));
@@ -383,14 +437,11 @@ impl StateStore for SqliteState {
                     owner: owner.unwrap_or_default(),
                 });
             }
-            tx.execute(
-                "UPDATE rotations SET owner = ?2, lease_until = ?3 WHERE id = ?1",
-                params![id, me.owner(), lease_until],
-            )?;
-            let fresh = query_rotations(&tx, "WHERE id = ?1", &[&id])?
+            c.prepare_cached("UPDATE rotations SET owner = ?2, lease_until = ?3 WHERE id = ?1")?
+                .execute(params![id, me.owner(), lease_until])?;
+            let fresh = query_rotations(c, "WHERE id = ?1", &[&id])?
                 .pop()
                 .ok_or_else(|| StateError::Corrupt(format!("rotation {id} vanished")))?;
-            tx.commit()?;
             Ok(Claim::Taken(Box::new(fresh)))
         })
         .await
@@ -398,11 +449,11 @@ impl StateStore for SqliteState {
 
     async fn renew(&self, rotation_id: &str, lease_until: i64) -> Result<bool, StateError> {
         let (id, me) = (rotation_id.to_owned(), self.me()?);
-        self.with(move |c| {
-            let n = c.execute(
+        self.write(move |c| {
+            let n = c.prepare_cached(
                 "UPDATE rotations SET lease_until = ?3 WHERE id = ?1 AND owner = ?2 AND finished_at IS NULL",
-                params![id, me.owner(), lease_until],
-            )?;
+            )?
+            .execute(params![id, me.owner(), lease_until])?;
             Ok(n == 1)
         })
         .await
@@ -410,29 +461,11 @@ impl StateStore for SqliteState {
 
     async fn save(
         &self,
-        r: &RotationRecord,
+        rotation: &RotationRecord,
         credential: &CredentialRecord,
     ) -> Result<(), StateError> {
-        let (r, credential, me) = (r.clone(), credential.clone(), self.me()?);
-        self.with(move |c| {
-            let tx = c.transaction()?;
-            let updated = tx.execute(
-                "UPDATE rotations SET phase = ?2, new_attrs = ?3, old_attrs = ?4, revoke_at = ?5, owner = ?6,
-                   lease_until = ?7, error = ?8, finished_at = ?9
-                 WHERE id = ?1 AND owner = ?10",
-                params![
-                    r.id, r.phase.as_str(), attrs_to_json(&r.new_attrs), attrs_to_json(&r.old_attrs), r.revoke_at, r.owner,
-                    r.lease_until, r.error, r.finished_at, me.owner()
-                ],
-            )?;
-            if updated == 0 {
-                return Err(StateError::LeaseLost(r.id));
-            }
-            upsert_credential(&tx, &credential)?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
+        self.record(&rotation.id, &[], Some((rotation, credential)))
+            .await
     }
 
     async fn log_step(
@@ -443,29 +476,43 @@ impl StateStore for SqliteState {
         detail: Option<&str>,
         trigger: Trigger,
     ) -> Result<(), StateError> {
-        let (id, step, event, detail) = (
-            rotation_id.to_owned(),
-            step.to_owned(),
-            event.to_owned(),
-            detail.map(str::to_owned),
-        );
-        let at_ms = chrono::Utc::now().timestamp_millis();
-        let (me, actor) = (self.me()?, self.actor.clone());
-        self.with(move |c| {
-            // The write lock first: the head read and the insert see the same chain.
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let row = NewStep {
-                rotation_id: &id,
-                at_ms,
-                step: &step,
-                event: &event,
-                detail: detail.as_deref(),
-                trigger: trigger.as_str(),
-            };
-            if !append_step(&tx, &row, Some(me.owner()), actor.as_ref())? {
-                return Err(StateError::LeaseLost(id));
+        let line = JournalLine {
+            at_ms: chrono::Utc::now().timestamp_millis(),
+            step: step.to_owned(),
+            event: event.to_owned(),
+            detail: detail.map(str::to_owned),
+            trigger,
+        };
+        self.record(rotation_id, &[line], None).await
+    }
+
+    async fn record(
+        &self,
+        rotation_id: &str,
+        lines: &[JournalLine],
+        save: Option<(&RotationRecord, &CredentialRecord)>,
+    ) -> Result<(), StateError> {
+        let (id, lines, me) = (rotation_id.to_owned(), lines.to_vec(), self.me()?);
+        let save = save.map(|(r, c)| (r.clone(), c.clone()));
+        let actor = self.actor.clone();
+        self.write(move |c| {
+            // Lines first: a save that releases the lease comes after them.
+            for l in &lines {
+                let row = NewStep {
+                    rotation_id: &id,
+                    at_ms: l.at_ms,
+                    step: &l.step,
+                    event: &l.event,
+                    detail: l.detail.as_deref(),
+                    trigger: l.trigger.as_str(),
+                };
+                if !insert_step(c, &row, Some(me.owner()), actor.as_ref())? {
+                    return Err(StateError::LeaseLost(id));
+                }
             }
-            tx.commit()?;
+            if let Some((rotation, credential)) = &save {
+                save_rotation(c, rotation, credential, me.owner())?;
+            }
             Ok(())
         })
         .await
@@ -473,16 +520,16 @@ impl StateStore for SqliteState {
 
     async fn audit_lines(&self, filter: &AuditFilter) -> Result<Vec<AuditLine>, StateError> {
         let filter = filter.clone();
-        self.with(move |c| audit::lines(c, &filter)).await
+        self.read(move |c| audit::lines(c, &filter)).await
     }
 
     async fn verify_journal(&self) -> Result<Result<Intact, Break>, StateError> {
-        self.with(chain::verify).await
+        self.read(chain::verify).await
     }
 
     async fn prune(&self, before: i64) -> Result<Pruned, StateError> {
         let now = chrono::Utc::now().timestamp();
-        self.with(move |c| audit::prune(c, before, now)).await
+        self.write(move |c| audit::prune(c, before, now)).await
     }
 
     async fn history(
@@ -491,7 +538,7 @@ impl StateStore for SqliteState {
         limit: usize,
     ) -> Result<Vec<(RotationRecord, Vec<StepRecord>)>, StateError> {
         let id = credential_id.map(str::to_owned);
-        self.with(move |c| {
+        self.read(move |c| {
             let limit = limit as i64;
             let rotations = match &id {
                 Some(id) => query_rotations(

@@ -112,6 +112,93 @@ async fn a_claim_returns_the_rotation_as_it_is_now_and_a_dead_owner_loses_at_onc
     assert!(matches!(late, Err(StateError::LeaseLost(_))), "{late:?}");
 }
 
+/// Writes queued together share one commit (group commit), and a write that fails (here a lost
+/// lease) fails alone: every other write of its batch is committed and visible.
+#[tokio::test]
+async fn concurrent_writes_share_commits_and_a_failing_write_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteState::open(&dir.path().join("s.db")).unwrap();
+    let mut ours = rotation("ours", "db");
+    ours.owner = Some(s.owner().into());
+    s.begin(&ours).await.unwrap().unwrap();
+    s.begin(&rotation("theirs", "other"))
+        .await
+        .unwrap()
+        .unwrap();
+    let before = s.commit_counts();
+    let writes = (0..200).map(|i| {
+        let id = if i % 10 == 0 { "theirs" } else { "ours" };
+        let detail = i.to_string();
+        let s = &s;
+        async move {
+            s.log_step(id, "issue", "start", Some(&detail), Trigger::Manual)
+                .await
+        }
+    });
+    let results = futures_util::future::join_all(writes).await;
+    for (i, result) in results.iter().enumerate() {
+        match result {
+            Err(StateError::LeaseLost(id)) if i % 10 == 0 => assert_eq!(id, "theirs"),
+            Ok(()) if i % 10 != 0 => {}
+            other => panic!("write {i}: {other:?}"),
+        }
+    }
+    let after = s.commit_counts();
+    assert_eq!(after.writes - before.writes, 200);
+    assert!(
+        after.commits - before.commits <= 20,
+        "200 writes queued at once took {} commits",
+        after.commits - before.commits
+    );
+    let (_, steps) = s.history(Some("db"), 1).await.unwrap().pop().unwrap();
+    assert_eq!(steps.len(), 180, "every write that succeeded is durable");
+    assert!(s.history(Some("other"), 1).await.unwrap()[0].1.is_empty());
+}
+
+/// A step's `ok`, the phase it reached and the next step's `start` go out in one write, all or
+/// nothing.
+#[tokio::test]
+async fn a_record_writes_lines_and_a_save_together_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteState::open(&dir.path().join("s.db")).unwrap();
+    let mut r = rotation("r1", "db");
+    r.owner = Some(s.owner().into());
+    s.begin(&r).await.unwrap().unwrap();
+    let line = |step: &str, event: &str| JournalLine {
+        at_ms: 7,
+        step: step.into(),
+        event: event.into(),
+        detail: None,
+        trigger: Trigger::Schedule,
+    };
+    let lines = [line("issue", "ok"), line("stage", "start")];
+    r.phase = Phase::Issued;
+    let before = s.commit_counts();
+    s.record("r1", &lines, Some((&r, &CredentialRecord::new("db"))))
+        .await
+        .unwrap();
+    assert_eq!(s.commit_counts().commits - before.commits, 1);
+    let (saved, steps) = s.history(Some("db"), 1).await.unwrap().pop().unwrap();
+    assert_eq!(saved.phase, Phase::Issued);
+    let events: Vec<_> = steps.iter().map(|l| (&*l.step, &*l.event)).collect();
+    assert_eq!(events, [("issue", "ok"), ("stage", "start")]);
+
+    // Released by another save: the next record writes neither its lines nor its save.
+    r.owner = None;
+    s.save(&r, &CredentialRecord::new("db")).await.unwrap();
+    r.phase = Phase::Staged;
+    let lost = s
+        .record(
+            "r1",
+            &[line("stage", "ok")],
+            Some((&r, &CredentialRecord::new("db"))),
+        )
+        .await;
+    assert!(matches!(lost, Err(StateError::LeaseLost(_))), "{lost:?}");
+    let (saved, steps) = s.history(Some("db"), 1).await.unwrap().pop().unwrap();
+    assert_eq!((saved.phase, steps.len()), (Phase::Issued, 2));
+}
+
 /// A rotation of `cred` begun, journaled and finished at `finished` by `s`.
 async fn finished_rotation(s: &SqliteState, id: &str, cred: &str, started: i64, finished: i64) {
     let mut r = rotation(id, cred);
