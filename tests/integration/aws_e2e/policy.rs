@@ -327,7 +327,8 @@ fn a_revoke_of_a_key_already_gone_needs_no_action_beyond_the_printed_ones() {
         text(&out.stdout)
     );
     fx.aws.delete_key(&fx.user, &fx.k0.id);
-    std::thread::sleep(Duration::from_millis(2500));
+    // `revoke_at` is whole seconds, rounded up: 2 s of grace end at most 3 s after promotion.
+    std::thread::sleep(Duration::from_millis(3200));
     // After the grace period a manual rotation first finishes the revoke, then rotates again.
     let out = fx.rotate_as(&admin);
     assert!(out.status.success(), "rotate: {}", text(&out.stderr));
