@@ -136,6 +136,7 @@ fn main() {
     let idle_cpu = (ticks_after - ticks_before) as f64 / tck as f64 / window.as_secs_f64() * 100.0;
     let rss_idle = memory(pid);
     let threads = proc_status_field(pid, "Threads:").unwrap_or_default();
+    let scrape_variants = scrape_variants(&mut child, addr, &config, &log_path, &scrape.body);
 
     // Shutdown on SIGTERM.
     let t = Instant::now();
@@ -210,6 +211,7 @@ fn main() {
         peak as f64 / 1024.0,
         verdict((peak as f64 / 1024.0) < RSS_TARGET_MIB, "< 100 MB")
     );
+    report.push_str(&scrape_variants);
     let _ = writeln!(report, "  threads                 {threads:>8}");
     let _ = writeln!(
         report,
@@ -383,9 +385,17 @@ struct Response {
 
 /// A plain HTTP/1.0 GET: the server closes the connection after the body.
 fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
+    get_with(addr, path, "")
+}
+
+/// [`get`] with extra header lines (each ending in `\r\n`).
+fn get_with(addr: SocketAddr, path: &str, headers: &str) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}\r\n"
+    )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let split = raw
@@ -404,14 +414,92 @@ fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
     })
 }
 
+/// The report lines on issue 13's scrapes: `/metrics` as Prometheus asks for it (gzip), then with
+/// `daemon.metrics = "compact"` (written into the inventory and loaded by a SIGHUP reload), next
+/// to the full plain scrape `plain`. Only the series count per mode depends on the inventory.
+fn scrape_variants(
+    child: &mut Child,
+    addr: SocketAddr,
+    config: &Path,
+    log: &Path,
+    plain: &[u8],
+) -> String {
+    let samples = |body: &[u8]| {
+        body.split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty() && !l.starts_with(b"#"))
+            .count()
+    };
+    let gzip = |child: &mut Child| {
+        let t = Instant::now();
+        match get_with(addr, "/metrics", "Accept-Encoding: gzip\r\n") {
+            Ok(r) if r.status == 200 && r.body.starts_with(&[0x1f, 0x8b]) => (r.body, t.elapsed()),
+            Ok(r) => fail(
+                child,
+                log,
+                &format!("gzip /metrics answered {}, not gzip", r.status),
+            ),
+            Err(e) => fail(child, log, &format!("gzip /metrics failed: {e}")),
+        }
+    };
+    let mut out = String::new();
+    let (gz, took) = gzip(child);
+    let _ = writeln!(
+        out,
+        "  /metrics gzip fetch     {:>8.3} s   {:.2} MiB ({:.0}x smaller), {} samples",
+        took.as_secs_f64(),
+        mib(gz.len() as u64),
+        plain.len() as f64 / gz.len() as f64,
+        samples(plain)
+    );
+
+    let text = fs::read_to_string(config).expect("reading the inventory");
+    let compact = text.replacen("[daemon]\n", "[daemon]\nmetrics = \"compact\"\n", 1);
+    fs::write(config, compact).expect("writing the inventory");
+    let t = Instant::now();
+    send_signal(child, 1); // SIGHUP
+    loop {
+        let body = get(addr, "/metrics").map(|r| r.body).unwrap_or_default();
+        let omitted = String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix("keyrotd_credentials_series_omitted "))
+            .is_some_and(|n| n != "0");
+        if omitted {
+            let reloaded = t.elapsed();
+            let t = Instant::now();
+            let body = get(addr, "/metrics").map(|r| r.body).unwrap_or_default();
+            let fetch = t.elapsed();
+            let (gz, _) = gzip(child);
+            let _ = writeln!(
+                out,
+                "  /metrics compact fetch  {:>8.3} s   {:.3} MiB plain, {:.3} MiB gzip, {} samples \
+                 (compact mode loaded by SIGHUP in {:.1} s)",
+                fetch.as_secs_f64(),
+                mib(body.len() as u64),
+                mib(gz.len() as u64),
+                samples(&body),
+                reloaded.as_secs_f64()
+            );
+            return out;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            fail(child, log, "no compact /metrics 120 s after the SIGHUP");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn terminate(child: &Child) {
+    const SIGTERM: i32 = 15;
+    send_signal(child, SIGTERM);
+}
+
+fn send_signal(child: &Child, sig: i32) {
     extern "C" {
         fn kill(pid: i32, sig: i32) -> i32;
     }
-    const SIGTERM: i32 = 15;
     // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child, not yet reaped.
-    let rc = unsafe { kill(child.id() as i32, SIGTERM) };
-    assert_eq!(rc, 0, "kill(SIGTERM) failed");
+    let rc = unsafe { kill(child.id() as i32, sig) };
+    assert_eq!(rc, 0, "kill({sig}) failed");
 }
 
 fn wait_for_exit(child: &mut Child, limit: Duration) -> String {

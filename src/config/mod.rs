@@ -64,6 +64,21 @@ pub struct DaemonSettings {
     /// How long SIGTERM and SIGHUP wait for steps in flight before interrupting them (they
     /// resume from the journal). Keep it below the service manager's stop timeout.
     pub shutdown_timeout: Duration,
+    /// Which per-credential series `/metrics` exports.
+    pub metrics: MetricsMode,
+}
+
+/// `daemon.metrics`: which per-credential series `/metrics` exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MetricsMode {
+    /// `"full"` (the default): every credential's series.
+    #[default]
+    Full,
+    /// `"compact"`: only the series of credentials that need attention (stale, due or overdue,
+    /// rotating, retrying, failed, or with failures), plus the per-state counts. For inventories
+    /// so large that nine series per credential burden the Prometheus server; the shipped alert
+    /// rules work unchanged.
+    Compact,
 }
 
 /// The default `daemon.shutdown_timeout`: 10 s below the shipped unit's `TimeoutStopSec=30s`.

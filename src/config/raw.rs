@@ -31,6 +31,7 @@ pub(super) struct RawDaemon {
     pub(super) listen: Option<Spanned<String>>,
     pub(super) max_concurrent_rotations: Option<Spanned<i64>>,
     pub(super) shutdown_timeout: Option<Spanned<String>>,
+    pub(super) metrics: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

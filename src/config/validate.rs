@@ -15,7 +15,9 @@ use toml::Spanned;
 
 use super::alerts::AlertsConfig;
 use super::raw::{RawDaemon, RawDefaults, RawRetry};
-use super::{ConfigError, DaemonSettings, RetryPolicy, StateUrl, DEFAULT_SHUTDOWN_TIMEOUT};
+use super::{
+    ConfigError, DaemonSettings, MetricsMode, RetryPolicy, StateUrl, DEFAULT_SHUTDOWN_TIMEOUT,
+};
 use crate::fmt::human;
 use crate::schedule::{parse_duration, Accepts, CronSchedule};
 
@@ -246,11 +248,24 @@ impl Validator<'_> {
                 None => DEFAULT_SHUTDOWN_TIMEOUT,
             },
         };
+        let metrics = match raw.metrics.as_ref().map(|m| (m, m.get_ref().as_str())) {
+            None | Some((_, "full")) => MetricsMode::Full,
+            Some((_, "compact")) => MetricsMode::Compact,
+            Some((m, other)) => {
+                self.error_at(
+                    Some(m.span()),
+                    "daemon.metrics",
+                    format!("`{other}` is not a metrics mode (expected \"full\" or \"compact\")"),
+                );
+                MetricsMode::Full
+            }
+        };
         DaemonSettings {
             state,
             listen,
             max_concurrent_rotations,
             shutdown_timeout,
+            metrics,
         }
     }
 
