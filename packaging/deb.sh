@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CARGO_DEB_VERSION=3.8.0
-if [ "$(cargo deb --version 2>/dev/null)" != "$CARGO_DEB_VERSION" ]; then
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
   echo "== cargo install cargo-deb $CARGO_DEB_VERSION" >&2
   cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked >&2
 fi
