@@ -44,8 +44,8 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let app = Router::new()
-        // The fastest level: on a 100k-credential exposition it compresses about as well as the
-        // default and takes a fraction of its CPU time (README "Metrics").
+        // The fastest level: a 100k-credential exposition (81 MiB) still shrinks 23-fold, and
+        // zlib's default level would save only 7% more for 1.5 times the CPU (README "Metrics").
         .route(
             "/metrics",
             get(metrics).layer(CompressionLayer::new().quality(CompressionLevel::Fastest)),
