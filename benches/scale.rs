@@ -25,9 +25,14 @@ use chrono::Datelike;
 
 mod support;
 use support::{
-    clock_ticks, cpu_ticks, env_number, free_port, get, locate_binary, random_credential,
+    clock_ticks, cpu_ticks, env_number, free_port, get, get_with, locate_binary, random_credential,
     spawn_daemon,
 };
+
+// Issue 13's scrape rows (gzip, compact mode), kept in their own file.
+#[path = "scale/scrapes.rs"]
+mod scrapes;
+use scrapes::scrape_variants;
 
 /// Ready (loaded, validated, scheduled, serving /metrics) within this long.
 const READY_TARGET: Duration = Duration::from_secs(2);
@@ -132,6 +137,7 @@ fn main() {
     let idle_cpu = (ticks_after - ticks_before) as f64 / tck as f64 / window.as_secs_f64() * 100.0;
     let rss_idle = memory(pid);
     let threads = proc_status_field(pid, "Threads:").unwrap_or_default();
+    let scrape_variants = scrape_variants(&mut child, addr, &config, &log_path, &scrape.body);
 
     // Shutdown on SIGTERM.
     let t = Instant::now();
@@ -206,6 +212,7 @@ fn main() {
         peak as f64 / 1024.0,
         verdict((peak as f64 / 1024.0) < RSS_TARGET_MIB, "< 100 MB")
     );
+    report.push_str(&scrape_variants);
     let _ = writeln!(report, "  threads                 {threads:>8}");
     let _ = writeln!(
         report,
@@ -302,13 +309,17 @@ fn seed_state(path: &Path, ids: &[String]) {
 }
 
 fn terminate(child: &Child) {
+    const SIGTERM: i32 = 15;
+    send_signal(child, SIGTERM);
+}
+
+fn send_signal(child: &Child, sig: i32) {
     extern "C" {
         fn kill(pid: i32, sig: i32) -> i32;
     }
-    const SIGTERM: i32 = 15;
     // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child, not yet reaped.
-    let rc = unsafe { kill(child.id() as i32, SIGTERM) };
-    assert_eq!(rc, 0, "kill(SIGTERM) failed");
+    let rc = unsafe { kill(child.id() as i32, sig) };
+    assert_eq!(rc, 0, "kill({sig}) failed");
 }
 
 fn wait_for_exit(child: &mut Child, limit: Duration) -> String {

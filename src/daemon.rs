@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::alert::{Alerter, AlertsConfig};
 use crate::audit::Trail;
-use crate::config::Inventory;
+use crate::config::{Inventory, MetricsMode};
 use crate::engine::Engine;
 use crate::event::{Condition, EventSink};
 use crate::http::{serve, Endpoint};
@@ -44,6 +44,7 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         table: Arc::new(RwLock::new(None)),
         ready: Arc::new(AtomicBool::new(false)),
+        compact: Arc::new(AtomicBool::new(false)),
     };
     let http = serve(inventory.daemon.listen, endpoint.clone(), shutdown.clone()).await?;
     // The inventory was parsed and validated just before `run` was called.
@@ -76,6 +77,8 @@ pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
         )
         .await?;
         let table = scheduler.table();
+        let compact = inventory.daemon.metrics == MetricsMode::Compact;
+        endpoint.compact.store(compact, Ordering::Release);
         *endpoint.table.write().unwrap_or_else(|p| p.into_inner()) = Some(table.clone());
         endpoint.ready.store(true, Ordering::Release);
         notifier.ready(&table);

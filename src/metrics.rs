@@ -16,9 +16,10 @@ use prometheus::{
     Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::config::MetricsMode;
 use crate::engine::EngineMetrics;
 use crate::instrument::StateMetrics;
-use crate::scheduler::{lock, Live, SchedulerMetrics, Table};
+use crate::scheduler::{lock, Live, SchedulerMetrics, Slot, Table};
 use crate::state::Status;
 
 /// Credentials rendered per chunk of the streamed response.
@@ -180,26 +181,105 @@ impl Family {
     }
 }
 
-/// Renders the per-credential families as a sequence of text chunks.
-pub fn credential_chunks(table: Arc<Table>) -> impl Iterator<Item = String> + Send {
-    let now = Utc::now();
+/// When the credential's next rotation (or revocation) is due, in Unix seconds: its heap wake-up
+/// or its cron group's next fire, whichever is first. A failed credential waits for an operator,
+/// so its cron schedule does not count.
+fn next_rotation(slot: &Slot<'_>, live: &Live, group_fire: &[Option<i64>]) -> Option<i64> {
+    let cron = slot
+        .group
+        .and_then(|g| group_fire[g])
+        .filter(|_| live.status != Status::Failed);
+    match (live.wake, cron) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Whether the credential is older than its `max_age` (a `max_age` of 0 never is).
+fn is_stale(slot: &Slot<'_>, live: &Live, now: i64) -> bool {
+    let max_age = slot.spec.max_age.as_secs() as i64;
+    max_age > 0 && live.issued_at.is_some_and(|t| now - t > max_age)
+}
+
+/// Whether a credential needs attention, so compact mode exports its series: it is stale, due or
+/// overdue, rotating, retrying or failed, or has failed attempts. This covers every input of the
+/// per-credential alert rules in `prometheus/keyrotd.rules.yml` (stale, overdue, failing,
+/// failed): a rule can only match a credential in this set, so leaving the others out changes no
+/// alert.
+fn needs_attention(slot: &Slot<'_>, live: &Live, next: Option<i64>, now: i64) -> bool {
+    !matches!(live.status, Status::Idle | Status::Grace)
+        || live.consecutive_failures > 0
+        || next.is_some_and(|t| t <= now)
+        || is_stale(slot, live, now)
+}
+
+/// The per-credential part of the exposition, as a sequence of text chunks: first the counts
+/// (credentials per state, stale credentials, credentials left out), then the per-credential
+/// families, for every credential ([`MetricsMode::Full`]) or only those that need attention
+/// ([`MetricsMode::Compact`], chosen once at the start of the scrape).
+pub fn credential_chunks(
+    table: Arc<Table>,
+    mode: MetricsMode,
+) -> impl Iterator<Item = String> + Send {
+    let at = Utc::now();
+    let now = at.timestamp();
     // Credentials share a few cron schedules: compute each group's next fire once per scrape.
     let group_fire: Vec<Option<i64>> = table
         .groups
         .iter()
-        .map(|g| g.schedule.next_after(now).map(|t| t.timestamp()))
+        .map(|g| g.schedule.next_after(at).map(|t| t.timestamp()))
         .collect();
-    let chunks = table.len().div_ceil(CHUNK);
-    Family::ALL.into_iter().flat_map(move |family| {
-        let (table, group_fire) = (table.clone(), group_fire.clone());
+    let mut by_state = [0usize; Status::ALL.len()];
+    let mut stale = 0usize;
+    let mut selected: Vec<usize> = Vec::new();
+    for i in 0..table.len() {
+        let slot = table.slot(i);
+        let live: Live = *lock(slot.live);
+        if let Some(s) = Status::ALL.iter().position(|s| *s == live.status) {
+            by_state[s] += 1;
+        }
+        stale += usize::from(is_stale(&slot, &live, now));
+        let next = next_rotation(&slot, &live, &group_fire);
+        if mode == MetricsMode::Full || needs_attention(&slot, &live, next, now) {
+            selected.push(i);
+        }
+    }
+    let mut counts = String::new();
+    let _ = writeln!(
+        counts,
+        "# HELP keyrotd_credentials Credentials in each state.\n# TYPE keyrotd_credentials gauge"
+    );
+    for (state, n) in Status::ALL.iter().zip(by_state) {
+        let _ = writeln!(
+            counts,
+            "keyrotd_credentials{{state=\"{}\"}} {n}",
+            state.as_str()
+        );
+    }
+    let _ = writeln!(
+        counts,
+        "# HELP keyrotd_credentials_stale Credentials older than their max_age.\n\
+         # TYPE keyrotd_credentials_stale gauge\nkeyrotd_credentials_stale {stale}\n\
+         # HELP keyrotd_credentials_series_omitted Credentials whose per-credential series are left \
+         out (daemon.metrics = \"compact\"; 0 in full mode).\n\
+         # TYPE keyrotd_credentials_series_omitted gauge\nkeyrotd_credentials_series_omitted {}",
+        table.len() - selected.len()
+    );
+    let selected = Arc::new(selected);
+    let chunks = selected.len().div_ceil(CHUNK);
+    std::iter::once(counts).chain(Family::ALL.into_iter().flat_map(move |family| {
+        let (table, group_fire, selected) = (table.clone(), group_fire.clone(), selected.clone());
         (0..chunks.max(1)).map(move |c| {
             let mut out = String::with_capacity(CHUNK * 128);
             if c == 0 {
                 let (name, help) = family.header();
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             }
-            let end = ((c + 1) * CHUNK).min(table.len());
-            for slot in ((c * CHUNK).min(end)..end).map(|i| table.slot(i)) {
+            let end = ((c + 1) * CHUNK).min(selected.len());
+            for slot in selected[(c * CHUNK).min(end)..end]
+                .iter()
+                .map(|&i| table.slot(i))
+            {
                 let live: Live = *lock(slot.live);
                 let (id, kind) = (&slot.spec.id, slot.spec.rotator.kind());
                 let (name, _) = family.header();
@@ -214,15 +294,7 @@ pub fn credential_chunks(table: Arc<Table>) -> impl Iterator<Item = String> + Se
                         let _ = writeln!(out, "{name}{{{labels}}} {}", slot.spec.max_age.as_secs());
                     }
                     Family::NextRotation => {
-                        let cron = slot
-                            .group
-                            .and_then(|g| group_fire[g])
-                            .filter(|_| live.status != Status::Failed);
-                        let next = match (live.wake, cron) {
-                            (Some(a), Some(b)) => Some(a.min(b)),
-                            (a, b) => a.or(b),
-                        };
-                        if let Some(t) = next {
+                        if let Some(t) = next_rotation(&slot, &live, &group_fire) {
                             let _ = writeln!(out, "{name}{{{labels}}} {t}");
                         }
                     }
@@ -243,5 +315,5 @@ pub fn credential_chunks(table: Arc<Table>) -> impl Iterator<Item = String> + Se
             }
             out
         })
-    })
+    }))
 }

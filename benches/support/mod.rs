@@ -94,9 +94,17 @@ pub struct Response {
 
 /// A plain HTTP/1.0 GET: the server closes the connection after the body.
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
+    get_with(addr, path, "")
+}
+
+/// [`get`] with extra header lines (each ending in `\r\n`).
+pub fn get_with(addr: SocketAddr, path: &str, headers: &str) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}\r\n"
+    )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let split = raw

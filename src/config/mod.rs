@@ -70,6 +70,21 @@ pub struct DaemonSettings {
     /// A file the daemon appends every journal row to as a JSON line (relative paths count from
     /// the config file).
     pub audit_log: Option<PathBuf>,
+    /// Which per-credential series `/metrics` exports.
+    pub metrics: MetricsMode,
+}
+
+/// `daemon.metrics`: which per-credential series `/metrics` exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MetricsMode {
+    /// `"full"` (the default): every credential's series.
+    #[default]
+    Full,
+    /// `"compact"`: only the series of credentials that need attention (stale, due or overdue,
+    /// rotating, retrying, failed, or with failures), plus the per-state counts. For inventories
+    /// so large that nine series per credential burden the Prometheus server; the shipped alert
+    /// rules work unchanged.
+    Compact,
 }
 
 /// The default `daemon.history_retention`: 400 days, a yearly audit plus a month.

@@ -33,6 +33,7 @@ pub(super) struct RawDaemon {
     pub(super) shutdown_timeout: Option<Spanned<String>>,
     pub(super) history_retention: Option<Spanned<String>>,
     pub(super) audit_log: Option<Spanned<String>>,
+    pub(super) metrics: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -16,7 +16,7 @@ use toml::Spanned;
 use super::alerts::AlertsConfig;
 use super::raw::{RawDaemon, RawDefaults, RawRetry};
 use super::{
-    ConfigError, DaemonSettings, RetryPolicy, StateUrl, DEFAULT_HISTORY_RETENTION,
+    ConfigError, DaemonSettings, MetricsMode, RetryPolicy, StateUrl, DEFAULT_HISTORY_RETENTION,
     DEFAULT_SHUTDOWN_TIMEOUT,
 };
 use crate::fmt::human;
@@ -256,6 +256,18 @@ impl Validator<'_> {
             .unwrap_or(DEFAULT_HISTORY_RETENTION);
         let base = self.file.parent().unwrap_or(Path::new(".")).to_owned();
         let audit_log = raw.audit_log.as_ref().map(|p| base.join(p.get_ref()));
+        let metrics = match raw.metrics.as_ref().map(|m| (m, m.get_ref().as_str())) {
+            None | Some((_, "full")) => MetricsMode::Full,
+            Some((_, "compact")) => MetricsMode::Compact,
+            Some((m, other)) => {
+                self.error_at(
+                    Some(m.span()),
+                    "daemon.metrics",
+                    format!("`{other}` is not a metrics mode (expected \"full\" or \"compact\")"),
+                );
+                MetricsMode::Full
+            }
+        };
         DaemonSettings {
             state,
             listen,
@@ -263,6 +275,7 @@ impl Validator<'_> {
             shutdown_timeout,
             history_retention,
             audit_log,
+            metrics,
         }
     }
 

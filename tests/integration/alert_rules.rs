@@ -44,6 +44,14 @@ fn rules_pass_their_unit_tests() {
     promtool(&["test", "rules", "keyrotd.rules.test.yml"]);
 }
 
+/// `daemon.metrics = "compact"` exports a credential's series only while it needs attention:
+/// the same rules fire on them and resolve when they leave the scrape.
+#[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
+fn rules_pass_their_compact_mode_unit_tests() {
+    promtool(&["test", "rules", "keyrotd.rules.compact.test.yml"]);
+}
+
 #[test]
 fn every_contract_alert_is_shipped_and_tested() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("prometheus");
