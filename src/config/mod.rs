@@ -22,7 +22,7 @@ use keyrotd_providers::{RotatorConfig, StoreConfig};
 
 use self::alerts::AlertsConfig;
 use self::raw::{OneCredential, RawInventory};
-use self::sections::{blank_sections, credential_sections};
+use self::sections::{credential_sections, head};
 use self::targets::shared_targets;
 use self::validate::Validator;
 use crate::schedule::Schedule;
@@ -206,20 +206,21 @@ pub fn load(path: &Path) -> Result<Inventory, ConfigErrors> {
 ///
 /// Each `[[credential]]` section is parsed on its own, so a 100,000-credential inventory never
 /// exists as one TOML tree (which would take several times the file's size in memory). The rest
-/// of the document is parsed with the credential sections blanked out, which keeps every line
-/// and column where it was.
+/// of the document (the head) is parsed on its own, without the sections, and its spans mapped
+/// back to the file's lines and columns.
 pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
     let sections = credential_sections(text);
+    let (head, head_map) = head(text, &sections);
     let mut v = Validator {
         file: path,
         // The blanked head keeps every byte offset, so its spans index `text` too.
         text,
         first_line: 1,
+        head_map,
         errors: Vec::new(),
         seen: HashMap::with_capacity(sections.len()),
         crons: HashMap::new(),
     };
-    let head = blank_sections(text, &sections);
     let raw = v.deserialize::<RawInventory>(&head, 0);
     drop(head);
     let Some(raw) = raw else {
@@ -236,6 +237,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
         }
         index += 1;
     }
+    v.head_map = Vec::new();
     for section in &sections {
         v.text = &text[section.bytes.clone()];
         v.first_line = section.first_line;

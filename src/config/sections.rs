@@ -1,6 +1,6 @@
 //! The `[[credential]]` section scanner: finds each section's bytes in the file text, so that
 //! each is parsed on its own and a large inventory never exists as one TOML tree. Invariant:
-//! the head left after [`blank_sections`] keeps every byte offset, line and column.
+//! every offset in the [`head`] maps back to its byte in the file.
 
 /// A `[[credential]]` section: its bytes (header included) and the line it starts on.
 pub(super) struct Section {
@@ -56,24 +56,40 @@ pub(super) fn credential_sections(text: &str) -> Vec<Section> {
     sections
 }
 
-/// `text` with every byte of the sections replaced by a space, newlines kept, so every byte
-/// offset and line stays where it was.
-pub(super) fn blank_sections(text: &str, sections: &[Section]) -> String {
-    let mut out = String::with_capacity(text.len());
+/// The head: `text` without its sections, and where each of its pieces starts in `text` (head
+/// offset, text offset), so a span in the head maps back to the file (see [`to_text_offset`]).
+/// Only the bytes outside the sections are copied: the head of a 100,000-credential inventory
+/// is a few hundred bytes, not a second copy of the file.
+pub(super) fn head(text: &str, sections: &[Section]) -> (String, Vec<(usize, usize)>) {
+    let mut out = String::new();
+    let mut map = Vec::new();
     let mut at = 0;
     for section in sections {
-        out.push_str(&text[at..section.bytes.start]);
-        out.extend(text.as_bytes()[section.bytes.clone()].iter().map(|&b| {
-            if b == b'\n' {
-                '\n'
-            } else {
-                ' '
-            }
-        }));
+        push_piece(&mut out, &mut map, text, at..section.bytes.start);
         at = section.bytes.end;
     }
-    out.push_str(&text[at..]);
-    out
+    push_piece(&mut out, &mut map, text, at..text.len());
+    (out, map)
+}
+
+fn push_piece(
+    out: &mut String,
+    map: &mut Vec<(usize, usize)>,
+    text: &str,
+    piece: std::ops::Range<usize>,
+) {
+    if !piece.is_empty() {
+        map.push((out.len(), piece.start));
+        out.push_str(&text[piece]);
+    }
+}
+
+/// The offset in the file of `offset` in the head described by `map` (see [`head`]).
+pub(super) fn to_text_offset(map: &[(usize, usize)], offset: usize) -> usize {
+    match map.partition_point(|(head, _)| *head <= offset) {
+        0 => offset,
+        i => map[i - 1].1 + (offset - map[i - 1].0),
+    }
 }
 
 #[cfg(test)]
@@ -117,6 +133,20 @@ max_age = "2d"
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(
             e[0].starts_with("inv.toml:17:1: credential[b].note: unknown field"),
+            "{}",
+            e[0]
+        );
+        // The head is parsed without the sections, yet its errors keep the file's places.
+        let e = errors(&text.replace("grace = \"1h\"", "grace = \"1 fortnight\""));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("inv.toml:13:9: defaults.grace:"),
+            "{}",
+            e[0]
+        );
+        let e = errors(&text.replace("[defaults]", "[defaults]\nnope = 1"));
+        assert!(
+            e[0].starts_with("inv.toml:13:1: defaults.nope: unknown field"),
             "{}",
             e[0]
         );

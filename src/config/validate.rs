@@ -44,6 +44,9 @@ pub(super) struct Validator<'a> {
     pub(super) text: &'a str,
     /// The file line `text` starts on.
     pub(super) first_line: usize,
+    /// While the head is validated: where its pieces start in `text` (see
+    /// [`super::sections::head`]); empty for a section, whose spans index `text` directly.
+    pub(super) head_map: Vec<(usize, usize)>,
     pub(super) errors: Vec<ConfigError>,
     /// Credential ids seen so far, and the line each was defined on.
     pub(super) seen: HashMap<String, usize>,
@@ -59,13 +62,7 @@ impl Validator<'_> {
         field: &str,
         message: impl Into<String>,
     ) {
-        let (line, column) = match span {
-            Some(span) => {
-                let (line, column) = line_column(self.text, span.start);
-                (line + self.first_line - 1, column)
-            }
-            None => (0, 0),
-        };
+        let (line, column) = span.map_or((0, 0), |span| self.place(span.start));
         self.errors.push(ConfigError {
             file: self.file.to_owned(),
             line,
@@ -73,6 +70,13 @@ impl Validator<'_> {
             field: field.to_owned(),
             message: message.into(),
         });
+    }
+
+    /// The file line and column of `offset` in the document being validated.
+    pub(super) fn place(&self, offset: usize) -> (usize, usize) {
+        let offset = super::sections::to_text_offset(&self.head_map, offset);
+        let (line, column) = line_column(self.text, offset);
+        (line + self.first_line - 1, column)
     }
 
     /// Deserializes `text`, recording the error with the field it is about. `first_index` is
@@ -293,7 +297,7 @@ impl Validator<'_> {
 }
 
 /// 1-based line and column (in characters) of a byte offset.
-pub(super) fn line_column(text: &str, offset: usize) -> (usize, usize) {
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
