@@ -332,9 +332,13 @@ fn seed_state(path: &Path, ids: &[String]) {
     tx.commit().expect("committing the seed");
 }
 
-/// The release `keyrotd` next to this bench (`target/release/deps/scale-*` -> `target/release/`),
-/// built if missing.
+/// `KEYROTD_BENCH_BINARY`, or the release `keyrotd` next to this bench
+/// (`target/release/deps/scale-*` -> `target/release/`), built if missing.
 fn locate_binary() -> PathBuf {
+    // Another build to compare (a saved release binary of an earlier commit, say).
+    if let Some(path) = std::env::var_os("KEYROTD_BENCH_BINARY") {
+        return PathBuf::from(path);
+    }
     if let Some(path) = option_env!("CARGO_BIN_EXE_keyrotd")
         .map(PathBuf::from)
         .filter(|p| p.exists())

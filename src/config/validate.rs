@@ -40,13 +40,13 @@ pub(super) struct Defaults {
 /// (`text` and `first_line` say which), collecting every error.
 pub(super) struct Validator<'a> {
     pub(super) file: &'a Path,
-    /// The document being validated: the whole file with sections blanked, or one section.
-    pub(super) text: &'a str,
-    /// The file line `text` starts on.
+    /// The document being validated: the head of the file, or one section.
+    pub(super) text: String,
+    /// The file line a section's `text` starts on.
     pub(super) first_line: usize,
-    /// While the head is validated: where its pieces start in `text` (see
-    /// [`super::sections::head`]); empty for a section, whose spans index `text` directly.
-    pub(super) head_map: Vec<(usize, usize)>,
+    /// While the head is validated: where its pieces start in `text` and their file lines (see
+    /// [`super::sections::Head`]); empty for a section.
+    pub(super) pieces: Vec<(usize, usize)>,
     pub(super) errors: Vec<ConfigError>,
     /// Credential ids seen so far, and the line each was defined on.
     pub(super) seen: HashMap<String, usize>,
@@ -74,23 +74,25 @@ impl Validator<'_> {
 
     /// The file line and column of `offset` in the document being validated.
     pub(super) fn place(&self, offset: usize) -> (usize, usize) {
-        let offset = super::sections::to_text_offset(&self.head_map, offset);
-        let (line, column) = line_column(self.text, offset);
-        (line + self.first_line - 1, column)
+        let (start, first_line) =
+            super::sections::piece_of(&self.pieces, offset).unwrap_or((0, self.first_line));
+        let (line, column) = line_column(&self.text[start..], offset - start);
+        (line + first_line - 1, column)
     }
 
-    /// Deserializes `text`, recording the error with the field it is about. `first_index` is
-    /// the position in the file of the text's first credential.
+    /// Deserializes `self.text`, recording the error with the field it is about. `first_index`
+    /// is the position in the file of the text's first credential.
     pub(super) fn deserialize<T: serde::de::DeserializeOwned>(
         &mut self,
-        text: &str,
         first_index: usize,
     ) -> Option<T> {
         // The fast path tracks no field path (it costs an allocation per key); only a failure
         // is parsed again to find where it happened.
-        if let Ok(raw) = toml::from_str(text) {
+        if let Ok(raw) = toml::from_str(&self.text) {
             return Some(raw);
         }
+        let text = self.text.clone();
+        let text = text.as_str();
         let de = match toml::Deserializer::parse(text) {
             Ok(de) => de,
             Err(e) => {
