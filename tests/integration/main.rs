@@ -21,6 +21,7 @@ mod deadlines;
 mod engine;
 mod generated_docs;
 mod http_e2e;
+mod loading;
 mod logging;
 mod postgres_e2e;
 mod prometheus_rules_live;
