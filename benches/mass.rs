@@ -57,9 +57,7 @@ fn main() {
                 .expect("KEYROTD_BENCH_CONCURRENCY: numbers")
         })
         .collect();
-    let binary = std::env::var_os("KEYROTD_BENCH_BINARY")
-        .map(PathBuf::from)
-        .unwrap_or_else(locate_binary);
+    let binary = locate_binary();
     println!(
         "keyrotd mass-rotation bench: {n} credentials all due at once, random rotator + file store, grace 0, binary {}",
         binary.display()

@@ -9,6 +9,7 @@
 //! - the size and fetch time of that scrape;
 //! - idle CPU over `KEYROTD_BENCH_IDLE_SECS` (default 30) seconds, from `/proc/PID/stat`;
 //! - RSS (`VmRSS`) and peak RSS (`VmHWM`) after ready, after the scrape and after the idle period;
+//! - the peak RSS of `keyrotd check` on the same inventory (`ru_maxrss`), run first;
 //! - how long the daemon takes to exit after SIGTERM.
 //!
 //! Linux only (it reads `/proc`).
@@ -18,7 +19,7 @@ use std::fs;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::Datelike;
@@ -40,6 +41,8 @@ const READY_TARGET: Duration = Duration::from_secs(2);
 const IDLE_CPU_TARGET: f64 = 0.2;
 /// Resident memory, in MiB.
 const RSS_TARGET_MIB: f64 = 100.0;
+/// Peak resident memory while loading (`run` and `check`), in MiB (issue 13).
+const LOAD_PEAK_TARGET_MIB: f64 = 64.0;
 
 /// Interval-based credentials cycle through these (`rotate_every`, `max_age`).
 const INTERVALS: [(&str, &str); 3] = [("30d", "40d"), ("60d", "70d"), ("90d", "100d")];
@@ -78,6 +81,19 @@ fn main() {
         ids.len(),
         t.elapsed().as_secs_f64()
     );
+
+    // `keyrotd check` first, while it is the only child: RUSAGE_CHILDREN then reports its peak.
+    let t = Instant::now();
+    let checked = Command::new(&binary)
+        .args(["check", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("running keyrotd check");
+    let check_time = t.elapsed();
+    assert!(checked.success(), "keyrotd check failed: {checked}");
+    let check_peak_kib = children_peak_kib();
 
     let log_path = dir.path().join("daemon.log");
     let started = Instant::now();
@@ -212,6 +228,22 @@ fn main() {
         peak as f64 / 1024.0,
         verdict((peak as f64 / 1024.0) < RSS_TARGET_MIB, "< 100 MB")
     );
+    let _ = writeln!(
+        report,
+        "  loading peak (run)      {:>8.1} MiB     {}",
+        peak as f64 / 1024.0,
+        verdict((peak as f64 / 1024.0) < LOAD_PEAK_TARGET_MIB, "< 64 MiB")
+    );
+    let _ = writeln!(
+        report,
+        "  `keyrotd check` peak    {:>8.1} MiB     {} (in {:.2} s)",
+        check_peak_kib as f64 / 1024.0,
+        verdict(
+            (check_peak_kib as f64 / 1024.0) < LOAD_PEAK_TARGET_MIB,
+            "< 64 MiB"
+        ),
+        check_time.as_secs_f64()
+    );
     report.push_str(&scrape_variants);
     let _ = writeln!(report, "  threads                 {threads:>8}");
     let _ = writeln!(
@@ -220,6 +252,16 @@ fn main() {
         shutdown.as_secs_f64()
     );
     print!("{report}");
+}
+
+/// The largest peak RSS among the waited-for children so far, in KiB (`ru_maxrss`).
+fn children_peak_kib() -> u64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_CHILDREN is a valid `who`.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    assert_eq!(rc, 0, "getrusage failed");
+    usage.ru_maxrss as u64
 }
 
 /// Resident memory of a process, in KiB.

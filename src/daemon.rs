@@ -37,6 +37,8 @@ use crate::systemd::Notifier;
 /// such, and their rotations parked, to resume from the journal (every step is idempotent).
 pub async fn run(inventory: Inventory) -> anyhow::Result<()> {
     let started = Instant::now();
+    // What loading freed (each section's parse) goes back before the state is read.
+    release_freed_memory();
     let shutdown = CancellationToken::new();
     let notifier = Notifier::start(&shutdown);
     let metrics = Metrics::new().context("registering metrics")?;

@@ -12,6 +12,7 @@
 # Usage: tests/run.sh [extra cargo test args [-- test binary args]]
 #   e.g. tests/run.sh --test integration daemon::     (one module of the daemon's test binary)
 #        tests/run.sh -p keyrotd-providers -- --test-threads 1
+#        tests/run.sh --exec cargo bench --bench postgres   (CMD with the backends up, no tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,6 +48,12 @@ for backend in tests/backends/*.sh; do
 done
 
 export KEYROTD_BACKENDS=1
+# --exec CMD...: runs CMD with the backends up instead of the test suite (a bench, say).
+if [ "${1:-}" = "--exec" ]; then
+  shift
+  "$@"
+  exit
+fi
 # --include-ignored goes to the test binaries: after the caller's `--` if there is one.
 cargo_args=() binary_args=(--include-ignored)
 for ((i = 1; i <= $#; i++)); do

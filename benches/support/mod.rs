@@ -39,9 +39,13 @@ pub fn clock_ticks() -> u64 {
         .unwrap_or(100)
 }
 
-/// The release `keyrotd` next to this bench (`target/release/deps/scale-*` -> `target/release/`),
-/// built if missing.
+/// `KEYROTD_BENCH_BINARY` (another build to compare, a saved release binary of an earlier commit
+/// say), or the release `keyrotd` next to this bench (`target/release/deps/scale-*` ->
+/// `target/release/`), built if missing.
 pub fn locate_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("KEYROTD_BENCH_BINARY") {
+        return PathBuf::from(path);
+    }
     if let Some(path) = option_env!("CARGO_BIN_EXE_keyrotd")
         .map(PathBuf::from)
         .filter(|p| p.exists())

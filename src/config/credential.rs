@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono_tz::Tz;
 
 use super::raw::RawCredential;
-use super::validate::{line_column, Defaults, Validator};
+use super::validate::{Defaults, Validator};
 use super::CredentialSpec;
 use crate::fmt::human;
 use crate::schedule::{Accepts, CronSchedule, Schedule};
@@ -28,7 +28,7 @@ impl Validator<'_> {
             );
             return None;
         }
-        let line = line_column(self.text, raw.id.span().start).0 + self.first_line - 1;
+        let line = self.place(raw.id.span().start).0;
         if let Some(first_line) = self.seen.insert(id.clone(), line) {
             self.error_at(
                 Some(raw.id.span()),
@@ -147,7 +147,7 @@ impl Validator<'_> {
             );
             return None;
         }
-        let place = line_column(self.text, rotator_span.start);
+        let place = self.place(rotator_span.start);
         Some(CredentialSpec {
             id,
             rotator,
@@ -156,7 +156,7 @@ impl Validator<'_> {
             max_age,
             grace,
             retry,
-            place: (place.0 + self.first_line - 1, place.1),
+            place,
             period,
         })
     }

@@ -22,7 +22,7 @@ use keyrotd_providers::{RotatorConfig, StoreConfig};
 
 use self::alerts::AlertsConfig;
 use self::raw::{OneCredential, RawInventory};
-use self::sections::{blank_sections, credential_sections};
+use self::sections::{scan, Head};
 use self::targets::shared_targets;
 use self::validate::Validator;
 use crate::schedule::Schedule;
@@ -214,45 +214,61 @@ pub const DEFAULT_PATH: &str = "/etc/keyrotd/config.toml";
 
 /// Reads and validates the inventory at `path`.
 pub fn load(path: &Path) -> Result<Inventory, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    parse_from(path, || {
+        std::fs::File::open(path).map(std::io::BufReader::new)
+    })
+}
+
+/// Parses and validates inventory text; `path` is used for messages and relative state paths.
+pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
+    parse_from(path, || Ok(text.as_bytes()))
+}
+
+/// Parses and validates the inventory that `open` reads, in two passes over it.
+///
+/// Neither the file nor one TOML tree of it is ever held whole: a 100,000-credential inventory
+/// would take its size again, and several times that as a tree, on top of the validated specs.
+/// The first pass keeps only the head (everything outside the `[[credential]]` sections: the
+/// daemon, defaults and alerts tables), which the sections need validated first; the second
+/// hands each section, as soon as it is read, to the TOML parser and the validator, so only
+/// its compact [`CredentialSpec`] stays. A file whose head or section count changed between
+/// the passes is refused.
+fn parse_from<R: std::io::BufRead>(
+    path: &Path,
+    mut open: impl FnMut() -> std::io::Result<R>,
+) -> Result<Inventory, ConfigErrors> {
+    let file_error = |message: String| {
         ConfigErrors(vec![ConfigError {
             file: path.to_owned(),
             line: 0,
             column: 0,
             field: "(file)".into(),
-            message: format!("cannot read: {e}"),
+            message,
         }])
-    })?;
-    parse(path, &text)
-}
-
-/// Parses and validates inventory text; `path` is used for messages and relative state paths.
-///
-/// Each `[[credential]]` section is parsed on its own, so a 100,000-credential inventory never
-/// exists as one TOML tree (which would take several times the file's size in memory). The rest
-/// of the document is parsed with the credential sections blanked out, which keeps every line
-/// and column where it was.
-pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
-    let sections = credential_sections(text);
+    };
+    let unreadable = |e: std::io::Error| file_error(format!("cannot read: {e}"));
+    let mut head = Head::default();
+    let mut sections = 0;
+    open()
+        .and_then(|r| scan(r, |line, n| head.push(line, n), |_, _| sections += 1))
+        .map_err(unreadable)?;
     let mut v = Validator {
         file: path,
-        // The blanked head keeps every byte offset, so its spans index `text` too.
-        text,
+        text: head.text,
         first_line: 1,
+        pieces: head.pieces,
         errors: Vec::new(),
-        seen: HashMap::with_capacity(sections.len()),
+        seen: HashMap::with_capacity(sections),
         crons: HashMap::new(),
     };
-    let head = blank_sections(text, &sections);
-    let raw = v.deserialize::<RawInventory>(&head, 0);
-    drop(head);
+    let raw = v.deserialize::<RawInventory>(0);
     let Some(raw) = raw else {
         return Err(ConfigErrors(v.errors));
     };
     let daemon = v.daemon(raw.daemon);
     let defaults = v.defaults(&raw.defaults, raw.aws);
     let alerts = v.alerts(raw.alerts);
-    let mut credentials = Vec::with_capacity(sections.len() + raw.credentials.len());
+    let mut credentials = Vec::with_capacity(sections + raw.credentials.len());
     let mut index = 0;
     for cred in raw.credentials {
         if let Some(spec) = v.credential(&defaults, cred, index) {
@@ -260,16 +276,37 @@ pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigErrors> {
         }
         index += 1;
     }
-    for section in &sections {
-        v.text = &text[section.bytes.clone()];
-        v.first_line = section.first_line;
-        let parsed = v.deserialize::<OneCredential>(v.text, index);
-        for cred in parsed.into_iter().flat_map(|one| one.credential) {
-            if let Some(spec) = v.credential(&defaults, cred, index) {
-                credentials.push(spec);
-            }
-        }
-        index += 1;
+    let head = std::mem::take(&mut v.text);
+    v.pieces = Vec::new();
+    let (mut at, mut changed, mut read) = (0, false, 0);
+    open()
+        .and_then(|r| {
+            scan(
+                r,
+                |line, _| {
+                    changed |= head.get(at..at + line.len()) != Some(line);
+                    at += line.len();
+                },
+                |text, first_line| {
+                    read += 1;
+                    v.text.clear();
+                    v.text.push_str(text);
+                    v.first_line = first_line;
+                    let parsed = v.deserialize::<OneCredential>(index);
+                    for cred in parsed.into_iter().flat_map(|one| one.credential) {
+                        if let Some(spec) = v.credential(&defaults, cred, index) {
+                            credentials.push(spec);
+                        }
+                    }
+                    index += 1;
+                },
+            )
+        })
+        .map_err(unreadable)?;
+    if changed || at != head.len() || read != sections {
+        return Err(file_error(
+            "the file changed while it was read; load it again".into(),
+        ));
     }
     v.errors.extend(shared_targets(path, &credentials));
     if v.errors.is_empty() {
@@ -333,6 +370,19 @@ store = { kind = "file", path = "/tmp/x/weekly" }
             "0 0 3 * * 1"
         );
         assert_eq!(inv.credentials[1].grace, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_file_that_changes_between_the_two_passes_is_refused() {
+        let more = format!("{GOOD}\n[[credential]]\nid = \"c\"\n");
+        for second in [GOOD.replace("grace = \"1h\"", "grace = \"2h\""), more] {
+            let mut texts = [GOOD.to_owned(), second].into_iter();
+            let e = parse_from(Path::new("inv.toml"), || {
+                Ok(std::io::Cursor::new(texts.next().expect("two passes")))
+            })
+            .unwrap_err();
+            assert!(e.to_string().contains("changed while it was read"), "{e}");
+        }
     }
 
     #[test]

@@ -1,23 +1,34 @@
-//! The `[[credential]]` section scanner: finds each section's bytes in the file text, so that
-//! each is parsed on its own and a large inventory never exists as one TOML tree. Invariant:
-//! the head left after [`blank_sections`] keeps every byte offset, line and column.
+//! The `[[credential]]` section scanner: reads the inventory line by line and hands each
+//! section's text over once it is complete, so that each is parsed on its own and neither the
+//! file nor one TOML tree of it is ever held whole. The rest of the file, the head, is kept with
+//! the file line of each of its pieces. Invariant: every offset in the head maps back to its
+//! line and column in the file.
 
-/// A `[[credential]]` section: its bytes (header included) and the line it starts on.
-pub(super) struct Section {
-    pub(super) bytes: std::ops::Range<usize>,
-    pub(super) first_line: usize,
+use std::io::BufRead;
+
+/// What a line is, given the lines before it.
+enum Line {
+    /// Outside any section.
+    Head,
+    /// A `[[credential]]` header: a new section starts here.
+    Starts,
+    /// Inside the current section.
+    Section,
 }
 
-/// Finds the `[[credential]]` sections: from a `[[credential]]` header to the next header that
-/// is not one of its sub-tables (`[credential.rotator]`). Headers inside multi-line strings do
-/// not count.
-pub(super) fn credential_sections(text: &str) -> Vec<Section> {
-    let mut sections: Vec<Section> = Vec::new();
-    let mut open = false;
-    let mut in_string: Option<&str> = None;
-    let mut offset = 0;
-    for (number, line) in text.split_inclusive('\n').enumerate() {
-        if in_string.is_none() && line.trim_start().starts_with('[') {
+/// Tells, line by line, where the `[[credential]]` sections are: from a `[[credential]]`
+/// header to the next header that is not one of its sub-tables (`[credential.rotator]`).
+/// Headers inside multi-line strings do not count.
+#[derive(Default)]
+struct Scanner {
+    open: bool,
+    in_string: Option<&'static str>,
+}
+
+impl Scanner {
+    fn line(&mut self, line: &str) -> Line {
+        let mut kind = if self.open { Line::Section } else { Line::Head };
+        if self.in_string.is_none() && line.trim_start().starts_with('[') {
             let header: String = line
                 .split('#')
                 .next()
@@ -27,53 +38,91 @@ pub(super) fn credential_sections(text: &str) -> Vec<Section> {
                 .collect();
             let is_credential = header == "[[credential]]";
             let is_sub = header.starts_with("[credential.") || header.starts_with("[[credential.");
-            if open && (is_credential || !is_sub) {
-                sections.last_mut().expect("an open section").bytes.end = offset;
-                open = false;
+            if self.open && (is_credential || !is_sub) {
+                self.open = false;
+                kind = Line::Head;
             }
             if is_credential {
-                open = true;
-                sections.push(Section {
-                    bytes: offset..offset,
-                    first_line: number + 1,
-                });
+                self.open = true;
+                kind = Line::Starts;
             }
         }
         for delimiter in ["\"\"\"", "'''"] {
             if line.matches(delimiter).count() % 2 == 1 {
-                in_string = match in_string {
+                self.in_string = match self.in_string {
                     None => Some(delimiter),
                     Some(d) if d == delimiter => None,
                     other => other,
                 };
             }
         }
-        offset += line.len();
+        kind
     }
-    if open {
-        sections.last_mut().expect("an open section").bytes.end = offset;
-    }
-    sections
 }
 
-/// `text` with every byte of the sections replaced by a space, newlines kept, so every byte
-/// offset and line stays where it was.
-pub(super) fn blank_sections(text: &str, sections: &[Section]) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut at = 0;
-    for section in sections {
-        out.push_str(&text[at..section.bytes.start]);
-        out.extend(text.as_bytes()[section.bytes.clone()].iter().map(|&b| {
-            if b == b'\n' {
-                '\n'
-            } else {
-                ' '
+/// Reads `reader` line by line: each head line goes to `head` with its line number (from 1),
+/// each complete section to `section` with the line it starts on. Only the current line and
+/// the current section are in memory.
+pub(super) fn scan(
+    mut reader: impl BufRead,
+    mut head: impl FnMut(&str, usize),
+    mut section: impl FnMut(&str, usize),
+) -> std::io::Result<()> {
+    let mut scanner = Scanner::default();
+    let (mut line, mut current, mut first_line) = (String::new(), String::new(), 0);
+    let mut number = 0;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            break;
+        }
+        number += 1;
+        let kind = scanner.line(&line);
+        if !matches!(kind, Line::Section) && !current.is_empty() {
+            section(&current, first_line);
+            current.clear();
+        }
+        match kind {
+            Line::Head => head(&line, number),
+            Line::Starts => {
+                first_line = number;
+                current.push_str(&line);
             }
-        }));
-        at = section.bytes.end;
+            Line::Section => current.push_str(&line),
+        }
     }
-    out.push_str(&text[at..]);
-    out
+    if !current.is_empty() {
+        section(&current, first_line);
+    }
+    Ok(())
+}
+
+/// The head of an inventory: its lines outside the sections, and where each run of them starts
+/// (head offset, file line).
+#[derive(Default)]
+pub(super) struct Head {
+    pub(super) text: String,
+    pub(super) pieces: Vec<(usize, usize)>,
+    last_line: usize,
+}
+
+impl Head {
+    /// Appends line `number` of the file.
+    pub(super) fn push(&mut self, line: &str, number: usize) {
+        if self.pieces.is_empty() || self.last_line + 1 != number {
+            self.pieces.push((self.text.len(), number));
+        }
+        self.last_line = number;
+        self.text.push_str(line);
+    }
+}
+
+/// The piece of a head (`pieces` as in [`Head`]) that holds `offset`: its start and file line.
+pub(super) fn piece_of(pieces: &[(usize, usize)], offset: usize) -> Option<(usize, usize)> {
+    match pieces.partition_point(|(start, _)| *start <= offset) {
+        0 => None,
+        i => Some(pieces[i - 1]),
+    }
 }
 
 #[cfg(test)]
@@ -117,6 +166,20 @@ max_age = "2d"
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(
             e[0].starts_with("inv.toml:17:1: credential[b].note: unknown field"),
+            "{}",
+            e[0]
+        );
+        // The head is parsed without the sections, yet its errors keep the file's places.
+        let e = errors(&text.replace("grace = \"1h\"", "grace = \"1 fortnight\""));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("inv.toml:13:9: defaults.grace:"),
+            "{}",
+            e[0]
+        );
+        let e = errors(&text.replace("[defaults]", "[defaults]\nnope = 1"));
+        assert!(
+            e[0].starts_with("inv.toml:13:1: defaults.nope: unknown field"),
             "{}",
             e[0]
         );

@@ -43,10 +43,13 @@ pub(super) struct Defaults {
 /// (`text` and `first_line` say which), collecting every error.
 pub(super) struct Validator<'a> {
     pub(super) file: &'a Path,
-    /// The document being validated: the whole file with sections blanked, or one section.
-    pub(super) text: &'a str,
-    /// The file line `text` starts on.
+    /// The document being validated: the head of the file, or one section.
+    pub(super) text: String,
+    /// The file line a section's `text` starts on.
     pub(super) first_line: usize,
+    /// While the head is validated: where its pieces start in `text` and their file lines (see
+    /// [`super::sections::Head`]); empty for a section.
+    pub(super) pieces: Vec<(usize, usize)>,
     pub(super) errors: Vec<ConfigError>,
     /// Credential ids seen so far, and the line each was defined on.
     pub(super) seen: HashMap<String, usize>,
@@ -62,13 +65,7 @@ impl Validator<'_> {
         field: &str,
         message: impl Into<String>,
     ) {
-        let (line, column) = match span {
-            Some(span) => {
-                let (line, column) = line_column(self.text, span.start);
-                (line + self.first_line - 1, column)
-            }
-            None => (0, 0),
-        };
+        let (line, column) = span.map_or((0, 0), |span| self.place(span.start));
         self.errors.push(ConfigError {
             file: self.file.to_owned(),
             line,
@@ -78,18 +75,27 @@ impl Validator<'_> {
         });
     }
 
-    /// Deserializes `text`, recording the error with the field it is about. `first_index` is
-    /// the position in the file of the text's first credential.
+    /// The file line and column of `offset` in the document being validated.
+    pub(super) fn place(&self, offset: usize) -> (usize, usize) {
+        let (start, first_line) =
+            super::sections::piece_of(&self.pieces, offset).unwrap_or((0, self.first_line));
+        let (line, column) = line_column(&self.text[start..], offset - start);
+        (line + first_line - 1, column)
+    }
+
+    /// Deserializes `self.text`, recording the error with the field it is about. `first_index`
+    /// is the position in the file of the text's first credential.
     pub(super) fn deserialize<T: serde::de::DeserializeOwned>(
         &mut self,
-        text: &str,
         first_index: usize,
     ) -> Option<T> {
         // The fast path tracks no field path (it costs an allocation per key); only a failure
         // is parsed again to find where it happened.
-        if let Ok(raw) = toml::from_str(text) {
+        if let Ok(raw) = toml::from_str(&self.text) {
             return Some(raw);
         }
+        let text = self.text.clone();
+        let text = text.as_str();
         let de = match toml::Deserializer::parse(text) {
             Ok(de) => de,
             Err(e) => {
@@ -318,7 +324,7 @@ impl Validator<'_> {
 }
 
 /// 1-based line and column (in characters) of a byte offset.
-pub(super) fn line_column(text: &str, offset: usize) -> (usize, usize) {
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;

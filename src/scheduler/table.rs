@@ -77,12 +77,14 @@ impl Table {
     /// [`Table::new`] with the live views computed at `now` (Unix seconds).
     pub(crate) fn new_at(
         specs: Vec<CredentialSpec>,
-        records: Vec<CredentialRecord>,
+        mut records: Vec<CredentialRecord>,
         open: &[RotationRecord],
         now: i64,
     ) -> Self {
-        let mut records: HashMap<String, CredentialRecord> =
-            records.into_iter().map(|r| (r.id.clone(), r)).collect();
+        // Sorted in place and searched, rather than moved into a map keyed by a copy of each id:
+        // at 100,000 credentials the map and the vector it was built from would coexist, the
+        // largest transient of start-up.
+        records.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         let open: HashMap<&str, &RotationRecord> =
             open.iter().map(|r| (r.credential_id.as_str(), r)).collect();
         let mut groups: Vec<CronGroup> = Vec::new();
@@ -103,10 +105,15 @@ impl Table {
                 groups[g].members.push(i);
                 g
             }));
-            let record = records
-                .remove(&spec.id)
-                .unwrap_or_else(|| CredentialRecord::new(&spec.id));
-            let live = live_view(spec, &record, open.get(spec.id.as_str()).copied(), now);
+            let fresh;
+            let record = match records.binary_search_by(|r| r.id.as_str().cmp(&spec.id)) {
+                Ok(at) => &records[at],
+                Err(_) => {
+                    fresh = CredentialRecord::new(&spec.id);
+                    &fresh
+                }
+            };
+            let live = live_view(spec, record, open.get(spec.id.as_str()).copied(), now);
             lives.push(Mutex::new(live));
         }
         Self {

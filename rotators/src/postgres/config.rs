@@ -54,6 +54,10 @@ pub struct PostgresConfig {
     /// `alternating`: whether `revoke` sets the idle role's password to an unknown random value.
     #[serde(default = "default_true")]
     pub scramble_on_revoke: bool,
+    /// How many admin connections the credentials sharing this admin DSN may hold open at once
+    /// (1 to 64; the largest value among them applies). Idle ones close after a minute.
+    #[serde(default = "default_admin_connections")]
+    pub admin_connections: usize,
     /// The longest wait for one connection, TLS and login included (`"10s"`). A
     /// `connect_timeout` in the admin DSN may shorten it for the admin connection.
     #[serde(
@@ -72,6 +76,10 @@ pub struct PostgresConfig {
 
 fn default_length() -> usize {
     32
+}
+
+fn default_admin_connections() -> usize {
+    4
 }
 
 fn default_true() -> bool {
@@ -150,6 +158,12 @@ impl PostgresConfig {
             return Err(format!(
                 "length: must be between 16 and 1024, got {}",
                 self.length
+            ));
+        }
+        if !(1..=64).contains(&self.admin_connections) {
+            return Err(format!(
+                "admin_connections: must be between 1 and 64, got {}",
+                self.admin_connections
             ));
         }
         if self.port == Some(0) {

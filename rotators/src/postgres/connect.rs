@@ -15,6 +15,7 @@ use tokio_postgres::config::{Host, SslMode as PgSslMode};
 use tokio_postgres::Client;
 
 use super::config::SslMode;
+use super::pool::Target;
 use super::PostgresRotator;
 use crate::resolve::Resolve;
 use keyrotd_plugin::{ErrorClass, ProviderError};
@@ -71,6 +72,14 @@ impl PostgresRotator {
         &self,
         op: &str,
     ) -> Result<tokio_postgres::Config, ProviderError> {
+        Ok(self.admin_target(op).await?.0)
+    }
+
+    /// The admin DSN, parsed, and the pool key of its connections (see [`super::pool`]).
+    pub(super) async fn admin_target(
+        &self,
+        op: &str,
+    ) -> Result<(tokio_postgres::Config, Target), ProviderError> {
         let dsn = self
             .config
             .admin_dsn
@@ -93,7 +102,11 @@ impl PostgresRotator {
         }
         config.application_name("keyrotd");
         forbid_plain_text_over_network(&mut config, &format!("{op}: admin login"))?;
-        Ok(config)
+        let target = Target {
+            dsn: dsn.expose_secret().to_owned(),
+            sslrootcert: self.config.sslrootcert.clone(),
+        };
+        Ok((config, target))
     }
 
     /// Connection parameters for logging in as `role` with `password`.

@@ -33,12 +33,18 @@
 //! Invariant: neither the generated password nor the admin DSN's password is ever logged or put in
 //! an error message; errors carry the operation, the role and the server's SQLSTATE.
 //!
+//! Admin connections are pooled per admin target (the resolved admin DSN and `sslrootcert`) and
+//! shared by every credential using it: at most `admin_connections` (the largest asked for)
+//! at once, closed after a minute unused, and one that fails is closed rather than reused. The
+//! `verify` login as the rotated role is always a connection of its own.
+//!
 //! Files: `config` holds [`PostgresConfig`] and its validation, `connect` the connections (TLS,
-//! timeouts, driver errors), `sql` the `ALTER ROLE` statement, and this file the strategies and
+//! timeouts, driver errors), `pool` the admin connection pools, `sql` the `ALTER ROLE` statement, and this file the strategies and
 //! the [`Rotator`] implementation.
 
 mod config;
 mod connect;
+mod pool;
 mod sql;
 
 use std::time::Duration;

@@ -1,5 +1,5 @@
 //! The one statement the rotator runs: `ALTER ROLE ... PASSWORD` with a SCRAM-SHA-256 verifier
-//! computed here, under a server-side `statement_timeout`.
+//! computed here, under a server-side `statement_timeout`, on a pooled admin connection.
 //!
 //! Invariants: the plain password never travels to the server nor appears in its statement log;
 //! the server cancels a statement still waiting shortly *before* keyrotd gives up on it, so a
@@ -10,6 +10,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::connect::pg_error;
+use super::pool;
 use super::PostgresRotator;
 use keyrotd_plugin::permissions::{Permission, SqlGrant};
 use keyrotd_plugin::{Permissions, ProviderError};
@@ -19,7 +20,8 @@ use keyrotd_plugin::{Permissions, ProviderError};
 const SERVER_CANCEL_MARGIN: Duration = Duration::from_millis(250);
 
 impl PostgresRotator {
-    /// Sets `role`'s password through the admin connection, as a client-side SCRAM verifier.
+    /// Sets `role`'s password through a pooled admin connection, as a client-side SCRAM
+    /// verifier.
     pub(super) async fn set_password(
         &self,
         op: &str,
@@ -29,32 +31,47 @@ impl PostgresRotator {
         let what = format!("{op}: setting the password of role \"{role}\"");
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         self.bounded(&what, async {
-            let admin = self.admin_config(op).await?;
-            let client = self
-                .connect(&admin, &format!("{what}: admin login"))
-                .await?;
+            let (admin, target) = self.admin_target(op).await?;
+            let pool = pool::pool(target, self.config.admin_connections);
+            let login = format!("{what}: admin login");
             let verifier =
                 postgres_protocol::password::scram_sha_256(password.expose_secret().as_bytes());
-            // The server cancels the statement itself, shortly *before* keyrotd gives up on it:
-            // an ALTER ROLE queued behind a lock must never set the password after keyrotd
-            // reported the step failed (and maybe rolled back), and closing the socket does not
-            // stop a waiting backend.
-            let left = deadline
-                .saturating_duration_since(tokio::time::Instant::now())
-                .saturating_sub(SERVER_CANCEL_MARGIN);
-            if left.is_zero() {
-                return Err(ProviderError::no_answer(&what, self.config.timeout));
+            loop {
+                let conn = pool.checkout(self.connect(&admin, &login)).await?;
+                // The server cancels the statement itself, shortly *before* keyrotd gives up on
+                // it: an ALTER ROLE queued behind a lock must never set the password after
+                // keyrotd reported the step failed (and maybe rolled back), and closing the
+                // socket does not stop a waiting backend. Set on every use: the connection is
+                // shared.
+                let left = deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .saturating_sub(SERVER_CANCEL_MARGIN);
+                if left.is_zero() {
+                    return Err(ProviderError::no_answer(&what, self.config.timeout));
+                }
+                let sql = format!(
+                    "SET statement_timeout = {}; ALTER ROLE {} PASSWORD {}",
+                    left.as_millis().max(1),
+                    quote_ident(role),
+                    quote_literal(&verifier)
+                );
+                match conn.client().batch_execute(&sql).await {
+                    Ok(()) => {
+                        conn.release();
+                        return Ok(());
+                    }
+                    // A pooled connection may have died while idle (terminated by an operator,
+                    // a server restart): try again on a new one, within the same deadline.
+                    // ALTER ROLE to the same verifier is idempotent, so a repeat is harmless.
+                    Err(e) if conn.reused && connection_lost(&e) => {
+                        conn.release();
+                        pool.discard_idle();
+                        tracing::debug!("{what}: a pooled admin connection was lost; reconnecting");
+                    }
+                    // Dropping the connection closes it: only a successful one is reused.
+                    Err(e) => return Err(pg_error(&what, &e)),
+                }
             }
-            let sql = format!(
-                "SET statement_timeout = {}; ALTER ROLE {} PASSWORD {}",
-                left.as_millis().max(1),
-                quote_ident(role),
-                quote_literal(&verifier)
-            );
-            client
-                .batch_execute(&sql)
-                .await
-                .map_err(|e| pg_error(&what, &e))
         })
         .await
     }
@@ -111,6 +128,19 @@ impl PostgresRotator {
                 "on PostgreSQL 15 and older, CREATEROLE alone can change the password of any role \
                  that is not a superuser: no narrower grant exists there",
             )
+    }
+}
+
+/// Whether `e` says the connection is gone (rather than the statement failing): a closed socket,
+/// or the server's connection-exception and shutdown codes. Not `57014` (a cancelled statement:
+/// the deadline, which must fail the step).
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        None => true,
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        }
     }
 }
 

@@ -15,3 +15,4 @@ mod aws_env;
 mod deadlines;
 mod http;
 mod postgres;
+mod postgres_pool;
