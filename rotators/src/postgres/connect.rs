@@ -103,7 +103,7 @@ impl PostgresRotator {
         config.application_name("keyrotd");
         forbid_plain_text_over_network(&mut config, &format!("{op}: admin login"))?;
         let target = Target {
-            dsn: dsn.expose_secret().to_owned(),
+            dsn: SecretString::from(dsn.expose_secret()),
             sslrootcert: self.config.sslrootcert.clone(),
         };
         Ok((config, target))

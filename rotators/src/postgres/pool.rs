@@ -13,10 +13,12 @@
 //! DSN, a secret, and is never printed.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -25,13 +27,29 @@ use tokio_postgres::Client;
 /// How long an unused admin connection stays open.
 pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// An admin target: the resolved admin DSN and the TLS trust. No `Debug`: the DSN is a secret.
-#[derive(PartialEq, Eq, Hash)]
+/// An admin target: the resolved admin DSN and the TLS trust. No `Debug`: the DSN is a secret,
+/// kept in a [`SecretString`] (wiped when the pool goes) and compared only as a map key.
 pub(super) struct Target {
     /// The admin DSN as resolved, password included.
-    pub(super) dsn: String,
+    pub(super) dsn: SecretString,
     /// The CA file the connections trust besides the web roots.
     pub(super) sslrootcert: Option<PathBuf>,
+}
+
+impl PartialEq for Target {
+    fn eq(&self, other: &Self) -> bool {
+        self.dsn.expose_secret() == other.dsn.expose_secret()
+            && self.sslrootcert == other.sslrootcert
+    }
+}
+
+impl Eq for Target {}
+
+impl Hash for Target {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.dsn.expose_secret().hash(state);
+        self.sslrootcert.hash(state);
+    }
 }
 
 /// Every live pool, and the task that closes idle connections.
@@ -211,7 +229,7 @@ mod tests {
     #[tokio::test]
     async fn pools_grow_to_the_largest_size_asked_and_expire_when_idle() {
         let target = || Target {
-            dsn: "host=unit-test-pool".into(),
+            dsn: SecretString::from("host=unit-test-pool"),
             sslrootcert: None,
         };
         let a = pool(target(), 2);
