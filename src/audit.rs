@@ -115,10 +115,12 @@ fn render(lines: &[AuditLine]) -> String {
     text
 }
 
-/// Opens `path` for appending: created 0600 if missing, narrowed to 0600 if wider; refused if it
-/// is a symlink or not a regular file (a FIFO or device is not waited on: `O_NONBLOCK`).
-pub fn open_append(path: &Path) -> anyhow::Result<File> {
-    let file = std::fs::OpenOptions::new()
+/// Opens the audit log at `path` for appending, with the `seq` of its last line (0 if new): created
+/// 0600 if missing, narrowed to 0600 if wider; refused if it is a symlink, not a regular file
+/// (a FIFO or device is not waited on: `O_NONBLOCK`), or a file other than an audit log (left
+/// untouched, its mode included).
+fn open_append(path: &Path) -> anyhow::Result<(File, i64)> {
+    let mut file = std::fs::OpenOptions::new()
         .read(true)
         .append(true)
         .create(true)
@@ -136,24 +138,36 @@ pub fn open_append(path: &Path) -> anyhow::Result<File> {
     if !meta.is_file() {
         anyhow::bail!("audit log {}: not a regular file: refused", path.display());
     }
+    let after = last_seq(&mut file, path)?;
     if meta.permissions().mode() & 0o077 != 0 {
         file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     }
-    Ok(file)
+    Ok((file, after))
 }
 
-/// The `seq` of the last complete line of the log, if it has one.
-fn last_seq(file: &mut File) -> std::io::Result<Option<i64>> {
+/// The `seq` of the log's last complete line; 0 for an empty log. A file that holds something
+/// else (the state database, a store's secret file, any file named by mistake) is refused, so
+/// nothing is ever appended to it.
+fn last_seq(file: &mut File, path: &Path) -> anyhow::Result<i64> {
     let len = file.seek(SeekFrom::End(0))?;
+    if len == 0 {
+        return Ok(0);
+    }
     let from = len.saturating_sub(64 * 1024);
     file.seek(SeekFrom::Start(from))?;
-    let mut tail = String::new();
-    file.take(len - from).read_to_string(&mut tail)?;
-    Ok(tail
+    let mut tail = Vec::new();
+    file.take(len - from).read_to_end(&mut tail)?;
+    // Lossy: the cut at `from` may fall inside a character of a line that is not read anyway.
+    String::from_utf8_lossy(&tail)
         .lines()
         .rev()
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .and_then(|v| v.get("seq")?.as_i64()))
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("seq")?.as_i64())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "audit log {}: not empty, and not a keyrotd audit log (no JSON line with a `seq` in its last 64 KiB): refused, so that nothing is appended to another file; name a new file",
+                path.display()
+            )
+        })
 }
 
 /// The daemon's audit work: the audit log (if configured) and pruning.
@@ -172,9 +186,8 @@ impl Trail {
         let log = match &settings.audit_log {
             None => None,
             Some(path) => {
-                let mut file = open_append(path)?;
                 // A new log starts at the oldest row kept.
-                let after = last_seq(&mut file)?.unwrap_or(0);
+                let (file, after) = open_append(path)?;
                 info!(path = %path.display(), after_seq = after, "audit log opened");
                 Some((file, after))
             }

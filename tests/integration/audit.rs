@@ -330,8 +330,10 @@ fn the_daemon_appends_every_row_to_its_audit_log_opened_append_only() {
         "audit_log = \"audit.jsonl\"",
     );
     let log = env.path("audit.jsonl");
-    // An earlier line and a wide mode: kept and narrowed, never truncated.
-    std::fs::write(&log, "earlier line\n").unwrap();
+    // An earlier audit line (of a log that begins before the database's first row) and a wide
+    // mode: kept and narrowed, never truncated.
+    let earlier = "{\"seq\":0,\"note\":\"an earlier line\"}\n";
+    std::fs::write(&log, earlier).unwrap();
     std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o644)).unwrap();
     let mut daemon = env.start("daemon.log");
     assert!(
@@ -347,7 +349,7 @@ fn the_daemon_appends_every_row_to_its_audit_log_opened_append_only() {
     let mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.starts_with("earlier line\n"), "{text}");
+    assert!(text.starts_with(earlier), "{text}");
     let exported: Vec<Value> = env.export(&[]);
     let logged: Vec<Value> = text
         .lines()
@@ -404,6 +406,40 @@ fn an_audit_log_that_is_a_symlink_or_not_a_file_is_refused() {
         .is_fifo());
     let out = refused_start(&env);
     assert!(out.contains("not a regular file"), "{out}");
+}
+
+#[test]
+fn an_audit_log_naming_another_file_is_refused_and_that_file_left_untouched() {
+    // The state database itself, and a credential's secret file shared with its consumers.
+    let env = Env::new(&["db"], BY_HAND, "audit_log = \"state/keyrotd.db\"");
+    env.rotate("db", &[]);
+    let out = refused_start(&env);
+    assert!(out.contains("not a keyrotd audit log"), "{out}");
+    assert!(out.contains("state/keyrotd.db"), "{out}");
+    // Nothing was appended to the database: it still opens and its chain verifies.
+    let verified = env.run(&["audit", "verify"]);
+    assert!(verified.status.success(), "{}", text(&verified));
+
+    let secret = env.path("out/db.pass");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let value = std::fs::read(&secret).unwrap();
+    let config = std::fs::read_to_string(env.path("config.toml")).unwrap();
+    let config = config.replace(
+        "\"state/keyrotd.db\"",
+        &format!("{:?}", secret.display().to_string()),
+    );
+    std::fs::write(env.path("config.toml"), config).unwrap();
+    let out = refused_start(&env);
+    assert!(out.contains("not a keyrotd audit log"), "{out}");
+    assert!(
+        std::fs::read(&secret).unwrap() == value,
+        "the secret file changed"
+    );
+    let mode = std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o640,
+        "the consumers' access to the secret file was changed"
+    );
 }
 
 #[test]
