@@ -21,7 +21,8 @@ fi
 
 echo "== cargo build --release" >&2
 cargo build --release --locked --bin keyrotd >&2
-bin=target/release/keyrotd
+# cargo-deb finds `target/release/keyrotd` (Cargo.toml) in CARGO_TARGET_DIR when that is set.
+bin=${CARGO_TARGET_DIR:-target}/release/keyrotd
 
 assets=target/deb-assets
 rm -rf "$assets"

@@ -23,7 +23,8 @@ dpkg -i "$deb"
 files=$(dpkg -L keyrotd)
 
 # The binary is the release build, and it validates the packaged inventory at its default path.
-cmp /usr/bin/keyrotd target/release/keyrotd || fail "/usr/bin/keyrotd is not target/release/keyrotd"
+release=${CARGO_TARGET_DIR:-target}/release/keyrotd
+cmp /usr/bin/keyrotd "$release" || fail "/usr/bin/keyrotd is not $release"
 out=$(/usr/bin/keyrotd check 2>&1) || fail "keyrotd check on /etc/keyrotd/config.toml: $out"
 grep -q 'credential(s) OK' <<<"$out" || fail "keyrotd check printed: $out"
 echo "$out" | head -n1

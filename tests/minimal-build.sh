@@ -15,7 +15,7 @@ cargo clippy --locked --no-default-features -p keyrotd -p keyrotd-providers -p k
   -- -D warnings
 work=$(mktemp -d /tmp/keyrotd-minimal.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-cp target/debug/keyrotd "$work/keyrotd"
+cp "${CARGO_TARGET_DIR:-target}/debug/keyrotd" "$work/keyrotd"
 echo "binary: $(du -h "$work/keyrotd" | cut -f1) (debug build)"
 
 fail() { echo "FAIL: $*" >&2; exit 1; }
