@@ -214,6 +214,17 @@ pub const DEFAULT_PATH: &str = "/etc/keyrotd/config.toml";
 
 /// Reads and validates the inventory at `path`.
 pub fn load(path: &Path) -> Result<Inventory, ConfigErrors> {
+    // A pipe (`--config <(generate-inventory)`, `/dev/stdin`) can be read only once: it is read
+    // whole and both passes read the copy. A regular file is read twice, never held whole.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        let mut bytes = Vec::new();
+        let read = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut bytes));
+        // On error (a directory, say), the regular path below reports it.
+        if read.is_ok() {
+            return parse_from(path, || Ok(bytes.as_slice()));
+        }
+    }
     parse_from(path, || {
         std::fs::File::open(path).map(std::io::BufReader::new)
     })

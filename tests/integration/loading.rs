@@ -85,3 +85,38 @@ fn check_loads_a_large_inventory_within_a_small_heap() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("svc-019999-token"), "{stdout:.300}");
 }
+
+/// An inventory read from a pipe (`--config /dev/stdin`, `--config <(generate)`), which can be
+/// read only once: the loader reads it whole instead of twice.
+#[test]
+fn check_loads_an_inventory_from_a_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[daemon]\nstate = \"sqlite:state.db\"\n\n[[credential]]\nid = \"piped\"\n\
+         rotator = {{ kind = \"random\", length = 32 }}\n\
+         store = {{ kind = \"file\", path = \"{}/piped\" }}\nrotate_every = \"30d\"\nmax_age = \"40d\"\n",
+        dir.path().display()
+    );
+    let mut child = keyrotd()
+        .args(["check", "--config", "/dev/stdin"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("1 credential(s) OK"), "{shown}");
+}
