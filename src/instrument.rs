@@ -18,7 +18,6 @@ use async_trait::async_trait;
 use keyrotd_plugin::{Attrs, Credential, ProviderError, Rotator, StepContext, Store};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntGauge, Registry};
 
-use crate::protocol::Trigger;
 use crate::state::audit::{AuditFilter, AuditLine, Pruned};
 use crate::state::chain::{Break, Intact};
 use crate::state::{
@@ -353,21 +352,6 @@ impl StateStore for MeteredState {
         credential: &CredentialRecord,
     ) -> Result<(), StateError> {
         self.done(self.inner.save(rotation, credential).await)
-    }
-
-    async fn log_step(
-        &self,
-        rotation_id: &str,
-        step: &str,
-        event: &str,
-        detail: Option<&str>,
-        trigger: Trigger,
-    ) -> Result<(), StateError> {
-        self.done(
-            self.inner
-                .log_step(rotation_id, step, event, detail, trigger)
-                .await,
-        )
     }
 
     async fn record(

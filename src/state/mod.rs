@@ -324,17 +324,6 @@ pub trait StateStore: Send + Sync {
         rotation: &RotationRecord,
         credential: &CredentialRecord,
     ) -> Result<(), StateError>;
-    /// Appends to the step log of a rotation whose lease this process holds, as this process's
-    /// actor, for a run started by `trigger`, chained to the row before (see [`chain`]); fails
-    /// with [`StateError::LeaseLost`] (writing nothing) otherwise.
-    async fn log_step(
-        &self,
-        rotation_id: &str,
-        step: &str,
-        event: &str,
-        detail: Option<&str>,
-        trigger: Trigger,
-    ) -> Result<(), StateError>;
     /// Appends `lines` to the step log of rotation `rotation_id`, then, if `save` is given, saves
     /// that rotation and credential record as [`StateStore::save`] does: one write, all or
     /// nothing, and only while this process holds the lease (otherwise nothing is written and the

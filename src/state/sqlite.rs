@@ -468,24 +468,6 @@ impl StateStore for SqliteState {
             .await
     }
 
-    async fn log_step(
-        &self,
-        rotation_id: &str,
-        step: &str,
-        event: &str,
-        detail: Option<&str>,
-        trigger: Trigger,
-    ) -> Result<(), StateError> {
-        let line = JournalLine {
-            at_ms: chrono::Utc::now().timestamp_millis(),
-            step: step.to_owned(),
-            event: event.to_owned(),
-            detail: detail.map(str::to_owned),
-            trigger,
-        };
-        self.record(rotation_id, &[line], None).await
-    }
-
     async fn record(
         &self,
         rotation_id: &str,

@@ -5,6 +5,27 @@ use keyrotd_plugin::Attrs;
 use super::*;
 use crate::protocol::Trigger;
 
+impl SqliteState {
+    /// One journal line now, as the engine writes it through [`StateStore::record`].
+    async fn log_step(
+        &self,
+        rotation_id: &str,
+        step: &str,
+        event: &str,
+        detail: Option<&str>,
+        trigger: Trigger,
+    ) -> Result<(), StateError> {
+        let line = JournalLine {
+            at_ms: chrono::Utc::now().timestamp_millis(),
+            step: step.to_owned(),
+            event: event.to_owned(),
+            detail: detail.map(str::to_owned),
+            trigger,
+        };
+        self.record(rotation_id, &[line], None).await
+    }
+}
+
 fn rotation(id: &str, cred: &str) -> RotationRecord {
     RotationRecord {
         id: id.into(),
