@@ -7,7 +7,7 @@
 //! unset), so journald and log files get plain text.
 //!
 //! `KEYROTD_LOG` chooses what is logged, with one exception no setting can lift: the database,
-//! HTTP, TLS and AWS client libraries keyrotd uses log statements, request and response bodies
+//! HTTP, TLS, AWS and Vault client libraries keyrotd uses log statements, request and response bodies
 //! and connection parameters at debug and trace level. Those carry what keyrotd must never show:
 //! tokio-postgres prints every statement, `ALTER ROLE ... PASSWORD 'SCRAM-SHA-256$...'` included
 //! (a password hash), and the AWS SDK prints response bodies, `CreateAccessKey`'s secret key
@@ -53,6 +53,8 @@ pub const CAPPED_TARGETS: &[&str] = &[
     "tower",
     "tower_http",
     "axum",
+    "vaultrs",
+    "rustify",
 ];
 
 /// The filter directives used when `KEYROTD_LOG` is unset (or not valid): INFO for keyrotd's own

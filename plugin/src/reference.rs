@@ -17,7 +17,7 @@ use std::str::FromStr;
 use crate::ErrorClass;
 
 /// A parsed secret reference. `Display` prints the reference, never the value.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum SecretRef {
     /// `env:NAME`
     Env(String),

@@ -57,6 +57,27 @@ impl AwsDefaults {
     }
 }
 
+/// The inventory's provider tables (`[aws]`, `[vault]`): what every credential of that
+/// provider inherits where it sets nothing itself.
+#[derive(Debug, Clone, Default)]
+pub struct ProviderDefaults {
+    /// The `[aws]` table.
+    pub aws: AwsDefaults,
+    /// The `[vault]` table.
+    pub vault: VaultDefaults,
+}
+
+/// The `[vault]` table: the connection every Vault store, rotator and `vault:` reference
+/// inherits field by field.
+#[cfg(feature = "vault")]
+pub type VaultDefaults = crate::vault::VaultConnection;
+
+/// Without the `vault` feature, a `[vault]` table with any field is refused.
+#[cfg(not(feature = "vault"))]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultDefaults {}
+
 /// Every rotator kind, as written in the inventory, with the cargo feature that compiles its
 /// provider in (`None`: always there).
 const ROTATOR_KINDS: &[(&str, Option<&str>)] = &[
@@ -77,6 +98,7 @@ fn compiled_in(feature: Option<&str>) -> bool {
         Some("aws") => cfg!(feature = "aws"),
         Some("postgres") => cfg!(feature = "postgres"),
         Some("http") => cfg!(feature = "http"),
+        Some("vault") => cfg!(feature = "vault"),
         Some(_) => false,
     }
 }
@@ -164,12 +186,14 @@ impl RotatorConfig {
         }
     }
 
-    /// Fills the AWS region and endpoint from the inventory's `[aws]` table where the credential
-    /// sets none.
-    pub fn inherit_aws(&mut self, defaults: &AwsDefaults) {
+    /// Fills what the credential leaves unset from the inventory's provider tables: the AWS
+    /// region and endpoint from `[aws]`, the Vault connection from `[vault]`.
+    pub fn inherit(&mut self, defaults: &ProviderDefaults) {
         #[cfg(feature = "aws")]
         if let Self::AwsIamAccessKey(c) = self {
-            defaults.fill(&mut c.region, &mut c.endpoint_url, &mut c.account_id);
+            defaults
+                .aws
+                .fill(&mut c.region, &mut c.endpoint_url, &mut c.account_id);
         }
         #[cfg(not(feature = "aws"))]
         let _ = defaults;
@@ -292,12 +316,13 @@ impl StoreConfig {
         }
     }
 
-    /// Fills the AWS region and endpoint from the inventory's `[aws]` table where the credential
-    /// sets none.
-    pub fn inherit_aws(&mut self, defaults: &AwsDefaults) {
+    /// [`RotatorConfig::inherit`] for stores.
+    pub fn inherit(&mut self, defaults: &ProviderDefaults) {
         #[cfg(feature = "aws")]
         if let Self::AwsSecretsManager(c) = self {
-            defaults.fill(&mut c.region, &mut c.endpoint_url, &mut c.account_id);
+            defaults
+                .aws
+                .fill(&mut c.region, &mut c.endpoint_url, &mut c.account_id);
         }
         #[cfg(not(feature = "aws"))]
         let _ = defaults;

@@ -10,6 +10,8 @@
 //!   single or alternating roles);
 //! - [`http`] (feature `http`): the `http` rotator (an API key issued and revoked through
 //!   configured HTTP requests);
+//! - [`vault`] (feature `vault`): HashiCorp Vault and OpenBao: the `[vault]` connection, login
+//!   and the client every Vault store, rotator and `vault:` reference shares;
 //! - [`config`]: the `kind`-tagged configuration of every rotator and store, and their
 //!   construction: the one place that lists the providers;
 //! - [`resolve`]: reading secret references, each remote scheme through its provider;
@@ -32,7 +34,14 @@ pub mod http;
 pub mod postgres;
 pub mod random;
 pub mod resolve;
-#[cfg(any(feature = "aws", feature = "postgres", feature = "http"))]
+#[cfg(any(
+    feature = "aws",
+    feature = "postgres",
+    feature = "http",
+    feature = "vault"
+))]
 pub mod timeouts;
+#[cfg(feature = "vault")]
+pub mod vault;
 
-pub use config::{AwsDefaults, RotatorConfig, StoreConfig};
+pub use config::{AwsDefaults, ProviderDefaults, RotatorConfig, StoreConfig, VaultDefaults};

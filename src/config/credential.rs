@@ -40,7 +40,7 @@ impl Validator<'_> {
         let field = format!("credential[{id}]");
         let errors_before = self.errors.len();
         let (rotator_span, mut rotator) = (raw.rotator.span(), raw.rotator.into_inner());
-        rotator.inherit_aws(&defaults.aws);
+        rotator.inherit(&defaults.providers);
         if let Err(e) = rotator.validate() {
             let (inner, message) = split_field(&e);
             self.error_at(
@@ -50,7 +50,7 @@ impl Validator<'_> {
             );
         }
         let (store_span, mut store) = (raw.store.span(), raw.store.into_inner());
-        store.inherit_aws(&defaults.aws);
+        store.inherit(&defaults.providers);
         if let Err(e) = store.validate() {
             let (inner, message) = split_field(&e);
             self.error_at(Some(store_span), &format!("{field}.store{inner}"), message);

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keyrotd_providers::{RotatorConfig, StoreConfig};
+use keyrotd_providers::{ProviderDefaults, RotatorConfig, StoreConfig};
 
 use self::alerts::AlertsConfig;
 use self::raw::{OneCredential, RawInventory};
@@ -277,7 +277,11 @@ fn parse_from<R: std::io::BufRead>(
         return Err(ConfigErrors(v.errors));
     };
     let daemon = v.daemon(raw.daemon);
-    let defaults = v.defaults(&raw.defaults, raw.aws);
+    let providers = ProviderDefaults {
+        aws: raw.aws,
+        vault: raw.vault,
+    };
+    let defaults = v.defaults(&raw.defaults, providers);
     let alerts = v.alerts(raw.alerts);
     let mut credentials = Vec::with_capacity(sections + raw.credentials.len());
     let mut index = 0;

@@ -2,7 +2,7 @@
 //! `Spanned`, so the validator can name its line and column; nothing outside `config` sees
 //! these types.
 
-use keyrotd_providers::{AwsDefaults, RotatorConfig, StoreConfig};
+use keyrotd_providers::{AwsDefaults, RotatorConfig, StoreConfig, VaultDefaults};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -22,6 +22,8 @@ pub(super) struct RawInventory {
     pub(super) alerts: Option<Spanned<AlertsConfig>>,
     #[serde(default)]
     pub(super) aws: AwsDefaults,
+    #[serde(default)]
+    pub(super) vault: VaultDefaults,
 }
 
 #[derive(Deserialize, Default)]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono_tz::Tz;
-use keyrotd_providers::AwsDefaults;
+use keyrotd_providers::ProviderDefaults;
 use toml::Spanned;
 
 use super::alerts::AlertsConfig;
@@ -33,8 +33,8 @@ pub(super) struct Defaults {
     pub(super) window: Option<Duration>,
     pub(super) timezone: Option<Tz>,
     pub(super) retry: RetryPolicy,
-    /// The `[aws]` table.
-    pub(super) aws: AwsDefaults,
+    /// The `[aws]` and `[vault]` tables.
+    pub(super) providers: ProviderDefaults,
     /// Whether `[defaults]` had errors (reported already); credentials then stop quietly.
     pub(super) broken: bool,
 }
@@ -145,7 +145,7 @@ impl Validator<'_> {
         tz
     }
 
-    pub(super) fn defaults(&mut self, raw: &RawDefaults, aws: AwsDefaults) -> Defaults {
+    pub(super) fn defaults(&mut self, raw: &RawDefaults, providers: ProviderDefaults) -> Defaults {
         let before = self.errors.len();
         let mut d = Defaults {
             rotate_every: raw
@@ -169,7 +169,7 @@ impl Validator<'_> {
                 .as_ref()
                 .and_then(|s| self.timezone(s, "defaults.timezone")),
             retry: RetryPolicy::default(),
-            aws,
+            providers,
             broken: false,
         };
         // Validated here once: a credential starts from the result, so an error in

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests of both workspace crates (`tests/integration/` and
 //! `rotators/tests/integration/`): free loopback ports, small servers the tests start on loopback
-//! (a silent partition, a key-management API, a webhook receiver, a real Prometheus), polling,
+//! (a silent partition, a key-management API, a webhook receiver, a real Prometheus), the OpenBao
+//! server's set-up, polling,
 //! plain HTTP, leak scans, and the variables of the test servers that `tests/run.sh` starts.
 //!
 //! Invariants: nothing here skips a test. A test that needs a backend is `#[ignore]`d with
@@ -12,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod key_api;
+pub mod openbao;
 pub mod prometheus;
 pub mod silent;
 pub mod webhook;

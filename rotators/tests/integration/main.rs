@@ -3,7 +3,7 @@
 //! `rotators/tests/*.rs` file (a long one is a folder of submodules by topic) and keeps its test
 //! names under its module path.
 //!
-//! Tests that need the test servers (moto, PostgreSQL) are
+//! Tests that need the test servers (moto, PostgreSQL, OpenBao) are
 //! `#[ignore = "needs the test backends: run tests/run.sh"]`: a plain `cargo test` reports them as
 //! ignored, and `tests/run.sh` starts the servers and runs them with `--include-ignored`.
 //!
@@ -16,3 +16,4 @@ mod deadlines;
 mod http;
 mod postgres;
 mod postgres_pool;
+mod vault_session;

@@ -1,0 +1,111 @@
+//! The OpenBao dev server that `tests/run.sh` starts (tests/backends/50-openbao.sh), driven as
+//! its root through the `bao` CLI to set up mounts, policies and least-privilege tokens.
+//! keyrotd itself is always handed a token with a narrow policy, never the root token.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::backend_env;
+
+/// The shared OpenBao dev server.
+pub struct OpenBao {
+    /// `http://127.0.0.1:PORT`.
+    pub addr: String,
+    root_token: String,
+    bin: String,
+}
+
+impl OpenBao {
+    /// The server of this test run (panics, never skips, without tests/run.sh).
+    #[track_caller]
+    pub fn shared() -> Self {
+        Self {
+            addr: backend_env("KEYROTD_TEST_VAULT_ADDR"),
+            root_token: backend_env("KEYROTD_TEST_VAULT_ROOT_TOKEN"),
+            bin: backend_env("KEYROTD_TEST_BAO"),
+        }
+    }
+
+    /// The root token, for test set-up only.
+    pub fn root_token(&self) -> &str {
+        &self.root_token
+    }
+
+    /// The `bao` binary.
+    pub fn bin(&self) -> &str {
+        &self.bin
+    }
+
+    /// Runs `bao ARGS` as root and returns its stdout; panics with its stderr on failure.
+    #[track_caller]
+    pub fn bao(&self, args: &[&str]) -> String {
+        self.bao_stdin(args, "")
+    }
+
+    /// [`Self::bao`] with `stdin` on its standard input (`bao policy write NAME -`).
+    #[track_caller]
+    pub fn bao_stdin(&self, args: &[&str], stdin: &str) -> String {
+        let mut child = Command::new(&self.bin)
+            .args(args)
+            .env("BAO_ADDR", &self.addr)
+            .env("BAO_TOKEN", &self.root_token)
+            .env_remove("VAULT_ADDR")
+            .env_remove("VAULT_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin));
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write bao's stdin");
+        let out = child.wait_with_output().expect("wait for bao");
+        assert!(
+            out.status.success(),
+            "bao {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("bao prints UTF-8")
+    }
+
+    /// Runs `bao ARGS -format=json` (the flag goes right after the subcommand's words) and
+    /// parses its output.
+    #[track_caller]
+    pub fn bao_json(&self, args: &[&str]) -> serde_json::Value {
+        let split = args
+            .iter()
+            .position(|a| a.starts_with('-') || a.contains('='))
+            .unwrap_or(args.len());
+        let mut full: Vec<&str> = args[..split].to_vec();
+        full.push("-format=json");
+        full.extend(&args[split..]);
+        serde_json::from_str(&self.bao(&full)).expect("bao printed JSON")
+    }
+
+    /// Writes the policy `name` with `hcl` and creates a token carrying only it (and not the
+    /// `default` policy), valid for `ttl` (`"1h"`). Returns the token.
+    #[track_caller]
+    pub fn token_with_policy(&self, name: &str, hcl: &str, ttl: &str) -> String {
+        self.bao_stdin(&["policy", "write", name, "-"], hcl);
+        let ttl = format!("-ttl={ttl}");
+        let policy = format!("-policy={name}");
+        self.bao(&[
+            "token",
+            "create",
+            "-no-default-policy",
+            &policy,
+            &ttl,
+            "-field=token",
+        ])
+        .trim()
+        .to_owned()
+    }
+}
+
+/// A name no other test of this run uses (`prefix-1a2b3c4d`), for mounts, roles and policies.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
