@@ -142,6 +142,20 @@ impl Rotator for TimedRotator {
     async fn revoke(&self, ctx: StepContext<'_>, old: &Attrs) -> Result<(), ProviderError> {
         self.time("revoke", self.inner.revoke(ctx, old)).await
     }
+
+    fn checks_use(&self) -> bool {
+        self.inner.checks_use()
+    }
+
+    async fn last_used(
+        &self,
+        ctx: StepContext<'_>,
+        old: &Attrs,
+        since: std::time::SystemTime,
+    ) -> Result<keyrotd_plugin::UsageReport, ProviderError> {
+        self.time("last_used", self.inner.last_used(ctx, old, since))
+            .await
+    }
 }
 
 /// A store whose calls are timed.

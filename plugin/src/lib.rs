@@ -22,7 +22,8 @@
 //! - [`timeouts`]: the deadlines every plugin that talks to a server is bounded by;
 //! - [`backoff`]: the one retry delay policy of keyrotd;
 //! - [`permissions`]: what a provider needs to be allowed to do (`keyrotd policy`);
-//! - [`is_loopback_host`]: where plain-text protocols are allowed.
+//! - [`is_loopback_host`]: where plain-text protocols are allowed;
+//! - [`usage`]: whether an old credential is still used, asked before revoking it.
 //!
 //! *Invariant:* no error message and no `Debug` output of these types carries secret material.
 
@@ -32,6 +33,7 @@ pub mod backoff;
 pub mod permissions;
 pub mod reference;
 pub mod timeouts;
+pub mod usage;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -42,6 +44,7 @@ use secrecy::SecretString;
 
 pub use permissions::Permissions;
 pub use timeouts::Timeouts;
+pub use usage::{Usage, UsageReport};
 
 /// A credential: its secret value plus public attributes that identify it.
 ///
@@ -229,6 +232,29 @@ pub trait Rotator: Send + Sync {
 
     /// Revokes an old credential once the grace period has passed.
     async fn revoke(&self, ctx: StepContext<'_>, old: &Attrs) -> Result<(), ProviderError>;
+
+    /// Whether [`Rotator::last_used`] can tell anything, as configured: the inventory refuses
+    /// `revoke = "when_unused"` on a rotator that cannot.
+    fn checks_use(&self) -> bool {
+        false
+    }
+
+    /// What [`Rotator::last_used`] alone needs at the provider (`keyrotd policy` adds it only for
+    /// credentials with `revoke = "when_unused"`).
+    fn use_permissions(&self) -> Permissions {
+        Permissions::none()
+    }
+
+    /// Whether the old credential (its public attributes `old`) was used since `since`, its
+    /// replacement's promotion. Changes nothing. The default cannot tell.
+    async fn last_used(
+        &self,
+        _ctx: StepContext<'_>,
+        _old: &Attrs,
+        _since: std::time::SystemTime,
+    ) -> Result<UsageReport, ProviderError> {
+        Ok(UsageReport::unsupported(self.kind()))
+    }
 }
 
 /// The *where* of a credential: the place consumers read its current value.

@@ -186,6 +186,20 @@ impl RotatorConfig {
         }
     }
 
+    /// Whether the rotator can tell if an old credential is still in use (its
+    /// [`Rotator::last_used`]), as configured: `revoke = "when_unused"` needs it.
+    pub fn checks_use(&self) -> bool {
+        match self {
+            Self::Random(_) => false,
+            #[cfg(feature = "aws")]
+            Self::AwsIamAccessKey(_) => true,
+            #[cfg(feature = "postgres")]
+            Self::PostgresPassword(c) => c.strategy == crate::postgres::Strategy::Alternating,
+            #[cfg(feature = "http")]
+            Self::Http(c) => c.last_used.is_some(),
+        }
+    }
+
     /// Fills what the credential leaves unset from the inventory's provider tables: the AWS
     /// region and endpoint from `[aws]`, the Vault connection from `[vault]`.
     pub fn inherit(&mut self, defaults: &ProviderDefaults) {

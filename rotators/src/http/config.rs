@@ -43,6 +43,10 @@ pub struct HttpConfig {
     pub verify: VerifyConfig,
     /// The request that revokes a key by id (`{{old_id}}`).
     pub revoke: RequestConfig,
+    /// The optional in-use check (`revoke = "when_unused"`): a request about the old key
+    /// (`{{old_id}}`) whose JSON answer has its last use at `pointer`.
+    #[serde(default)]
+    pub last_used: Option<LastUsedConfig>,
     /// Name of the secret's field in JSON stores.
     #[serde(default = "default_secret_field")]
     pub secret_field: String,
@@ -135,6 +139,27 @@ pub struct VerifyConfig {
     pub expect_value: Option<Value>,
 }
 
+/// The `last_used` request: made with the admin token, about the old key (`{{old_id}}`); its
+/// JSON answer holds the key's last use at `pointer`, as RFC 3339 in UTC
+/// (`2026-11-30T05:00:00Z`) or Unix seconds; `null` or absent means never used.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LastUsedConfig {
+    /// The HTTP method (`GET` by default).
+    #[serde(default = "default_get")]
+    pub method: String,
+    /// The URL template.
+    pub url: String,
+    /// Extra headers (templates).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// A JSON body (templates in its strings).
+    #[serde(default)]
+    pub body: Option<Value>,
+    /// Where the answer has the last-used time (a JSON pointer).
+    pub pointer: String,
+}
+
 fn default_get() -> String {
     "GET".into()
 }
@@ -212,6 +237,7 @@ pub(super) struct Parsed {
     pub(super) issue: Request,
     pub(super) verify: Request,
     pub(super) revoke: Request,
+    pub(super) last_used: Option<Request>,
     pub(super) auth_header: HeaderName,
 }
 
@@ -238,6 +264,18 @@ impl HttpConfig {
                     .into(),
             );
         }
+        let last_used = match &self.last_used {
+            Some(l) => {
+                let request =
+                    Request::parse(RequestKind::LastUsed, &l.method, &l.url, &l.headers, &l.body)?;
+                if !request.uses("old_id") {
+                    return Err("last_used: the request must name the key with `{{old_id}}` (in url, headers or body)".into());
+                }
+                check_pointer("last_used.pointer", &l.pointer)?;
+                Some(request)
+            }
+            None => None,
+        };
         check_pointer("secret_pointer", &self.secret_pointer)?;
         check_pointer("id_pointer", &self.id_pointer)?;
         // The id is journaled and sent in revoke URLs: it must not be (part of) the secret.
@@ -280,6 +318,7 @@ impl HttpConfig {
             issue,
             verify,
             revoke,
+            last_used,
             auth_header,
         })
     }

@@ -6,7 +6,9 @@
 //!   secret and its id are in the JSON response;
 //! - `verify` is made *with the new secret* (by default sent as `auth_header: auth_prefix + secret`)
 //!   and must answer `expect_status`, optionally with `expect_value` at `expect_pointer`;
-//! - `revoke` deletes a key by id (`404` and `410` count as already revoked).
+//! - `revoke` deletes a key by id (`404` and `410` count as already revoked);
+//! - `last_used` (optional, for `revoke = "when_unused"`, in `usage`) asks when the old key was
+//!   last used, at a JSON pointer of its answer.
 //!
 //! The admin token (`auth`) is a secret reference, sent as `auth_header: auth_prefix + token` on
 //! `issue` and `revoke`. Templates (`{{name}}`) may use only a fixed set of variables, checked at
@@ -34,8 +36,9 @@
 mod client;
 mod config;
 mod template;
+mod usage;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use reqwest::header::HeaderValue;
@@ -45,12 +48,12 @@ use serde_json::Value;
 
 use self::client::status_error;
 use self::config::Parsed;
-pub use self::config::{HttpConfig, RequestConfig, VerifyConfig};
+pub use self::config::{HttpConfig, LastUsedConfig, RequestConfig, VerifyConfig};
 use self::template::{render_body, Vars};
 use crate::resolve::Resolve;
 use keyrotd_plugin::permissions::Permission;
 use keyrotd_plugin::{
-    Attrs, Credential, ErrorClass, Permissions, ProviderError, Rotator, StepContext,
+    Attrs, Credential, ErrorClass, Permissions, ProviderError, Rotator, StepContext, UsageReport,
 };
 
 /// Attribute carrying the provider's id of a key.
@@ -280,5 +283,28 @@ impl Rotator for HttpRotator {
             ))
         })?;
         self.revoke_id(ctx, id).await
+    }
+
+    fn checks_use(&self) -> bool {
+        self.config.last_used.is_some()
+    }
+
+    fn use_permissions(&self) -> Permissions {
+        match &self.config.last_used {
+            Some(l) => Permissions::none().need(Permission::Text(format!(
+                "the `auth` token must be allowed to read a key's last use (last_used: {} {})",
+                l.method, l.url
+            ))),
+            None => Permissions::none(),
+        }
+    }
+
+    async fn last_used(
+        &self,
+        ctx: StepContext<'_>,
+        old: &Attrs,
+        since: SystemTime,
+    ) -> Result<UsageReport, ProviderError> {
+        self.key_last_used(ctx, old, since).await
     }
 }

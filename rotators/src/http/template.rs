@@ -14,6 +14,7 @@ pub(super) enum RequestKind {
     Issue,
     Verify,
     Revoke,
+    LastUsed,
 }
 
 impl RequestKind {
@@ -23,6 +24,7 @@ impl RequestKind {
             Self::Issue => "issue",
             Self::Verify => "verify",
             Self::Revoke => "revoke",
+            Self::LastUsed => "last_used",
         }
     }
 
@@ -31,7 +33,7 @@ impl RequestKind {
         match self {
             Self::Issue => &["credential_id", "old_id"],
             Self::Verify => &["credential_id", "new_id", "new_secret"],
-            Self::Revoke => &["credential_id", "old_id"],
+            Self::Revoke | Self::LastUsed => &["credential_id", "old_id"],
         }
     }
 }

@@ -39,13 +39,14 @@
 //! `verify` login as the rotated role is always a connection of its own.
 //!
 //! Files: `config` holds [`PostgresConfig`] and its validation, `connect` the connections (TLS,
-//! timeouts, driver errors), `pool` the admin connection pools, `sql` the `ALTER ROLE` statement, and this file the strategies and
+//! timeouts, driver errors), `pool` the admin connection pools, `sql` the `ALTER ROLE` statement, `usage` the in-use check (`pg_stat_activity`), and this file the strategies and
 //! the [`Rotator`] implementation.
 
 mod config;
 mod connect;
 mod pool;
 mod sql;
+mod usage;
 
 use std::time::Duration;
 
@@ -55,7 +56,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 pub use self::config::{PostgresConfig, SslMode, Strategy};
 use self::connect::tls_config;
 use crate::random::{generate, Alphabet};
-use keyrotd_plugin::{Attrs, Credential, Permissions, ProviderError, Rotator, StepContext};
+use keyrotd_plugin::{
+    Attrs, Credential, Permissions, ProviderError, Rotator, StepContext, UsageReport,
+};
 
 /// Attribute naming the role a credential logs in as.
 pub const USERNAME_ATTR: &str = "username";
@@ -263,6 +266,24 @@ impl Rotator for PostgresRotator {
         }
         let role = self.role_of("revoke", old)?;
         self.scramble("revoke", role).await
+    }
+
+    /// Only `alternating` has an old role to look at.
+    fn checks_use(&self) -> bool {
+        self.config.strategy == Strategy::Alternating
+    }
+
+    fn use_permissions(&self) -> Permissions {
+        self.sessions_permissions()
+    }
+
+    async fn last_used(
+        &self,
+        _ctx: StepContext<'_>,
+        old: &Attrs,
+        _since: std::time::SystemTime,
+    ) -> Result<UsageReport, ProviderError> {
+        self.sessions(old).await
     }
 }
 

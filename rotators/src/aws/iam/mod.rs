@@ -13,6 +13,8 @@
 //! - revoke: `UpdateAccessKey` to `Inactive`, then `DeleteAccessKey`.
 //! - a `DeleteAccessKey` or `UpdateAccessKey` answered `NoSuchEntity` asks `ListAccessKeys`
 //!   whether the user exists (the key is then already gone).
+//! - last_used (the in-use check of `revoke = "when_unused"`, in `usage`): `GetAccessKeyLastUsed`
+//!   on the old key; a use at or after the promotion means it is still in use.
 //! - abandon: deletes the issued key, or, when a crash lost it, every key of the user that is
 //!   neither the current one nor the one the rotation replaces and was created since the rotation
 //!   started, on AWS's clock (see `clock::started_in_aws_time`).
@@ -29,6 +31,7 @@
 
 mod clock;
 mod config;
+mod usage;
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -42,7 +45,9 @@ pub use self::config::IamAccessKeyConfig;
 use super::{aws_error, has_code, Connection};
 use keyrotd_plugin::backoff::Backoff;
 use keyrotd_plugin::permissions::{aws_partition, AwsAction, AwsStatement, Permission};
-use keyrotd_plugin::{Attrs, Credential, Permissions, ProviderError, Rotator, StepContext};
+use keyrotd_plugin::{
+    Attrs, Credential, Permissions, ProviderError, Rotator, StepContext, UsageReport,
+};
 
 /// The attribute naming the access key id.
 pub const ACCESS_KEY_ID: &str = "AccessKeyId";
@@ -406,5 +411,22 @@ impl Rotator for IamAccessKeyRotator {
             self.delete_key(&iam, id).await?;
         }
         Ok(())
+    }
+
+    fn checks_use(&self) -> bool {
+        true
+    }
+
+    fn use_permissions(&self) -> Permissions {
+        self.last_used_permissions()
+    }
+
+    async fn last_used(
+        &self,
+        _ctx: StepContext<'_>,
+        old: &Attrs,
+        since: SystemTime,
+    ) -> Result<UsageReport, ProviderError> {
+        self.key_last_used(old, since).await
     }
 }
