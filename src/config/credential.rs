@@ -104,10 +104,24 @@ impl Validator<'_> {
             None => Some(defaults.grace.unwrap_or(Duration::from_secs(3600))),
         };
         let retry = self.retry(defaults.retry, raw.retry.as_ref(), &field);
+        let revoke_fields = [
+            raw.revoke.as_ref(),
+            raw.max_revoke_delay.as_ref(),
+            raw.on_max_revoke_delay.as_ref(),
+            raw.revoke_check_every.as_ref(),
+            raw.revoke_min_quiet.as_ref(),
+        ];
+        let revoke = self.revoke_policy(
+            defaults.revoke,
+            revoke_fields,
+            &rotator,
+            rotator_span.clone(),
+            &field,
+        );
         if self.errors.len() > errors_before || defaults.broken {
             return None;
         }
-        let (max_age, grace) = (max_age?, grace?);
+        let (max_age, grace, revoke) = (max_age?, grace?, revoke?);
         let schedule = Schedule {
             cron,
             every,
@@ -158,6 +172,7 @@ impl Validator<'_> {
             retry,
             place,
             period,
+            revoke,
         })
     }
 }

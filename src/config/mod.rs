@@ -32,11 +32,13 @@ mod credential;
 mod locate;
 mod raw;
 mod references;
+mod revoke;
 mod sections;
 mod targets;
 mod validate;
 
 pub use self::references::check_references;
+pub use self::revoke::{OnMaxRevokeDelay, RevokePolicy, RevokeWhen};
 use keyrotd_plugin::backoff::Backoff;
 
 /// The validated inventory.
@@ -121,6 +123,8 @@ pub struct CredentialSpec {
     pub place: (usize, usize),
     /// The longest time the schedule lets pass between two rotations (shorter than `max_age`).
     pub period: Duration,
+    /// When the old credential is revoked: after the grace period, or once unused.
+    pub revoke: RevokePolicy,
 }
 
 /// Retries with exponential backoff and jitter; after `max_attempts` consecutive failures the

@@ -47,6 +47,11 @@ pub(super) struct RawDefaults {
     pub(super) window: Option<Spanned<String>>,
     pub(super) timezone: Option<Spanned<String>>,
     pub(super) retry: Option<RawRetry>,
+    pub(super) revoke: Option<Spanned<String>>,
+    pub(super) max_revoke_delay: Option<Spanned<String>>,
+    pub(super) on_max_revoke_delay: Option<Spanned<String>>,
+    pub(super) revoke_check_every: Option<Spanned<String>>,
+    pub(super) revoke_min_quiet: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -70,6 +75,11 @@ pub(super) struct RawCredential {
     pub(super) grace: Option<Spanned<String>>,
     pub(super) window: Option<Spanned<String>>,
     pub(super) retry: Option<RawRetry>,
+    pub(super) revoke: Option<Spanned<String>>,
+    pub(super) max_revoke_delay: Option<Spanned<String>>,
+    pub(super) on_max_revoke_delay: Option<Spanned<String>>,
+    pub(super) revoke_check_every: Option<Spanned<String>>,
+    pub(super) revoke_min_quiet: Option<Spanned<String>>,
 }
 
 /// One `[[credential]]` section parsed on its own.

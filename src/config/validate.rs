@@ -33,6 +33,8 @@ pub(super) struct Defaults {
     pub(super) window: Option<Duration>,
     pub(super) timezone: Option<Tz>,
     pub(super) retry: RetryPolicy,
+    /// The revoke policy (`revoke`, `max_revoke_delay`, ...).
+    pub(super) revoke: super::revoke::RevokePolicy,
     /// The `[aws]` and `[vault]` tables.
     pub(super) providers: ProviderDefaults,
     /// Whether `[defaults]` had errors (reported already); credentials then stop quietly.
@@ -169,6 +171,7 @@ impl Validator<'_> {
                 .as_ref()
                 .and_then(|s| self.timezone(s, "defaults.timezone")),
             retry: RetryPolicy::default(),
+            revoke: self.revoke_defaults(raw),
             providers,
             broken: false,
         };

@@ -44,6 +44,7 @@ fn spec(id: &str, schedule: Schedule) -> CredentialSpec {
         retry: RetryPolicy::default(),
         place: (1, 1),
         period: Duration::from_secs(30 * DAY),
+        revoke: Default::default(),
     }
 }
 

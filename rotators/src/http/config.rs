@@ -266,8 +266,13 @@ impl HttpConfig {
         }
         let last_used = match &self.last_used {
             Some(l) => {
-                let request =
-                    Request::parse(RequestKind::LastUsed, &l.method, &l.url, &l.headers, &l.body)?;
+                let request = Request::parse(
+                    RequestKind::LastUsed,
+                    &l.method,
+                    &l.url,
+                    &l.headers,
+                    &l.body,
+                )?;
                 if !request.uses("old_id") {
                     return Err("last_used: the request must name the key with `{{old_id}}` (in url, headers or body)".into());
                 }

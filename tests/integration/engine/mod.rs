@@ -194,6 +194,7 @@ impl Fixture {
             },
             place: (1, 1),
             period: Duration::from_secs(86400),
+            revoke: Default::default(),
         };
         Self {
             dir,

@@ -43,7 +43,12 @@ impl IamAccessKeyRotator {
     ) -> Result<UsageReport, ProviderError> {
         let id = attr(old, "old")?;
         let iam = self.iam().await;
-        let out = match iam.get_access_key_last_used().access_key_id(id).send().await {
+        let out = match iam
+            .get_access_key_last_used()
+            .access_key_id(id)
+            .send()
+            .await
+        {
             Ok(out) => out,
             // The key is gone (revoked by an earlier run): nobody can use it.
             Err(e) if has_code(&e, NO_SUCH_ENTITY) => {
