@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CredentialSpec, Inventory, StateUrl};
-use crate::engine::{public_only, state_lost_message, Engine, Outcome};
+use crate::engine::{public_only, state_lost_message, waiting_reason, Engine, Outcome};
 use crate::fmt::{human, time};
 use crate::metrics::Metrics;
 use crate::protocol::{Phase, Trigger};
@@ -106,6 +106,8 @@ struct StatusRow {
     state_lost: bool,
     /// The rotation the store names, when it names one.
     store_rotation: Option<String>,
+    /// While the revoke waits for the old credential to go unused: why, from the latest check.
+    waiting: Option<String>,
 }
 
 /// How many stores `status` and `adopt` read at once.
@@ -188,6 +190,15 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
         .map(|r| (r.id.clone(), r))
         .collect();
     let open = state.open_rotations().await?;
+    let mut waiting = HashMap::new();
+    for record in records.values() {
+        if record.status == Status::RevokeDelayed {
+            waiting.insert(
+                record.id.clone(),
+                waiting_reason(state.as_ref(), &record.id).await?,
+            );
+        }
+    }
     let now = Utc::now();
     let rows: Vec<StatusRow> = inventory
         .credentials
@@ -229,6 +240,7 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
                 state_lost: lost.is_some(),
                 last_error: lost.or(record.last_error),
                 store_rotation: store.and_then(|s| s.rotation),
+                waiting: waiting.remove(&spec.id).flatten(),
             }
         })
         .collect();
@@ -254,6 +266,8 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
             format!("{} (state lost or foreign)", r.state)
         } else if r.stale {
             format!("{} (stale)", r.state)
+        } else if let Some(why) = &r.waiting {
+            format!("{} ({why})", r.state)
         } else {
             r.state.to_owned()
         };
@@ -336,6 +350,9 @@ pub async fn rotate(inventory: &Inventory, id: &str, dry_run: bool) -> anyhow::R
         Outcome::Stopped => (EXIT_FAILED, format!("{id}: marked failed: {}", record.last_error.unwrap_or_default())),
         Outcome::Failed { rotation, error } => (EXIT_FAILED, format!("rotation {rotation} failed: {error}")),
         Outcome::Parked { rotation } => (EXIT_FAILED, format!("{id}: rotation {rotation} parked")),
+        Outcome::RevokeDelayed { rotation, revoke_at, reason, .. } => {
+            (0, format!("{id}: rotation {rotation} promoted; the old credential is still in use ({reason}); the daemon checks again at {}", time(Some(revoke_at))))
+        }
     };
     if code == 0 {
         report(format_args!("{message}"));

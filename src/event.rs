@@ -51,17 +51,21 @@ pub enum Condition {
     AutomationStopped,
     /// The store holds a rotation the state database does not know: state lost or foreign.
     StateLost,
+    /// The old credential is still in use `max_revoke_delay` after the grace period ended: its
+    /// revoke waits (or, with `on_max_revoke_delay = "revoke"`, goes ahead anyway).
+    RevokeDelayed,
 }
 
 impl Condition {
     /// Every condition, in a stable order.
-    pub const ALL: [Condition; 6] = [
+    pub const ALL: [Condition; 7] = [
         Self::RotationFailed,
         Self::Stale,
         Self::NearMaxAge,
         Self::RevokeFailed,
         Self::AutomationStopped,
         Self::StateLost,
+        Self::RevokeDelayed,
     ];
 
     /// The stable snake_case name used in payloads and subjects.
@@ -73,6 +77,7 @@ impl Condition {
             Self::RevokeFailed => "revoke_failed",
             Self::AutomationStopped => "automation_stopped",
             Self::StateLost => "state_lost",
+            Self::RevokeDelayed => "revoke_delayed",
         }
     }
 
@@ -80,7 +85,9 @@ impl Condition {
     pub fn severity(self) -> Severity {
         match self {
             Self::Stale | Self::AutomationStopped | Self::StateLost => Severity::Critical,
-            Self::RotationFailed | Self::NearMaxAge | Self::RevokeFailed => Severity::Warning,
+            Self::RotationFailed | Self::NearMaxAge | Self::RevokeFailed | Self::RevokeDelayed => {
+                Severity::Warning
+            }
         }
     }
 
@@ -93,6 +100,7 @@ impl Condition {
             Self::RevokeFailed => "revoking the previous credential failed",
             Self::AutomationStopped => "credential marked failed; automatic rotation stopped",
             Self::StateLost => "state database lost or foreign; automatic rotation stopped",
+            Self::RevokeDelayed => "the previous credential is still in use past max_revoke_delay",
         }
     }
 }
@@ -127,7 +135,8 @@ mod tests {
                 "near_max_age",
                 "revoke_failed",
                 "automation_stopped",
-                "state_lost"
+                "state_lost",
+                "revoke_delayed"
             ]
         );
         assert_eq!(Condition::Stale.severity(), Severity::Critical);

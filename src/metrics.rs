@@ -144,15 +144,19 @@ enum Family {
     NextRotation,
     Status,
     Failures,
+    OldLastUsed,
+    RevokeDeadline,
 }
 
 impl Family {
-    const ALL: [Family; 5] = [
+    const ALL: [Family; 7] = [
         Self::Issued,
         Self::MaxAge,
         Self::NextRotation,
         Self::Status,
         Self::Failures,
+        Self::OldLastUsed,
+        Self::RevokeDeadline,
     ];
 
     fn header(self) -> (&'static str, &'static str) {
@@ -171,11 +175,22 @@ impl Family {
             ),
             Self::Status => (
                 "keyrotd_credential_status",
-                "1 for the credential's current state (idle, rotating, grace, retrying, failed).",
+                "1 for the credential's current state (idle, rotating, grace, retrying, failed, \
+                 revoke_delayed).",
             ),
             Self::Failures => (
                 "keyrotd_credential_consecutive_failures",
                 "Failed attempts since the last success.",
+            ),
+            Self::OldLastUsed => (
+                "keyrotd_credential_old_last_used_timestamp_seconds",
+                "While the revoke waits for the old credential to go unused: when its provider \
+                 last saw it used (Unix time).",
+            ),
+            Self::RevokeDeadline => (
+                "keyrotd_credential_revoke_deadline_timestamp_seconds",
+                "While the revoke waits for the old credential to go unused: when \
+                 max_revoke_delay passes (Unix time).",
             ),
         }
     }
@@ -193,6 +208,24 @@ fn next_rotation(slot: &Slot<'_>, live: &Live, group_fire: &[Option<i64>]) -> Op
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
+}
+
+/// Whether the revoke waits for the old credential to go unused.
+fn waiting(live: &Live) -> bool {
+    live.status == Status::RevokeDelayed
+}
+
+/// While the revoke waits: when `max_revoke_delay` passes, counted from the end of the grace
+/// period after the promotion.
+fn revoke_deadline(slot: &Slot<'_>, live: &Live) -> Option<i64> {
+    let promoted = live.issued_at.filter(|_| waiting(live))?;
+    let (grace, max_delay) = (slot.spec.grace, slot.spec.revoke.max_delay);
+    Some(
+        promoted
+            .saturating_add(crate::schedule::secs(grace))
+            .saturating_add(i64::from(grace.subsec_nanos() > 0))
+            .saturating_add(crate::schedule::secs(max_delay)),
+    )
 }
 
 /// Whether the credential is older than its `max_age` (a `max_age` of 0 never is).
@@ -310,6 +343,16 @@ pub fn credential_chunks(
                     }
                     Family::Failures => {
                         let _ = writeln!(out, "{name}{{{labels}}} {}", live.consecutive_failures);
+                    }
+                    Family::OldLastUsed => {
+                        if let Some(t) = live.old_last_used.filter(|_| waiting(&live)) {
+                            let _ = writeln!(out, "{name}{{{labels}}} {t}");
+                        }
+                    }
+                    Family::RevokeDeadline => {
+                        if let Some(t) = revoke_deadline(&slot, &live) {
+                            let _ = writeln!(out, "{name}{{{labels}}} {t}");
+                        }
                     }
                 }
             }

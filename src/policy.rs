@@ -119,10 +119,12 @@ fn credential_policy(spec: &CredentialSpec) -> anyhow::Result<CredentialPolicy> 
         notes: Vec::new(),
     };
     let mut statements = Vec::new();
-    for (plugin, permissions) in [
-        ("rotator", rotator.permissions()),
-        ("store", store.permissions()),
-    ] {
+    let mut needs = rotator.permissions();
+    // The in-use check is made only for `revoke = "when_unused"`: its permission only then.
+    if spec.revoke.when == crate::config::RevokeWhen::WhenUnused {
+        needs.extend(rotator.use_permissions());
+    }
+    for (plugin, permissions) in [("rotator", needs), ("store", store.permissions())] {
         add(&mut policy, &mut statements, plugin, permissions);
     }
     if !policy.vault_rules.is_empty() {

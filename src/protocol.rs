@@ -112,11 +112,14 @@ pub enum Step {
     Rollback,
     /// The store drops the pending value (after [`Step::Rollback`]).
     Discard,
+    /// The rotator says whether the old credential is still in use (before [`Step::Revoke`],
+    /// with `revoke = "when_unused"`).
+    CheckUse,
 }
 
 impl Step {
     /// Every step, for metric pre-registration.
-    pub const ALL: [Step; 9] = [
+    pub const ALL: [Step; 10] = [
         Self::Issue,
         Self::Stage,
         Self::Activate,
@@ -126,6 +129,7 @@ impl Step {
         Self::Release,
         Self::Rollback,
         Self::Discard,
+        Self::CheckUse,
     ];
 
     /// The journaled name.
@@ -140,6 +144,7 @@ impl Step {
             Self::Release => "release",
             Self::Rollback => "rollback",
             Self::Discard => "discard",
+            Self::CheckUse => "check_use",
         }
     }
 }

@@ -170,7 +170,7 @@ fn summary(table: &Table) -> String {
             Status::Rotating => rotating += 1,
             Status::Retrying => retrying += 1,
             Status::Failed => failed += 1,
-            Status::Idle | Status::Grace => {}
+            Status::Idle | Status::Grace | Status::RevokeDelayed => {}
         }
     }
     let n = table.len();

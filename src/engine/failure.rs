@@ -99,6 +99,13 @@ impl Engine {
                 Condition::RevokeFailed,
                 format!("revoking the old credential failed: {message}"),
             ),
+            // The revoke waits for a check that works: it never goes ahead on an error.
+            Step::CheckUse => (
+                Condition::RevokeFailed,
+                format!(
+                    "checking whether the old credential is still in use failed (its revoke waits): {message}"
+                ),
+            ),
             _ => (
                 Condition::RotationFailed,
                 format!("rotation failed: {message}"),

@@ -57,6 +57,14 @@ impl Engine {
         held(job).save = Some((job.rotation.clone(), job.record.clone()));
     }
 
+    /// Puts `detail` (a reason, no secret) on the `ok` line of the step that just succeeded,
+    /// which is still held back.
+    pub(super) fn annotate(&self, job: &Job<'_>, detail: &str) {
+        if let Some(ok) = held(job).lines.last_mut().filter(|l| l.event == "ok") {
+            ok.detail = Some(detail.to_owned());
+        }
+    }
+
     /// Writes whatever is held back.
     pub(super) async fn flush(&self, job: &Job<'_>) -> Result<(), StateError> {
         self.write(job, None, false).await

@@ -43,7 +43,7 @@ impl Engine {
     pub(super) fn deadline(job: &Job<'_>, step: Step) -> (Duration, String) {
         let (rotator, store) = (Limit::rotator(job), Limit::store(job));
         match step {
-            Step::Revoke => rotator,
+            Step::Revoke | Step::CheckUse => rotator,
             Step::Stage | Step::Promote | Step::Release | Step::Discard => store,
             // These steps call both: each reads the store (the current or the staged value)
             // before it calls the rotator, each call within its own plugin's limit.

@@ -5,6 +5,8 @@
 //! Invariants:
 //! - the old credential is revoked only in phase `Promoted` and only once `revoke_at` (promotion
 //!   time plus grace) has passed, so never before the new one is stored, verified and promoted;
+//!   with `revoke = "when_unused"` also only once the rotator says it is unused (or
+//!   `max_revoke_delay` passed with `on_max_revoke_delay = "revoke"`), never after a failed check;
 //! - a failure before promotion rolls back: the rotator undoes what it did and the store drops the
 //!   pending value, so the current value stays the one consumers read;
 //! - a failure at or after promotion never rolls back (the new credential is proven good): the
@@ -19,11 +21,13 @@
 //! renews and gives back a rotation's lease; `lost_state` checks that the state database knows
 //! the store's value before a run; `steps` drives the protocol step by step up to the revoke;
 //! `failure` rolls back, schedules retries with backoff or stops a credential; `journal` runs
-//! one plugin call as a journaled, timed step; `limits` bounds plugin calls by their timeouts;
+//! one plugin call as a journaled, timed step; `in_use` asks the rotator whether the old
+//! credential is still used before revoking it (`revoke = "when_unused"`); `limits` bounds plugin calls by their timeouts;
 //! `failpoint` is the crash-test hook; `metrics` the engine's Prometheus metrics.
 
 mod failpoint;
 mod failure;
+mod in_use;
 mod journal;
 mod lease;
 mod limits;
@@ -45,6 +49,7 @@ use crate::protocol::{Phase, Step, Trigger};
 use crate::state::{CredentialRecord, RotationRecord, StateError, StateStore};
 use lease::Taken;
 
+pub use in_use::waiting_reason;
 pub use metrics::EngineMetrics;
 
 /// How long a rotation's lease lasts; renewed at every step.
@@ -89,6 +94,18 @@ pub enum Outcome {
         rotation: String,
         /// What failed (no secret).
         error: String,
+    },
+    /// The grace period is over but the old credential is still in use (`revoke =
+    /// "when_unused"`): its revoke is deferred to `revoke_at`, the next check.
+    RevokeDelayed {
+        /// The rotation's id.
+        rotation: String,
+        /// When the old credential's use is checked again.
+        revoke_at: i64,
+        /// When the provider last saw it used (Unix seconds), if it knows.
+        last_used: Option<i64>,
+        /// Why the revoke waits (no secret).
+        reason: String,
     },
     /// Shutdown arrived; the rotation is parked durably and resumes on the next start.
     Parked {

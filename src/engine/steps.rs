@@ -47,7 +47,11 @@ impl Engine {
                                 revoke_at: at,
                             });
                         }
-                        _ => self.revoke(job).await,
+                        _ => match self.check_use(job).await {
+                            Ok(Some(deferred)) => return Ok(deferred),
+                            Ok(None) => self.revoke(job).await,
+                            Err(failure) => Err(failure),
+                        },
                     }
                 }
                 Phase::RollingBack => self.roll_back(job).await,
@@ -228,6 +232,9 @@ impl Engine {
         info!(credential = %job.spec.id, rotation = %job.rotation.id, "old credential revoked; rotation complete");
         if had_failures {
             self.clear(&job.spec.id, Condition::RevokeFailed);
+        }
+        if job.spec.revoke.when == crate::config::RevokeWhen::WhenUnused {
+            self.clear(&job.spec.id, Condition::RevokeDelayed);
         }
         Ok(())
     }

@@ -384,7 +384,10 @@ impl Scheduler {
         if self.panicked[i]
             && matches!(
                 outcome,
-                Outcome::Promoted { .. } | Outcome::Completed { .. } | Outcome::InGrace { .. }
+                Outcome::Promoted { .. }
+                    | Outcome::Completed { .. }
+                    | Outcome::InGrace { .. }
+                    | Outcome::RevokeDelayed { .. }
             )
         {
             self.panicked[i] = false;

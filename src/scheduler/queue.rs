@@ -152,7 +152,7 @@ impl Queue {
             let trigger = match lock(table.slot(i).live).status {
                 Status::Retrying => Trigger::Retry,
                 _ if at <= self.started => Trigger::Overdue,
-                Status::Grace => Trigger::Schedule,
+                Status::Grace | Status::RevokeDelayed => Trigger::Schedule,
                 _ if table.slot(i).spec.schedule.every.is_some() => Trigger::Interval,
                 _ => Trigger::Schedule,
             };

@@ -32,6 +32,9 @@ pub struct Live {
     pub consecutive_failures: u32,
     /// The next heap wake-up (retry, revocation, interval), if any.
     pub wake: Option<i64>,
+    /// While the revoke waits for the old credential to go unused: when its provider last saw
+    /// it used (Unix seconds), as the last check reported.
+    pub old_last_used: Option<i64>,
 }
 
 /// One inventory entry and its live view, as borrowed from the [`Table`].
@@ -183,6 +186,7 @@ pub fn live_view(
         issued_at: record.issued_at,
         consecutive_failures: record.consecutive_failures,
         wake,
+        old_last_used: None,
     }
 }
 
@@ -197,9 +201,9 @@ pub(crate) fn live_after_run(
     now: i64,
 ) -> Live {
     let open_wake = match outcome {
-        Outcome::Promoted { revoke_at, .. } | Outcome::InGrace { revoke_at, .. } => {
-            Some(Some(*revoke_at))
-        }
+        Outcome::Promoted { revoke_at, .. }
+        | Outcome::InGrace { revoke_at, .. }
+        | Outcome::RevokeDelayed { revoke_at, .. } => Some(Some(*revoke_at)),
         Outcome::Busy { .. } => Some(Some(now + BUSY_RETRY)),
         Outcome::Parked { .. } | Outcome::Stopped => Some(None),
         Outcome::Completed { .. } | Outcome::Failed { .. } => None,
@@ -207,6 +211,9 @@ pub(crate) fn live_after_run(
     let mut live = live_view(spec, record, None, now);
     if let Some(wake) = open_wake {
         live.wake = wake;
+    }
+    if let Outcome::RevokeDelayed { last_used, .. } = outcome {
+        live.old_last_used = *last_used;
     }
     if let Outcome::Failed { .. } = outcome {
         // A failure at or after promotion leaves the rotation open: retry it when due.

@@ -113,16 +113,20 @@ pub enum Status {
     Retrying,
     /// Retries are exhausted: automation stopped until an operator rotates it by hand.
     Failed,
+    /// Promoted and past the grace period, but the old credential is still in use
+    /// (`revoke = "when_unused"`): its revoke waits for the next check.
+    RevokeDelayed,
 }
 
 impl Status {
     /// Every status, in the order metrics list them.
-    pub const ALL: [Status; 5] = [
+    pub const ALL: [Status; 6] = [
         Self::Idle,
         Self::Rotating,
         Self::Grace,
         Self::Retrying,
         Self::Failed,
+        Self::RevokeDelayed,
     ];
 
     /// The stored and exported name.
@@ -133,6 +137,7 @@ impl Status {
             Self::Grace => "grace",
             Self::Retrying => "retrying",
             Self::Failed => "failed",
+            Self::RevokeDelayed => "revoke_delayed",
         }
     }
 
