@@ -245,8 +245,9 @@ pub trait Rotator: Send + Sync {
         Permissions::none()
     }
 
-    /// Whether the old credential (its public attributes `old`) was used since `since`, its
-    /// replacement's promotion. Changes nothing. The default cannot tell.
+    /// Whether the old credential (its public attributes `old`) was used at or after `since`:
+    /// its replacement's promotion, then the start of the last check that found it in use. A
+    /// use at or after `since` is [`Usage::InUse`]. Changes nothing. The default cannot tell.
     async fn last_used(
         &self,
         _ctx: StepContext<'_>,

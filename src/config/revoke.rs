@@ -185,8 +185,6 @@ impl Validator<'_> {
 mod tests {
     use crate::config::tests::{errors, GOOD};
 
-    use super::*;
-
     fn with(fields: &str) -> String {
         GOOD.replace("[defaults]\n", &format!("[defaults]\n{fields}\n"))
     }

@@ -42,7 +42,11 @@ impl Engine {
             return Ok(None);
         }
         let promoted = job.record.issued_at.unwrap_or(job.rotation.started_at);
-        let since = SystemTime::UNIX_EPOCH + Duration::from_secs(promoted.max(0) as u64);
+        // A use counts from the promotion, then from the last check that found one: a consumer
+        // that switched stops adding uses, however recently it used the old credential before.
+        let seen = self.last_seen_in_use(job).await?;
+        let since_secs = promoted.max(seen.unwrap_or(i64::MIN));
+        let since = SystemTime::UNIX_EPOCH + Duration::from_secs(since_secs.max(0) as u64);
         let ctx = self.ctx(job);
         let (rotator, limit) = (job.rotator.clone(), Limit::rotator(job));
         let report = self
@@ -54,13 +58,7 @@ impl Engine {
             .await?;
         let now = Utc::now().timestamp();
         let last_used = report.last_used.map(unix);
-        let quiet_since = if policy.min_quiet.is_zero() {
-            promoted
-        } else {
-            promoted
-                .max(last_used.unwrap_or(i64::MIN))
-                .max(self.last_seen_in_use(job).await?.unwrap_or(i64::MIN))
-        };
+        let quiet_since = since_secs.max(last_used.unwrap_or(i64::MIN));
         let quiet = now.saturating_sub(quiet_since);
         let wait = match report.usage {
             Usage::Unused if quiet >= secs(policy.min_quiet) => None,
@@ -114,21 +112,31 @@ impl Engine {
         }))
     }
 
-    /// When a check of this rotation last found the old credential in use (its journal line),
-    /// if one did.
+    /// When the latest check of this rotation that found the old credential in use began (its
+    /// journal's `start` line), if one did: the next check counts uses from there.
     async fn last_seen_in_use(&self, job: &Job<'_>) -> Result<Option<i64>, Failure> {
         let history = self.state.history(Some(&job.spec.id), 1).await?;
-        Ok(history
+        let mut started = None;
+        let mut seen = None;
+        for step in history
             .into_iter()
             .filter(|(r, _)| r.id == job.rotation.id)
             .flat_map(|(_, steps)| steps)
-            .filter(|s| {
-                s.step == Step::CheckUse.as_str()
-                    && s.event == "ok"
-                    && s.detail.as_deref().is_some_and(|d| d.starts_with(IN_USE))
-            })
-            .map(|s| s.at_ms.div_euclid(1000))
-            .max())
+            .filter(|s| s.step == Step::CheckUse.as_str())
+        {
+            match step.event.as_str() {
+                "start" => started = Some(step.at_ms.div_euclid(1000)),
+                "ok" if step
+                    .detail
+                    .as_deref()
+                    .is_some_and(|d| d.starts_with(IN_USE)) =>
+                {
+                    seen = started.or(seen)
+                }
+                _ => {}
+            }
+        }
+        Ok(seen)
     }
 }
 

@@ -57,12 +57,19 @@ impl HttpRotator {
             })?),
         };
         Ok(match at {
-            Some(at) if at >= since => {
-                UsageReport::new(Usage::InUse, format!("old key {id} used since promotion"))
-            }
+            Some(at) if at >= since => UsageReport::new(
+                Usage::InUse,
+                format!(
+                    "old key {id} used since {}",
+                    humantime::format_rfc3339_seconds(since)
+                ),
+            ),
             Some(_) => UsageReport::new(
                 Usage::Unused,
-                format!("old key {id} not used since promotion"),
+                format!(
+                    "old key {id} not used since {}",
+                    humantime::format_rfc3339_seconds(since)
+                ),
             ),
             None => UsageReport::new(Usage::Unused, format!("old key {id} never used")),
         }

@@ -24,6 +24,7 @@ use support::*;
 
 mod crash;
 mod failures;
+mod in_use;
 mod policy;
 
 const CURRENT: &str = "AWSCURRENT";

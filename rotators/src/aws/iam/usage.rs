@@ -1,5 +1,6 @@
 //! The in-use check of the `aws_iam_access_key` rotator: `GetAccessKeyLastUsed` on the old key.
-//! A `LastUsedDate` at or after the promotion means a consumer still signs with the old key.
+//! A `LastUsedDate` at or after `since` (the promotion, then the last check that saw a use)
+//! means a consumer still signs with the old key.
 //!
 //! IAM records a key's last use late (AWS documents no freshness; in practice minutes to hours)
 //! and coarsely, so "not used since promotion" is only as good as that record: the engine's
@@ -71,11 +72,17 @@ impl IamAccessKeyRotator {
         Ok(match at {
             Some(at) if at >= since => UsageReport::new(
                 Usage::InUse,
-                format!("old key {id} used since promotion (service {service})"),
+                format!(
+                    "old key {id} used since {} (service {service})",
+                    humantime::format_rfc3339_seconds(since)
+                ),
             ),
             Some(_) => UsageReport::new(
                 Usage::Unused,
-                format!("old key {id} not used since promotion"),
+                format!(
+                    "old key {id} not used since {}",
+                    humantime::format_rfc3339_seconds(since)
+                ),
             ),
             None => UsageReport::new(Usage::Unused, format!("old key {id} never used")),
         }
