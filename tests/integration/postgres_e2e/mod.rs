@@ -17,6 +17,7 @@ use support::*;
 
 mod crash;
 mod failures;
+mod in_use;
 mod policy;
 
 /// The variable the inventories name (`admin_dsn = "env:..."`); set on each keyrotd process only.
