@@ -2,7 +2,7 @@
 //! its traits, and the daemon end to end), served with axum on 127.0.0.1 in a thread with its
 //! own runtime, so both sync and async tests can start it. It issues keys (`POST /v1/keys`),
 //! answers a whoami with a key (`GET /v1/whoami`), revokes keys (`DELETE /v1/keys/{id}`) and
-//! then rejects them. Faults (429 with Retry-After, 5xx, malformed answers, a verify that
+//! then rejects them, and tells when a key was last used (`GET /v1/keys/{id}`). Faults (429 with Retry-After, 5xx, malformed answers, a verify that
 //! rejects every key) are queued per server.
 //!
 //! Invariants: admin calls need [`ADMIN_TOKEN`]; every secret it hands out is random, so a leak
@@ -46,6 +46,10 @@ pub struct Api {
     pub issue_calls: u32,
     /// Whoami rejects every key (the provider has not propagated it, say).
     pub reject_verify: bool,
+    /// key id -> when a whoami last used it (Unix seconds), as `GET /v1/keys/{id}` reports.
+    pub last_used: BTreeMap<String, f64>,
+    /// `GET /v1/keys/{id}` answers 500.
+    pub fail_key_info: bool,
 }
 
 type Shared = Arc<Mutex<Api>>;
@@ -65,7 +69,7 @@ impl KeyApi {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = Router::new()
             .route("/v1/keys", post(issue))
-            .route("/v1/keys/{id}", delete(revoke))
+            .route("/v1/keys/{id}", delete(revoke).get(key_info))
             .route("/v1/whoami", get(whoami))
             .with_state(state.clone());
         std::thread::spawn(move || {
@@ -174,7 +178,7 @@ async fn issue(State(api): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
 }
 
 async fn whoami(State(api): State<Shared>, headers: HeaderMap) -> Response {
-    let api = api.lock().unwrap();
+    let mut api = api.lock().unwrap();
     let token = bearer(&headers).unwrap_or_default();
     if api.reject_verify {
         return answer(401, json!({"ok": false}));
@@ -184,8 +188,38 @@ async fn whoami(State(api): State<Shared>, headers: HeaderMap) -> Response {
         .iter()
         .find(|(_, (secret, revoked))| *secret == token && !revoked)
     {
-        Some((id, _)) => answer(200, json!({"ok": true, "id": id})),
+        Some((id, _)) => {
+            let (id, now) = (id.clone(), unix_now());
+            api.last_used.insert(id.clone(), now);
+            answer(200, json!({"ok": true, "id": id}))
+        }
         None => answer(401, json!({"ok": false})),
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// A key's id and last use (Unix seconds, `null` when never used); admin only.
+async fn key_info(
+    State(api): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let api = api.lock().unwrap();
+    if bearer(&headers).as_deref() != Some(ADMIN_TOKEN) {
+        return answer(401, json!({"error": "bad admin token"}));
+    }
+    if api.fail_key_info {
+        return answer(500, json!({"error": "down"}));
+    }
+    match api.keys.get(&id) {
+        Some(_) => answer(200, json!({"id": id, "last_used": api.last_used.get(&id)})),
+        None => answer(404, json!({"error": "no such key"})),
     }
 }
 

@@ -22,6 +22,7 @@ mod deadlines;
 mod engine;
 mod generated_docs;
 mod http_e2e;
+mod in_use;
 mod loading;
 mod logging;
 mod packaging;
