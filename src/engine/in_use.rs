@@ -151,8 +151,8 @@ pub async fn waiting_reason(
     Ok(history
         .into_iter()
         .flat_map(|(_, steps)| steps)
-        .filter(|s| s.step == Step::CheckUse.as_str() && s.event == "ok")
-        .last()
+        .rev()
+        .find(|s| s.step == Step::CheckUse.as_str() && s.event == "ok")
         .and_then(|s| {
             let ago = (now_ms - s.at_ms).max(0) / 1000;
             Some(format!("waiting: {} (checked {ago} s ago)", s.detail?))
