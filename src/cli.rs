@@ -351,7 +351,7 @@ pub async fn rotate(inventory: &Inventory, id: &str, dry_run: bool) -> anyhow::R
         Outcome::Failed { rotation, error } => (EXIT_FAILED, format!("rotation {rotation} failed: {error}")),
         Outcome::Parked { rotation } => (EXIT_FAILED, format!("{id}: rotation {rotation} parked")),
         Outcome::RevokeDelayed { rotation, revoke_at, reason, .. } => {
-            (0, format!("{id}: rotation {rotation} promoted; the old credential is still in use ({reason}); the daemon checks again at {}", time(Some(revoke_at))))
+            (EXIT_FAILED, format!("{id}: the old credential of rotation {rotation} is still in use ({reason}); no rotation starts before it is revoked; the daemon checks again at {}", time(Some(revoke_at))))
         }
     };
     if code == 0 {

@@ -24,7 +24,8 @@ struct Setup {
 }
 
 impl Setup {
-    fn new() -> Self {
+    /// `extra` is added to the credential (revoke settings).
+    fn new(extra: &str) -> Self {
         let api = KeyApi::start();
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -45,6 +46,7 @@ grace = "1s"
 revoke = "when_unused"
 revoke_check_every = "1s"
 retry = {{ max_attempts = 10, backoff = "1s", max_backoff = "1s" }}
+{extra}
 
 [credential.rotator]
 kind = "http"
@@ -167,7 +169,7 @@ fn http_get_with_bearer(port: u16, key: &str) -> std::io::Result<()> {
 
 #[test]
 fn in_use_http_last_used_keeps_the_old_key_until_the_consumer_stops() {
-    let s = Setup::new();
+    let s = Setup::new("");
     let mut consumer = None;
     let (k1, key1, k2) = s.promote_second_key(|key| {
         consumer = Some(Consumer::start(s.api.port(), key));
@@ -215,7 +217,7 @@ fn in_use_http_last_used_keeps_the_old_key_until_the_consumer_stops() {
 
 #[test]
 fn in_use_http_a_failing_check_is_retried_and_never_revokes() {
-    let s = Setup::new();
+    let s = Setup::new("");
     let (k1, _, _) = s.promote_second_key(|_| {});
     s.api.lock().fail_key_info = true;
     let mut daemon = s.start();
@@ -245,4 +247,22 @@ fn in_use_http_a_failing_check_is_retried_and_never_revokes() {
         history.contains(&format!("unused: old key {k1} ")),
         "{history}"
     );
+}
+
+#[test]
+fn in_use_http_on_max_revoke_delay_revoke_revokes_a_key_still_in_use() {
+    let s = Setup::new("max_revoke_delay = \"2s\"\non_max_revoke_delay = \"revoke\"");
+    let mut consumer = None;
+    let (k1, _, _) = s.promote_second_key(|key| {
+        consumer = Some(Consumer::start(s.api.port(), key));
+    });
+    let mut daemon = s.start();
+    // In use throughout, yet revoked once max_revoke_delay has passed, as configured.
+    let revoked = wait_until(Duration::from_secs(20), || s.api.revoked(&k1));
+    assert!(revoked, "{}\n{}", s.status(), daemon.log_text());
+    consumer.unwrap().stop();
+    assert_eq!(daemon.terminate(Duration::from_secs(10)).code(), Some(0));
+    let history = s.history();
+    assert!(history.contains("in use: old key"), "{history}");
+    assert!(history.contains("revoking anyway"), "{history}");
 }
