@@ -266,3 +266,68 @@ fn in_use_http_on_max_revoke_delay_revoke_revokes_a_key_still_in_use() {
     assert!(history.contains("in use: old key"), "{history}");
     assert!(history.contains("revoking anyway"), "{history}");
 }
+
+#[test]
+fn in_use_http_min_quiet_waits_after_the_last_use_seen() {
+    let s = Setup::new("revoke_min_quiet = \"4s\"");
+    let mut consumer = None;
+    let (k1, _, _) = s.promote_second_key(|key| {
+        consumer = Some(Consumer::start(s.api.port(), key));
+    });
+    let mut daemon = s.start();
+    let waiting = wait_until(Duration::from_secs(20), || {
+        s.status()["state"] == "revoke_delayed"
+    });
+    assert!(waiting, "{}\n{}", s.status(), daemon.log_text());
+    consumer.unwrap().stop();
+    let stopped = std::time::Instant::now();
+    let revoked = wait_until(Duration::from_secs(20), || s.api.revoked(&k1));
+    assert!(revoked, "{}\n{}", s.status(), daemon.log_text());
+    // The last check that saw a use began before the consumer stopped: at least 4 s minus one
+    // check interval and the second the journal rounds to.
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(daemon.terminate(Duration::from_secs(10)).code(), Some(0));
+    let history = s.history();
+    assert!(history.contains("unused, but quiet for only"), "{history}");
+}
+
+#[test]
+fn in_use_when_unused_on_a_rotator_that_cannot_check_is_a_config_error_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nstate = \"sqlite:state.db\"\n\n[defaults]\nrevoke = \"when_unused\"\n\n\
+             [[credential]]\nid = \"db\"\n\
+             rotator = {{ kind = \"postgres_password\", admin_dsn = \"env:UNSET\", strategy = \"single\", role = \"app\" }}\n\
+             store = {{ kind = \"file\", path = \"{}\", format = \"json\" }}\n\
+             rotate_every = \"1d\"\nmax_age = \"2d\"\n",
+            dir.path().join("db.json").display()
+        ),
+    )
+    .unwrap();
+    let out = cli(&config, &["check"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:9:11: credential[db].revoke: \"when_unused\" needs a rotator",
+            config.display()
+        )),
+        "{err}"
+    );
+    // The same credential with after_grace (the default) loads.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("when_unused", "after_grace")).unwrap();
+    let out = cli(&config, &["policy"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
