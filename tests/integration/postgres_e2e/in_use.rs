@@ -100,6 +100,12 @@ fn in_use_postgres_session_on_the_old_role_delays_the_revoke_and_alerts_past_max
         notes(&receiver).contains(&("revoke_delayed".into(), "resolved".into()))
     });
     assert!(resolved, "{:?}", receiver.received());
+    // Raised at every check past the deadline, notified once (and resolved once).
+    let fired = notes(&receiver)
+        .iter()
+        .filter(|n| n.0 == "revoke_delayed" && n.1 == "firing")
+        .count();
+    assert_eq!(fired, 1, "{:?}", receiver.received());
     assert_eq!(daemon.terminate(Duration::from_secs(10)).code(), Some(0));
     let history = s.history();
     assert!(history.contains("no session of role"), "{history}");
