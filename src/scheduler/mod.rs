@@ -453,6 +453,7 @@ impl Scheduler {
                 {
                     events.clear(id, Condition::RotationFailed);
                     events.clear(id, Condition::RevokeFailed);
+                    events.clear(id, Condition::RevokeDelayed);
                 }
             }
             changed.push((i, live.wake));
