@@ -279,8 +279,9 @@ fn parse_from<R: std::io::BufRead>(
     let daemon = v.daemon(raw.daemon);
     let providers = ProviderDefaults {
         aws: raw.aws,
-        vault: raw.vault,
+        vault: v.vault(raw.vault),
     };
+    keyrotd_providers::resolve::set_vault_defaults(&providers.vault);
     let defaults = v.defaults(&raw.defaults, providers);
     let alerts = v.alerts(raw.alerts);
     let mut credentials = Vec::with_capacity(sections + raw.credentials.len());
