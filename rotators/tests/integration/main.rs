@@ -18,3 +18,4 @@ mod postgres;
 mod postgres_pool;
 mod vault_auth;
 mod vault_session;
+mod vault_tls;
