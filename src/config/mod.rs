@@ -36,7 +36,7 @@ mod sections;
 mod targets;
 mod validate;
 
-pub use self::references::check_references;
+pub use self::references::{check_references, check_vault_references};
 use keyrotd_plugin::backoff::Backoff;
 
 /// The validated inventory.
