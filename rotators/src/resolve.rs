@@ -90,34 +90,16 @@ impl Resolve for SecretRef {
                 })
             }
             #[cfg(feature = "aws")]
-            SecretRef::AwsSecretsManager { secret_id, field } => {
-                let value = crate::aws::secrets_manager::read_current(
-                    secret_id,
-                    field.as_deref(),
-                    timeouts,
-                )
-                .await
-                .map_err(|e| RefError::Remote {
-                    reference: self.to_string(),
-                    message: e.to_string(),
-                    class: e.class,
-                })?;
-                if value.expose_secret().is_empty() {
-                    return Err(RefError::EmptyValue(self.to_string()));
-                }
-                Ok(value)
-            }
+            SecretRef::AwsSecretsManager { secret_id, field } => remote(
+                self,
+                crate::aws::secrets_manager::read_current(secret_id, field.as_deref(), timeouts)
+                    .await,
+            ),
             #[cfg(feature = "vault")]
-            SecretRef::Vault { mount, path, field } => {
-                let value = crate::vault::reference::read(mount, path, field, timeouts)
-                    .await
-                    .map_err(|e| RefError::Remote {
-                        reference: self.to_string(),
-                        message: e.to_string(),
-                        class: e.class,
-                    })?;
-                Ok(value)
-            }
+            SecretRef::Vault { mount, path, field } => remote(
+                self,
+                crate::vault::reference::read(mount, path, field, timeouts).await,
+            ),
             #[cfg(not(feature = "vault"))]
             SecretRef::Vault { .. } => Err(RefError::Unsupported {
                 reference: self.to_string(),
@@ -171,6 +153,23 @@ impl Resolve for SecretRef {
         }
         Ok(SecretString::from(trimmed.to_owned()))
     }
+}
+
+/// The value a remote provider read for `reference`, or its failure as a [`RefError`].
+#[cfg(any(feature = "aws", feature = "vault"))]
+fn remote(
+    reference: &SecretRef,
+    read: Result<SecretString, keyrotd_plugin::ProviderError>,
+) -> Result<SecretString, RefError> {
+    let value = read.map_err(|e| RefError::Remote {
+        reference: reference.to_string(),
+        message: e.to_string(),
+        class: e.class,
+    })?;
+    if value.expose_secret().is_empty() {
+        return Err(RefError::EmptyValue(reference.to_string()));
+    }
+    Ok(value)
 }
 
 fn credentials_directory(name: &str) -> Result<PathBuf, RefError> {

@@ -116,6 +116,13 @@ fn a_vault_reference_logs_in_with_approle_is_checked_and_leaks_nothing() {
 
     let check = cli(&config, &["check"]);
     assert!(check.status.success(), "{}", stderr(&check));
+    // `keyrotd policy` names what reading the reference needs.
+    let policy_out = String::from_utf8(cli(&config, &["policy"]).stdout).unwrap();
+    assert!(
+        policy_out.contains(&format!("path \"secret/data/{path}\" {{"))
+            && policy_out.contains("capabilities = [\"read\"]"),
+        "{policy_out}"
+    );
     for _ in 0..2 {
         let out = cli(&config, &["rotate", "billing"]);
         assert!(out.status.success(), "{}", stderr(&out));

@@ -8,7 +8,7 @@
 //! - `error`: how Vault's answers are classified (transient or permanent).
 //! - `login`: the auth methods (token, AppRole with an optionally wrapped secret-id, JWT), the
 //!   client they build (TLS CA and client certificate) and the token's lifetime.
-//! - [`reference`]: `vault:MOUNT/PATH#field` secret references and their cache.
+//! - [`reference`](mod@reference): `vault:MOUNT/PATH#field` secret references and their cache.
 //!
 //! *Invariants:* plain `http://` only to loopback; the token lives only in the session (and,
 //! unavoidably, as a `String` inside `vaultrs`'s client, which is never `Debug`-printed); no

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use keyrotd_plugin::permissions::{Permission, VaultRule};
 use keyrotd_plugin::{Permissions, ProviderError, Timeouts};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 
 use super::{VaultConnection, VaultSession};
 
@@ -124,11 +124,6 @@ pub async fn read(
             oldest.map(|k| cache.remove(&k));
         }
         cache.insert(key, (Instant::now(), value.clone()));
-    }
-    if value.expose_secret().is_empty() {
-        return Err(ProviderError::permanent(format!(
-            "{what}: the field `{field}` is empty"
-        )));
     }
     Ok(value)
 }
