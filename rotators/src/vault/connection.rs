@@ -359,4 +359,76 @@ mod tests {
         assert!(toml::from_str::<VaultConnection>("auth = { method = \"root\" }").is_err());
         assert!(toml::from_str::<VaultConnection>("request_timeout = \"soon\"").is_err());
     }
+
+    #[test]
+    fn parses_approle_and_jwt_and_checks_the_new_fields() {
+        let base = "address = \"https://v\"\n";
+        let c = parse(&format!(
+            "{base}auth = {{ method = \"approle\", role_id = \"env:R\", secret_id = \"env:S\", \
+             secret_id_wrapped = true }}"
+        ));
+        c.validate().unwrap();
+        let Some(VaultAuth::Approle {
+            mount,
+            secret_id_wrapped,
+            ..
+        }) = &c.auth
+        else {
+            panic!("{c:?}")
+        };
+        assert_eq!((mount.as_str(), *secret_id_wrapped), ("approle", true));
+        assert_eq!(c.secret_refs().len(), 2);
+        let c = parse(&format!(
+            "{base}auth = {{ method = \"jwt\", role = \"keyrotd\", jwt = \"file:/t\" }}"
+        ));
+        c.validate().unwrap();
+        assert!(matches!(&c.auth, Some(VaultAuth::Jwt { mount, .. }) if mount == "jwt"));
+        assert_eq!(c.reference_cache(), DEFAULT_REFERENCE_CACHE);
+
+        let jwt = "auth = { method = \"jwt\", role = \"keyrotd\", jwt = \"file:/t\" }";
+        for (extra, expected) in [
+            ("client_cert = \"/c.pem\"", "vault.client_key: missing"),
+            ("client_key = \"/k.pem\"", "vault.client_cert: missing"),
+            (
+                "ca_cert = \"ca.pem\"",
+                "vault.ca_cert: must be an absolute path",
+            ),
+            (
+                "reference_cache = \"2h\"",
+                "vault.reference_cache: at most 1h",
+            ),
+            (
+                "reference_kv1_mounts = [\"a/b\"]",
+                "vault.reference_kv1_mounts: ",
+            ),
+        ] {
+            let err = parse(&format!("{base}{jwt}\n{extra}"))
+                .validate()
+                .unwrap_err();
+            assert!(err.starts_with(expected), "{extra}: {err}");
+        }
+        for (auth, expected) in [
+            (
+                "{ method = \"jwt\", role = \"a/b\", jwt = \"file:/t\" }",
+                "vault.auth.role: ",
+            ),
+            (
+                "{ method = \"approle\", mount = \"../x\", role_id = \"env:R\", secret_id = \"env:S\" }",
+                "vault.auth.mount: ",
+            ),
+            (
+                "{ method = \"approle\", role_id = \"env:R\", secret_id = \"vault:secret/x#y\" }",
+                "vault.auth.secret_id: a `vault:` reference",
+            ),
+        ] {
+            let err = parse(&format!("{base}auth = {auth}")).validate().unwrap_err();
+            assert!(err.starts_with(expected), "{auth}: {err}");
+        }
+        // The [vault] table alone may leave the address to the credentials.
+        parse("namespace = \"team\"").validate_fields().unwrap();
+        assert!(
+            toml::from_str::<VaultConnection>("auth = { method = \"jwt\", jwt = \"env:J\" }")
+                .is_err()
+        );
+    }
 }
