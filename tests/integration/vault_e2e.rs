@@ -3,14 +3,15 @@
 //! admin token is `vault:secret/PATH#token`, read through an AppRole login. `check` reads the
 //! reference and reports one it cannot read; the cache saves Vault requests (counted with a
 //! use-limited token); `[vault]` mistakes are reported at their line; nothing secret (the
-//! role-id, the secret-id, any Vault token, the referenced admin token) reaches the output.
+//! role-id, the secret-id, the JWT, any Vault token, the referenced admin token) reaches the
+//! output or the state.
 
 use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use keyrotd_test_support::openbao::{unique, OpenBao};
+use keyrotd_test_support::openbao::{unique, JwtKey, OpenBao};
 use support::key_api::{KeyApi, ADMIN_TOKEN};
 use support::*;
 
@@ -76,16 +77,7 @@ fn a_vault_reference_logs_in_with_approle_is_checked_and_leaks_nothing() {
     let bao = OpenBao::shared();
     let api = KeyApi::start();
     let dir = tempfile::tempdir().unwrap();
-    let path = unique("e2e");
-    bao.bao(&[
-        "kv",
-        "put",
-        &format!("secret/{path}"),
-        &format!("token={ADMIN_TOKEN}"),
-    ]);
-    let policy = unique("e2e-read");
-    let hcl = format!("path \"secret/data/{path}\" {{ capabilities = [\"read\"] }}\n");
-    bao.bao_stdin(&["policy", "write", &policy, "-"], &hcl);
+    let (path, policy) = admin_token_in_vault(&bao, "e2e");
     let mount = unique("approle");
     bao.bao(&["auth", "enable", &format!("-path={mount}"), "approle"]);
     let role = format!("auth/{mount}/role/keyrotd");
@@ -164,19 +156,26 @@ fn a_vault_reference_logs_in_with_approle_is_checked_and_leaks_nothing() {
     outputs.push(out);
     outputs.push(check);
 
-    let mut everything = all_bytes(
+    assert_no_leak(
         dir.path(),
-        &[
-            dir.path().join("out"),
-            dir.path().join("role-id"),
-            dir.path().join("secret-id"),
-        ],
+        &outputs,
+        &[role_id.trim(), secret_id.trim(), ADMIN_TOKEN],
     );
-    for out in &outputs {
+}
+
+/// No secret, nor anything shaped like a Vault token, in the outputs or the files of `dir` but
+/// the store's and the auth references' own files.
+fn assert_no_leak(dir: &Path, outputs: &[Output], secrets: &[&str]) {
+    let except: Vec<PathBuf> = ["out", "role-id", "secret-id", "jwt"]
+        .iter()
+        .map(|f| dir.join(f))
+        .collect();
+    let mut everything = all_bytes(dir, &except);
+    for out in outputs {
         everything.extend(&out.stdout);
         everything.extend(&out.stderr);
     }
-    for secret in [role_id.trim(), secret_id.trim(), ADMIN_TOKEN] {
+    for secret in secrets {
         assert!(!contains(&everything, secret), "a secret leaked");
     }
     assert!(
@@ -185,24 +184,57 @@ fn a_vault_reference_logs_in_with_approle_is_checked_and_leaks_nothing() {
     );
 }
 
-#[test]
-#[ignore = "needs the test backends: run tests/run.sh"]
-fn the_reference_cache_saves_vault_requests_within_one_run() {
-    let bao = OpenBao::shared();
-    let api = KeyApi::start();
-    let path = unique("cache");
+/// A `secret/PATH` holding the key API's admin token as `token`, and a policy that may read it.
+fn admin_token_in_vault(bao: &OpenBao, prefix: &str) -> (String, String) {
+    let path = unique(prefix);
     bao.bao(&[
         "kv",
         "put",
         &format!("secret/{path}"),
         &format!("token={ADMIN_TOKEN}"),
     ]);
-    let policy = unique("cache-read");
+    let policy = unique(&format!("{prefix}-read"));
     let hcl = format!("path \"secret/data/{path}\" {{ capabilities = [\"read\"] }}\n");
+    bao.bao_stdin(&["policy", "write", &policy, "-"], &hcl);
+    (path, policy)
+}
+
+#[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
+fn jwt_login_reads_the_reference_and_leaks_neither_jwt_nor_token() {
+    let bao = OpenBao::shared();
+    let api = KeyApi::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, policy) = admin_token_in_vault(&bao, "jwt-e2e");
+    let key = JwtKey::new(dir.path());
+    let (mount, role) = bao.jwt_role(&key, &policy);
+    let jwt = key.sign("system:serviceaccount:ops:keyrotd", "keyrotd");
+    std::fs::write(dir.path().join("jwt"), &jwt).unwrap();
+    let vault = format!(
+        "address = \"{}\"\nauth = {{ method = \"jwt\", mount = \"{mount}\", role = \"{role}\", jwt = \"file:{}\" }}",
+        bao.addr,
+        dir.path().join("jwt").display(),
+    );
+    let config = inventory(
+        dir.path(),
+        &api,
+        &vault,
+        &format!("vault:secret/{path}#token"),
+    );
+    let out = cli(&config, &["rotate", "billing"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_no_leak(dir.path(), &[out], &[&jwt, ADMIN_TOKEN]);
+}
+
+#[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
+fn the_reference_cache_saves_vault_requests_within_one_run() {
+    let bao = OpenBao::shared();
+    let api = KeyApi::start();
+    let (path, policy) = admin_token_in_vault(&bao, "cache");
     // Vault requests made with a token = the uses it lost (`default` allows its lookup-self).
     let used = |cache: &str| {
         let dir = tempfile::tempdir().unwrap();
-        bao.bao_stdin(&["policy", "write", &policy, "-"], &hcl);
         let answer = bao.bao_json(&[
             "token",
             "create",

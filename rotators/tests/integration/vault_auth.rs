@@ -5,14 +5,13 @@
 //! their cache. Every secret of the test is checked absent from every error.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use keyrotd_plugin::reference::SecretRef;
 use keyrotd_plugin::{ErrorClass, ProviderError, Timeouts};
 use keyrotd_providers::resolve::Resolve;
 use keyrotd_providers::vault::{reference, VaultAuth, VaultConnection, VaultSession};
-use keyrotd_test_support::openbao::{unique, OpenBao};
+use keyrotd_test_support::openbao::{unique, JwtKey, OpenBao};
 use secrecy::ExposeSecret;
 
 pub(crate) fn timeouts() -> Timeouts {
@@ -222,91 +221,15 @@ async fn a_wrapped_secret_id_is_unwrapped_once_and_kept_for_later_logins() {
     assert_eq!(read_value(&again, &path).await.unwrap(), "wrapped-visible");
 }
 
-/// `data` as unpadded base64url (JWT encoding).
-fn base64url(data: &[u8]) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
-        for i in 0..=chunk.len() {
-            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
-fn openssl(args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
-    use std::io::Write;
-    let mut child = Command::new("openssl")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("openssl");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.unwrap_or_default())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-/// An RS256 JWT for `sub` and `aud`, signed with `key` (a PEM file).
-fn sign_jwt(key: &Path, sub: &str, aud: &str) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let header = base64url(br#"{"alg":"RS256","typ":"JWT"}"#);
-    let claims =
-        serde_json::json!({"sub": sub, "aud": aud, "iat": now, "nbf": now - 5, "exp": now + 600});
-    let input = format!("{header}.{}", base64url(claims.to_string().as_bytes()));
-    let signature = openssl(
-        &["dgst", "-sha256", "-sign", key.to_str().unwrap()],
-        Some(input.as_bytes()),
-    );
-    format!("{input}.{}", base64url(&signature))
-}
-
 #[tokio::test]
 #[ignore = "needs the test backends: run tests/run.sh"]
 async fn jwt_login_with_a_locally_signed_token_reread_at_each_login() {
     let bao = OpenBao::shared();
     let (path, policy) = readable_secret(&bao, "jwt-visible");
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key.pem");
-    openssl(&["genrsa", "-out", key.to_str().unwrap(), "2048"], None);
-    let public = String::from_utf8(openssl(
-        &["rsa", "-in", key.to_str().unwrap(), "-pubout"],
-        None,
-    ))
-    .unwrap();
-    let mount = unique("jwt");
-    let role = unique("keyrotd");
-    bao.bao(&["auth", "enable", &format!("-path={mount}"), "jwt"]);
-    bao.bao(&[
-        "write",
-        &format!("auth/{mount}/config"),
-        &format!("jwt_validation_pubkeys={public}"),
-    ]);
-    bao.bao(&[
-        "write",
-        &format!("auth/{mount}/role/{role}"),
-        "role_type=jwt",
-        "bound_audiences=keyrotd",
-        "user_claim=sub",
-        &format!("token_policies={policy},default"),
-        "token_ttl=1h",
-    ]);
-    let jwt = sign_jwt(&key, "system:serviceaccount:ops:keyrotd", "keyrotd");
+    let key = JwtKey::new(dir.path());
+    let (mount, role) = bao.jwt_role(&key, &policy);
+    let jwt = key.sign("system:serviceaccount:ops:keyrotd", "keyrotd");
     let jwt_file = write(dir.path(), "jwt", &jwt);
     let connection = VaultConnection {
         address: Some(bao.addr.clone()),
@@ -322,13 +245,13 @@ async fn jwt_login_with_a_locally_signed_token_reread_at_each_login() {
 
     // The file rotates (a new projected token); a revoked login reads it again.
     let first = accessor(&session).await;
-    let rotated = sign_jwt(&key, "system:serviceaccount:ops:keyrotd", "keyrotd");
+    let rotated = key.sign("system:serviceaccount:ops:keyrotd", "keyrotd");
     std::fs::write(&jwt_file, &rotated).unwrap();
     bao.bao(&["token", "revoke", "-accessor", &first]);
     assert_eq!(read_value(&session, &path).await.unwrap(), "jwt-visible");
 
     // A JWT for another audience is refused, permanently, without showing it.
-    let other = sign_jwt(&key, "system:serviceaccount:ops:keyrotd", "someone-else");
+    let other = key.sign("system:serviceaccount:ops:keyrotd", "someone-else");
     std::fs::write(&jwt_file, &other).unwrap();
     let refused = VaultSession::shared(&VaultConnection {
         request_timeout: Some(Duration::from_secs(7)),
