@@ -281,6 +281,8 @@ fn parse_from<R: std::io::BufRead>(
         aws: raw.aws,
         vault: v.vault(raw.vault),
     };
+    // `vault:` references are read through the `[vault]` connection, as `aws-sm:` ones through
+    // the default AWS chain: set once here, where the inventory is read.
     keyrotd_providers::resolve::set_vault_defaults(&providers.vault);
     let defaults = v.defaults(&raw.defaults, providers);
     let alerts = v.alerts(raw.alerts);
