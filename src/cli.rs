@@ -29,10 +29,12 @@ pub const EXIT_FAILED: u8 = 1;
 /// whose rotation is still open).
 pub const EXIT_USAGE: u8 = 2;
 
-/// `keyrotd check`: prints each credential with its next three rotation times. Reads the state
+/// `keyrotd check`: reads every `vault:` reference (reporting one it cannot read), then prints
+/// each credential with its next three rotation times. Reads the state
 /// database if it exists, never writes it. Refuses an inventory that removed a credential whose
 /// rotation is still open (see [`check_removed`]).
 pub async fn check(inventory: &Inventory) -> anyhow::Result<()> {
+    crate::config::check_vault_references(inventory).await?;
     let records: HashMap<String, CredentialRecord> = match &inventory.daemon.state {
         StateUrl::Sqlite(path) => match SqliteState::open_read_only(path)? {
             Some(state) => {

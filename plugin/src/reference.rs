@@ -3,7 +3,9 @@
 //! A reference is `env:NAME` (an environment variable), `file:/path` (a file's content, trailing
 //! newline trimmed), `credential:NAME` (a systemd credential in `$CREDENTIALS_DIRECTORY`) or
 //! `aws-sm:SECRET_ID#field` (the `AWSCURRENT` version of an AWS Secrets Manager secret, or one
-//! string member of it when it is a JSON object; `SECRET_ID` is a name or a full ARN).
+//! string member of it when it is a JSON object; `SECRET_ID` is a name or a full ARN) or
+//! `vault:MOUNT/PATH#field` (the field `field` of the latest version of a Vault KV secret: `MOUNT`
+//! is the first path segment, the KV engine's mount; `PATH` the secret's path in it).
 //! Anything else is refused, so a literal password pasted into the config never gets used.
 //!
 //! This module is the syntax and the errors of references. Reading one is I/O and, for
@@ -33,6 +35,16 @@ pub enum SecretRef {
         /// The string member of a JSON secret to read, or `None` for the whole value.
         field: Option<String>,
     },
+    /// `vault:MOUNT/PATH#field`: one field of a Vault (or OpenBao) KV secret, read through the
+    /// inventory's `[vault]` connection.
+    Vault {
+        /// The KV engine's mount (one path segment).
+        mount: String,
+        /// The secret's path inside the mount.
+        path: String,
+        /// The field of the secret's data to read.
+        field: String,
+    },
 }
 
 /// The largest secret a `file:` or `credential:` reference may hold. Secrets are short (a DSN,
@@ -47,7 +59,7 @@ pub const MAX_SECRET_BYTES: u64 = 64 * 1024;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RefError {
     /// Not a reference at all: a literal value (or an unknown scheme).
-    #[error("expected a secret reference (env:NAME, file:/path, credential:NAME or aws-sm:SECRET_ID#field), found a literal value; secrets never belong in the config file")]
+    #[error("expected a secret reference (env:NAME, file:/path, credential:NAME, aws-sm:SECRET_ID#field or vault:MOUNT/PATH#field), found a literal value; secrets never belong in the config file")]
     Literal,
     /// `env:` followed by something that is not a variable name.
     #[error("`env:` must be followed by a variable name (letters, digits and _, not starting with a digit); the text given is not one and is not repeated here in case it is a secret")]
@@ -61,8 +73,11 @@ pub enum RefError {
     /// A malformed `aws-sm:` reference, with the reason.
     #[error("invalid `aws-sm:` reference: {0}; the text given is not repeated here in case it is a secret")]
     AwsSmInvalid(&'static str),
+    /// A malformed `vault:` reference, with the reason.
+    #[error("invalid `vault:` reference: {0}; the text given is not repeated here in case it is a secret")]
+    VaultInvalid(&'static str),
     /// A remote reference asked for synchronously.
-    #[error("`{0}` is read from AWS Secrets Manager and needs async resolution (resolve_async)")]
+    #[error("`{0}` is read from a remote secret store and needs async resolution (resolve_async)")]
     NeedsAsync(String),
     /// A remote reference whose provider is not compiled into this build.
     #[error(
@@ -147,6 +162,7 @@ impl FromStr for SecretRef {
             "file" => "file",
             "credential" => "credential",
             "aws-sm" => "aws-sm",
+            "vault" => "vault",
             _ => return Err(RefError::Literal),
         };
         if rest.is_empty() {
@@ -163,6 +179,7 @@ impl FromStr for SecretRef {
                 Ok(Self::SystemdCredential(rest.to_owned()))
             }
             "credential" => Err(RefError::CredentialName),
+            "vault" => parse_vault(rest),
             _ => parse_aws_sm(rest),
         }
     }
@@ -196,6 +213,7 @@ impl fmt::Display for SecretRef {
                 Some(field) => write!(f, "aws-sm:{secret_id}#{field}"),
                 None => write!(f, "aws-sm:{secret_id}"),
             },
+            Self::Vault { mount, path, field } => write!(f, "vault:{mount}/{path}#{field}"),
         }
     }
 }
@@ -226,12 +244,54 @@ fn parse_aws_sm(rest: &str) -> Result<SecretRef, RefError> {
     })
 }
 
+/// `vault:MOUNT/PATH#field`: segments of letters, digits and `-_.@+=` (no `.` or `..`), a
+/// field without spaces or control characters. The reason never quotes the text.
+fn parse_vault(rest: &str) -> Result<SecretRef, RefError> {
+    let Some((location, field)) = rest.split_once('#') else {
+        return Err(RefError::VaultInvalid(
+            "expected vault:MOUNT/PATH#field (the field to read is required)",
+        ));
+    };
+    if field.is_empty()
+        || field.len() > 256
+        || field
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '#')
+    {
+        return Err(RefError::VaultInvalid(
+            "the field after `#` must be a non-empty name without spaces",
+        ));
+    }
+    let Some((mount, path)) = location.split_once('/') else {
+        return Err(RefError::VaultInvalid(
+            "expected vault:MOUNT/PATH#field (a mount, then the secret's path)",
+        ));
+    };
+    let segment_ok = |s: &str| {
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@+=".contains(c))
+    };
+    if location.len() > 1024 || !segment_ok(mount) || !path.split('/').all(segment_ok) {
+        return Err(RefError::VaultInvalid(
+            "the mount and path are segments of letters, digits and -_.@+= separated by /",
+        ));
+    }
+    Ok(SecretRef::Vault {
+        mount: mount.to_owned(),
+        path: path.to_owned(),
+        field: field.to_owned(),
+    })
+}
+
 impl SecretRef {
     /// Whether resolving this reference needs the network (the providers crate's
     /// `Resolve::resolve_async`). Configuration checks skip such references: they cannot be
     /// known statically.
     pub fn needs_async(&self) -> bool {
-        matches!(self, Self::AwsSecretsManager { .. })
+        matches!(self, Self::AwsSecretsManager { .. } | Self::Vault { .. })
     }
 }
 
@@ -331,6 +391,38 @@ mod tests {
     }
 
     #[test]
+    fn parses_vault_references() {
+        let r: SecretRef = "vault:secret/team/app#password".parse().unwrap();
+        assert_eq!(
+            r,
+            SecretRef::Vault {
+                mount: "secret".into(),
+                path: "team/app".into(),
+                field: "password".into()
+            }
+        );
+        assert_eq!(r.to_string(), "vault:secret/team/app#password");
+        assert!(r.needs_async());
+        for bad in [
+            "vault:secret/app",
+            "vault:secret/app#",
+            "vault:secret#password",
+            "vault:/app#password",
+            "vault:secret//app#password",
+            "vault:secret/../app#password",
+            "vault:secret/a b#password",
+            "vault:secret/app#pass word",
+        ] {
+            let err = bad.parse::<SecretRef>().unwrap_err();
+            assert!(matches!(&err, RefError::VaultInvalid(_)), "{bad}: {err:?}");
+        }
+        assert_eq!("vault:".parse::<SecretRef>(), Err(RefError::Empty("vault")));
+        assert!(RefError::Literal
+            .to_string()
+            .contains("vault:MOUNT/PATH#field"));
+    }
+
+    #[test]
     fn parses_each_scheme() {
         assert_eq!("env:DB_PASS".parse(), Ok(SecretRef::Env("DB_PASS".into())));
         assert_eq!("file:/run/s".parse(), Ok(SecretRef::File("/run/s".into())));
@@ -387,6 +479,9 @@ mod tests {
             format!("credential:dir/{secret}"),
             format!("aws-sm:{secret} x#password"),
             format!("aws-sm:{secret}#"),
+            format!("vault:{secret}"),
+            format!("vault:secret/{secret} x#f"),
+            format!("vault:secret/x#{secret} x"),
             format!("aws-sm:arn:aws:secretsmanager:x:{secret}"),
             format!("aws-sm:arn:aws:s3:eu-west-1:123456789012:secret:{secret}"),
             secret.to_owned(),

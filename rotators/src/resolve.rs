@@ -2,6 +2,9 @@
 //! remote scheme through its provider (`aws-sm:` through AWS Secrets Manager, with the `aws`
 //! feature). The syntax of references is the plugin API's ([`keyrotd_plugin::reference`]).
 //!
+//! `vault:` is read through the inventory's `[vault]` connection (`vault::reference`, feature
+//! `vault`), with a short cache.
+//!
 //! `aws-sm:` needs the network: it resolves only through [`Resolve::resolve_async`], with the
 //! daemon's standard AWS credential chain, the region of the ARN or of the chain,
 //! `AWS_ENDPOINT_URL` when set, and the connect timeout and deadline of the plugin (or alert
@@ -38,7 +41,22 @@ pub fn permissions(reference: &SecretRef, field: &'static [&'static str]) -> Per
         }
         #[cfg(not(feature = "aws"))]
         SecretRef::AwsSecretsManager { .. } => Permissions::none(),
+        #[cfg(feature = "vault")]
+        SecretRef::Vault { mount, path, .. } => {
+            crate::vault::reference::read_permissions(mount, path, field)
+        }
+        #[cfg(not(feature = "vault"))]
+        SecretRef::Vault { .. } => Permissions::none(),
     }
+}
+
+/// Makes the inventory's `[vault]` table the connection `vault:` references are read through
+/// (a no-op without the `vault` feature). Called once the inventory is loaded.
+pub fn set_vault_defaults(defaults: &crate::VaultDefaults) {
+    #[cfg(feature = "vault")]
+    crate::vault::reference::set_default(defaults);
+    #[cfg(not(feature = "vault"))]
+    let _ = defaults;
 }
 
 /// Reads what a [`SecretRef`] names. Implemented for `SecretRef`; import it to call the methods.
@@ -72,23 +90,21 @@ impl Resolve for SecretRef {
                 })
             }
             #[cfg(feature = "aws")]
-            SecretRef::AwsSecretsManager { secret_id, field } => {
-                let value = crate::aws::secrets_manager::read_current(
-                    secret_id,
-                    field.as_deref(),
-                    timeouts,
-                )
-                .await
-                .map_err(|e| RefError::Remote {
-                    reference: self.to_string(),
-                    message: e.to_string(),
-                    class: e.class,
-                })?;
-                if value.expose_secret().is_empty() {
-                    return Err(RefError::EmptyValue(self.to_string()));
-                }
-                Ok(value)
-            }
+            SecretRef::AwsSecretsManager { secret_id, field } => remote(
+                self,
+                crate::aws::secrets_manager::read_current(secret_id, field.as_deref(), timeouts)
+                    .await,
+            ),
+            #[cfg(feature = "vault")]
+            SecretRef::Vault { mount, path, field } => remote(
+                self,
+                crate::vault::reference::read(mount, path, field, timeouts).await,
+            ),
+            #[cfg(not(feature = "vault"))]
+            SecretRef::Vault { .. } => Err(RefError::Unsupported {
+                reference: self.to_string(),
+                feature: "vault",
+            }),
             _ => self.resolve(),
         }
     }
@@ -109,12 +125,17 @@ impl Resolve for SecretRef {
                 reference: self.to_string(),
                 feature: "aws",
             }),
+            SecretRef::Vault { .. } if cfg!(feature = "vault") => Ok(()),
+            SecretRef::Vault { .. } => Err(RefError::Unsupported {
+                reference: self.to_string(),
+                feature: "vault",
+            }),
         }
     }
 
     fn resolve(&self) -> Result<SecretString, RefError> {
         let value = SecretString::from(match self {
-            SecretRef::AwsSecretsManager { .. } => {
+            SecretRef::AwsSecretsManager { .. } | SecretRef::Vault { .. } => {
                 return Err(RefError::NeedsAsync(self.to_string()))
             }
             SecretRef::Env(name) => {
@@ -132,6 +153,23 @@ impl Resolve for SecretRef {
         }
         Ok(SecretString::from(trimmed.to_owned()))
     }
+}
+
+/// The value a remote provider read for `reference`, or its failure as a [`RefError`].
+#[cfg(any(feature = "aws", feature = "vault"))]
+fn remote(
+    reference: &SecretRef,
+    read: Result<SecretString, keyrotd_plugin::ProviderError>,
+) -> Result<SecretString, RefError> {
+    let value = read.map_err(|e| RefError::Remote {
+        reference: reference.to_string(),
+        message: e.to_string(),
+        class: e.class,
+    })?;
+    if value.expose_secret().is_empty() {
+        return Err(RefError::EmptyValue(reference.to_string()));
+    }
+    Ok(value)
 }
 
 fn credentials_directory(name: &str) -> Result<PathBuf, RefError> {

@@ -144,6 +144,23 @@ fn nth_credential<'a>(doc: &'a DeTable<'a>, index: usize) -> Option<&'a DeTable<
     }
 }
 
+/// The span of the value at the dotted path `field` (`vault.auth.role`) in `text`, or of its
+/// deepest part that is there: where a check made after deserialization puts its error.
+pub(super) fn key_span(text: &str, field: &str) -> Option<Range<usize>> {
+    let doc = DeTable::parse(text).ok()?;
+    let mut table = doc.get_ref();
+    let mut span = None;
+    for key in field.split('.') {
+        let Some(value) = get(table, key) else { break };
+        span = Some(value.span());
+        match value.get_ref() {
+            DeValue::Table(inner) => table = inner,
+            _ => break,
+        }
+    }
+    span
+}
+
 fn get<'a>(table: &'a DeTable<'a>, key: &str) -> Option<&'a Spanned<DeValue<'a>>> {
     table
         .iter()

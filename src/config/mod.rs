@@ -37,7 +37,7 @@ mod sections;
 mod targets;
 mod validate;
 
-pub use self::references::check_references;
+pub use self::references::{check_references, check_vault_references};
 pub use self::revoke::{OnMaxRevokeDelay, RevokePolicy, RevokeWhen};
 use keyrotd_plugin::backoff::Backoff;
 
@@ -283,8 +283,11 @@ fn parse_from<R: std::io::BufRead>(
     let daemon = v.daemon(raw.daemon);
     let providers = ProviderDefaults {
         aws: raw.aws,
-        vault: raw.vault,
+        vault: v.vault(raw.vault),
     };
+    // `vault:` references are read through the `[vault]` connection, as `aws-sm:` ones through
+    // the default AWS chain: set once here, where the inventory is read.
+    keyrotd_providers::resolve::set_vault_defaults(&providers.vault);
     let defaults = v.defaults(&raw.defaults, providers);
     let alerts = v.alerts(raw.alerts);
     let mut credentials = Vec::with_capacity(sections + raw.credentials.len());

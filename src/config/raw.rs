@@ -22,8 +22,7 @@ pub(super) struct RawInventory {
     pub(super) alerts: Option<Spanned<AlertsConfig>>,
     #[serde(default)]
     pub(super) aws: AwsDefaults,
-    #[serde(default)]
-    pub(super) vault: VaultDefaults,
+    pub(super) vault: Option<Spanned<VaultDefaults>>,
 }
 
 #[derive(Deserialize, Default)]

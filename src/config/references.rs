@@ -2,6 +2,8 @@
 //! locations safe to write. Invariant: no secret value is read, and nothing is written.
 
 use super::{ConfigError, ConfigErrors, CredentialSpec, Inventory};
+use keyrotd_plugin::reference::SecretRef;
+use keyrotd_plugin::Timeouts;
 use keyrotd_providers::resolve::Resolve;
 
 /// Checks that every secret the inventory references is there (variables set, files readable),
@@ -34,6 +36,34 @@ pub fn check_references(inventory: &Inventory) -> Result<(), ConfigErrors> {
         })
         .chain(stores)
         .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Reads every `vault:` reference of the credentials' rotators through the `[vault]` connection,
+/// for `keyrotd check`: one that cannot be read (no permission, no such field, Vault refuses the
+/// login) is reported at its credential and field. The values are dropped unread.
+pub async fn check_vault_references(inventory: &Inventory) -> Result<(), ConfigErrors> {
+    let mut errors = Vec::new();
+    for c in &inventory.credentials {
+        for (field, r) in c.rotator.secret_refs() {
+            if !matches!(r, SecretRef::Vault { .. }) {
+                continue;
+            }
+            if let Err(e) = r.resolve_async(Timeouts::default()).await {
+                errors.push(ConfigError {
+                    file: inventory.path.clone(),
+                    line: c.place.0,
+                    column: c.place.1,
+                    field: format!("credential[{}].rotator.{field}", c.id),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
     if errors.is_empty() {
         Ok(())
     } else {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono_tz::Tz;
-use keyrotd_providers::ProviderDefaults;
+use keyrotd_providers::{ProviderDefaults, VaultDefaults};
 use toml::Spanned;
 
 use super::alerts::AlertsConfig;
@@ -192,6 +192,22 @@ impl Validator<'_> {
             self.error_at(Some(span), "alerts", e);
         }
         alerts
+    }
+
+    /// The `[vault]` table, checked where it is written whether or not a credential uses it.
+    /// The error is placed at the field it names (`vault.auth.role`), else at the table.
+    pub(super) fn vault(&mut self, raw: Option<Spanned<VaultDefaults>>) -> VaultDefaults {
+        let Some(vault) = raw else {
+            return VaultDefaults::default();
+        };
+        let span = vault.span();
+        let vault = vault.into_inner();
+        if let Err(e) = vault.validate_fields() {
+            let (field, message) = e.split_once(": ").unwrap_or(("vault", &e));
+            let at = super::locate::key_span(&self.text, field).unwrap_or(span);
+            self.error_at(Some(at), field, message);
+        }
+        vault
     }
 
     pub(super) fn daemon(&mut self, raw: RawDaemon) -> DaemonSettings {

@@ -109,3 +109,124 @@ impl OpenBao {
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand::random::<u32>())
 }
+
+/// An RSA key made with openssl for JWT login tests: OpenBao's `jwt` auth trusts its public half
+/// ([`OpenBao::jwt_role`]) and [`Self::sign`] makes RS256 JWTs with it.
+pub struct JwtKey {
+    key: std::path::PathBuf,
+    public_pem: String,
+}
+
+impl JwtKey {
+    /// A new 2048-bit key, written to `dir/jwt-key.pem`.
+    #[track_caller]
+    pub fn new(dir: &std::path::Path) -> Self {
+        let key = dir.join("jwt-key.pem");
+        openssl(&["genrsa", "-out", &key.display().to_string(), "2048"], b"");
+        let public = openssl(&["rsa", "-in", &key.display().to_string(), "-pubout"], b"");
+        Self {
+            key,
+            public_pem: String::from_utf8(public).expect("a PEM public key"),
+        }
+    }
+
+    /// An RS256 JWT for subject `sub` and audience `aud`, valid for ten minutes.
+    #[track_caller]
+    pub fn sign(&self, sub: &str, aud: &str) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        let header = base64url(br#"{"alg":"RS256","typ":"JWT"}"#);
+        let claims = serde_json::json!({
+            "sub": sub, "aud": aud, "iat": now, "nbf": now - 5, "exp": now + 600
+        });
+        let input = format!("{header}.{}", base64url(claims.to_string().as_bytes()));
+        let key = self.key.display().to_string();
+        let signature = openssl(&["dgst", "-sha256", "-sign", &key], input.as_bytes());
+        format!("{input}.{}", base64url(&signature))
+    }
+}
+
+impl OpenBao {
+    /// Enables a `jwt` auth mount that trusts `key`, with a role for subject-any JWTs of
+    /// audience `keyrotd` whose tokens carry `policy` and `default`. Returns (mount, role).
+    #[track_caller]
+    pub fn jwt_role(&self, key: &JwtKey, policy: &str) -> (String, String) {
+        let mount = unique("jwt");
+        let role = unique("keyrotd");
+        self.bao(&["auth", "enable", &format!("-path={mount}"), "jwt"]);
+        self.bao(&[
+            "write",
+            &format!("auth/{mount}/config"),
+            &format!("jwt_validation_pubkeys={}", key.public_pem),
+        ]);
+        self.bao(&[
+            "write",
+            &format!("auth/{mount}/role/{role}"),
+            "role_type=jwt",
+            "bound_audiences=keyrotd",
+            "user_claim=sub",
+            &format!("token_policies={policy},default"),
+            "token_ttl=1h",
+        ]);
+        (mount, role)
+    }
+}
+
+/// Runs `openssl ARGS` with `stdin` and returns its stdout; panics with its stderr on failure.
+#[track_caller]
+fn openssl(args: &[&str], stdin: &[u8]) -> Vec<u8> {
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run openssl");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(stdin)
+        .expect("write openssl's stdin");
+    let out = child.wait_with_output().expect("wait for openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `data` as unpadded base64url (the JWT encoding).
+fn base64url(data: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64url_matches_the_rfc_4648_examples() {
+        for (raw, encoded) in [
+            ("", ""),
+            ("f", "Zg"),
+            ("fo", "Zm8"),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg"),
+            ("fooba", "Zm9vYmE"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(super::base64url(raw.as_bytes()), encoded);
+        }
+        assert_eq!(super::base64url(&[0xfb, 0xff]), "-_8");
+    }
+}

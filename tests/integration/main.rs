@@ -35,3 +35,4 @@ mod status;
 mod store_locations;
 mod support;
 mod systemd_notify;
+mod vault_e2e;

@@ -27,6 +27,18 @@ pub struct VaultConnection {
     /// the step as a whole.
     #[serde(default, deserialize_with = "optional_duration")]
     pub request_timeout: Option<Duration>,
+    /// A PEM certificate keyrotd presents to Vault (TLS client authentication, Vault's `cert`
+    /// auth or a listener that requires one); needs [`Self::client_key`].
+    pub client_cert: Option<PathBuf>,
+    /// The PEM private key of [`Self::client_cert`]: a regular file (no symlink) that only its
+    /// owner may read, at most 64 KiB.
+    pub client_key: Option<PathBuf>,
+    /// How long a value read through a `vault:` reference is reused (`"30s"`, the default;
+    /// `"0s"` reads Vault every time). Read from the `[vault]` table only.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub reference_cache: Option<Duration>,
+    /// The mounts that `vault:` references read as KV version 1 (every other mount is KV v2).
+    pub reference_kv1_mounts: Option<Vec<String>>,
 }
 
 /// How keyrotd logs in to Vault (`auth = { method = "token", token = "env:VAULT_TOKEN" }`).
@@ -39,7 +51,49 @@ pub enum VaultAuth {
         /// The token, as a secret reference.
         token: SecretRef,
     },
+    /// AppRole: a role-id and a secret-id, both secret references. With `secret_id_wrapped`,
+    /// the reference holds a response-wrapping token that is unwrapped once, at the first
+    /// login; the secret-id it held is kept in memory for later logins (never on disk), so a
+    /// restarted daemon needs a fresh wrapping token.
+    Approle {
+        /// The auth mount (`approle`).
+        #[serde(default = "default_approle_mount")]
+        mount: String,
+        /// The role-id.
+        role_id: SecretRef,
+        /// The secret-id, or the wrapping token of one.
+        secret_id: SecretRef,
+        /// Whether `secret_id` holds a response-wrapping token.
+        #[serde(default)]
+        secret_id_wrapped: bool,
+    },
+    /// JWT login (`auth/MOUNT/login` with a role and a signed JWT): how a Kubernetes
+    /// service-account token logs in. The reference is read again at each login, since the
+    /// token file rotates.
+    Jwt {
+        /// The auth mount (`jwt`).
+        #[serde(default = "default_jwt_mount")]
+        mount: String,
+        /// The role to log in as.
+        role: String,
+        /// The JWT, as a secret reference.
+        jwt: SecretRef,
+    },
 }
+
+fn default_approle_mount() -> String {
+    "approle".into()
+}
+
+fn default_jwt_mount() -> String {
+    "jwt".into()
+}
+
+/// The default for [`VaultConnection::reference_cache`].
+pub const DEFAULT_REFERENCE_CACHE: Duration = Duration::from_secs(30);
+
+/// The longest accepted [`VaultConnection::reference_cache`].
+const MAX_REFERENCE_CACHE: Duration = Duration::from_secs(3600);
 
 /// The default for [`VaultConnection::request_timeout`].
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -57,14 +111,118 @@ impl VaultConnection {
         take(&mut self.auth, &defaults.auth);
         take(&mut self.ca_cert, &defaults.ca_cert);
         take(&mut self.request_timeout, &defaults.request_timeout);
+        take(&mut self.client_cert, &defaults.client_cert);
+        take(&mut self.client_key, &defaults.client_key);
+        take(&mut self.reference_cache, &defaults.reference_cache);
+        take(
+            &mut self.reference_kv1_mounts,
+            &defaults.reference_kv1_mounts,
+        );
     }
 
     /// Checks a connection after [`Self::fill`]: an address that is `https`, or `http` to
     /// loopback, and an auth method. The error starts with the field's name (`vault.address`).
     pub fn validate(&self) -> Result<(), String> {
-        let Some(address) = &self.address else {
+        if self.address.is_none() {
             return Err("vault.address: missing (set it here or in the [vault] table)".into());
-        };
+        }
+        if self.auth.is_none() {
+            return Err(
+                "vault.auth: missing (set it here or in the [vault] table, e.g. \
+                 { method = \"token\", token = \"env:VAULT_TOKEN\" })"
+                    .into(),
+            );
+        }
+        self.validate_fields()
+    }
+
+    /// Checks every field that is set, requiring none: the `[vault]` table where it is written,
+    /// whether or not a credential uses it (one may set the address itself).
+    pub fn validate_fields(&self) -> Result<(), String> {
+        if let Some(address) = &self.address {
+            check_address(address)?;
+        }
+        if let Some(namespace) = &self.namespace {
+            check_path("vault.namespace", namespace, "a namespace path")?;
+        }
+        if let Some(auth) = &self.auth {
+            auth.validate()?;
+        }
+        for (field, r) in self.secret_refs() {
+            if matches!(r, SecretRef::Vault { .. }) {
+                return Err(format!(
+                    "{field}: a `vault:` reference cannot hold what logs in to Vault itself"
+                ));
+            }
+        }
+        if let Some(timeout) = self.request_timeout {
+            timeouts::validate(timeouts::DEFAULT_CONNECT_TIMEOUT.min(timeout), timeout)
+                .map_err(|e| format!("vault.request_timeout: {e}"))?;
+        }
+        match (&self.client_cert, &self.client_key) {
+            (Some(_), None) => {
+                return Err("vault.client_key: missing (client_cert needs it)".into())
+            }
+            (None, Some(_)) => {
+                return Err("vault.client_cert: missing (client_key needs it)".into())
+            }
+            _ => {}
+        }
+        for (field, path) in [
+            ("vault.ca_cert", &self.ca_cert),
+            ("vault.client_cert", &self.client_cert),
+            ("vault.client_key", &self.client_key),
+        ] {
+            if path.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(format!("{field}: must be an absolute path"));
+            }
+        }
+        if self
+            .reference_cache
+            .is_some_and(|d| d > MAX_REFERENCE_CACHE)
+        {
+            return Err(
+                "vault.reference_cache: at most 1h (a cached value outlives its rotation)".into(),
+            );
+        }
+        for mount in self.reference_kv1_mounts.iter().flatten() {
+            check_path("vault.reference_kv1_mounts", mount, "a mount name")?;
+            if mount.contains('/') {
+                return Err(format!(
+                    "vault.reference_kv1_mounts: `{mount}`: a `vault:` reference's mount is one \
+                     path segment"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// How long a `vault:` reference's value is reused.
+    pub fn reference_cache(&self) -> Duration {
+        self.reference_cache.unwrap_or(DEFAULT_REFERENCE_CACHE)
+    }
+}
+
+impl VaultAuth {
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            Self::Token { .. } => Ok(()),
+            Self::Approle { mount, .. } => check_path("vault.auth.mount", mount, "a mount path"),
+            Self::Jwt { mount, role, .. } => {
+                check_path("vault.auth.mount", mount, "a mount path")?;
+                check_path("vault.auth.role", role, "a role name")?;
+                if role.contains('/') {
+                    return Err(format!("vault.auth.role: `{role}` must not contain `/`"));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// An `https` address, or `http` to loopback, that is a server's root.
+fn check_address(address: &str) -> Result<(), String> {
+    {
         let url = url::Url::parse(address)
             .map_err(|e| format!("vault.address: `{address}` is not an absolute URL ({e})"))?;
         match url.scheme() {
@@ -86,41 +244,42 @@ impl VaultConnection {
                 "vault.address: `{address}` must be the server's root (no path, query or fragment)"
             ));
         }
-        if let Some(namespace) = &self.namespace {
-            let valid = !namespace.is_empty()
-                && namespace.split('/').all(|part| {
-                    !part.is_empty()
-                        && part
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                        && part != "."
-                        && part != ".."
-                });
-            if !valid {
-                return Err(format!(
-                    "vault.namespace: `{namespace}` is not a namespace path (letters, digits, \
-                     `-_.`, parts separated by `/`)"
-                ));
-            }
-        }
-        if self.auth.is_none() {
-            return Err(
-                "vault.auth: missing (set it here or in the [vault] table, e.g. \
-                 { method = \"token\", token = \"env:VAULT_TOKEN\" })"
-                    .into(),
-            );
-        }
-        if let Some(timeout) = self.request_timeout {
-            timeouts::validate(timeouts::DEFAULT_CONNECT_TIMEOUT.min(timeout), timeout)
-                .map_err(|e| format!("vault.request_timeout: {e}"))?;
-        }
-        Ok(())
     }
+    Ok(())
+}
 
+/// A Vault path: parts of letters, digits and `-_.` separated by `/`.
+fn check_path(field: &str, value: &str, what: &str) -> Result<(), String> {
+    let valid = !value.is_empty()
+        && value.split('/').all(|part| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && part != "."
+                && part != ".."
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field}: `{value}` is not {what} (letters, digits, `-_.`, parts separated by `/`)"
+        ))
+    }
+}
+
+impl VaultConnection {
     /// The secret references the connection reads (for `keyrotd check`), with their fields.
     pub fn secret_refs(&self) -> Vec<(&'static str, &SecretRef)> {
         match &self.auth {
             Some(VaultAuth::Token { token }) => vec![("vault.auth.token", token)],
+            Some(VaultAuth::Approle {
+                role_id, secret_id, ..
+            }) => vec![
+                ("vault.auth.role_id", role_id),
+                ("vault.auth.secret_id", secret_id),
+            ],
+            Some(VaultAuth::Jwt { jwt, .. }) => vec![("vault.auth.jwt", jwt)],
             None => vec![],
         }
     }
@@ -199,5 +358,77 @@ mod tests {
         }
         assert!(toml::from_str::<VaultConnection>("auth = { method = \"root\" }").is_err());
         assert!(toml::from_str::<VaultConnection>("request_timeout = \"soon\"").is_err());
+    }
+
+    #[test]
+    fn parses_approle_and_jwt_and_checks_the_new_fields() {
+        let base = "address = \"https://v\"\n";
+        let c = parse(&format!(
+            "{base}auth = {{ method = \"approle\", role_id = \"env:R\", secret_id = \"env:S\", \
+             secret_id_wrapped = true }}"
+        ));
+        c.validate().unwrap();
+        let Some(VaultAuth::Approle {
+            mount,
+            secret_id_wrapped,
+            ..
+        }) = &c.auth
+        else {
+            panic!("{c:?}")
+        };
+        assert_eq!((mount.as_str(), *secret_id_wrapped), ("approle", true));
+        assert_eq!(c.secret_refs().len(), 2);
+        let c = parse(&format!(
+            "{base}auth = {{ method = \"jwt\", role = \"keyrotd\", jwt = \"file:/t\" }}"
+        ));
+        c.validate().unwrap();
+        assert!(matches!(&c.auth, Some(VaultAuth::Jwt { mount, .. }) if mount == "jwt"));
+        assert_eq!(c.reference_cache(), DEFAULT_REFERENCE_CACHE);
+
+        let jwt = "auth = { method = \"jwt\", role = \"keyrotd\", jwt = \"file:/t\" }";
+        for (extra, expected) in [
+            ("client_cert = \"/c.pem\"", "vault.client_key: missing"),
+            ("client_key = \"/k.pem\"", "vault.client_cert: missing"),
+            (
+                "ca_cert = \"ca.pem\"",
+                "vault.ca_cert: must be an absolute path",
+            ),
+            (
+                "reference_cache = \"2h\"",
+                "vault.reference_cache: at most 1h",
+            ),
+            (
+                "reference_kv1_mounts = [\"a/b\"]",
+                "vault.reference_kv1_mounts: ",
+            ),
+        ] {
+            let err = parse(&format!("{base}{jwt}\n{extra}"))
+                .validate()
+                .unwrap_err();
+            assert!(err.starts_with(expected), "{extra}: {err}");
+        }
+        for (auth, expected) in [
+            (
+                "{ method = \"jwt\", role = \"a/b\", jwt = \"file:/t\" }",
+                "vault.auth.role: ",
+            ),
+            (
+                "{ method = \"approle\", mount = \"../x\", role_id = \"env:R\", secret_id = \"env:S\" }",
+                "vault.auth.mount: ",
+            ),
+            (
+                "{ method = \"approle\", role_id = \"env:R\", secret_id = \"vault:secret/x#y\" }",
+                "vault.auth.secret_id: a `vault:` reference",
+            ),
+        ] {
+            let err = parse(&format!("{base}auth = {auth}")).validate().unwrap_err();
+            assert!(err.starts_with(expected), "{auth}: {err}");
+        }
+        // The [vault] table alone may leave the address to the credentials.
+        parse("namespace = \"team\"").validate_fields().unwrap();
+        assert!(
+            toml::from_str::<VaultConnection>("auth = { method = \"jwt\", jwt = \"env:J\" }")
+                .is_err()
+        );
     }
 }

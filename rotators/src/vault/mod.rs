@@ -6,6 +6,9 @@
 //!   store and reference that names it; [`VaultSession::call`] runs one API call and turns its
 //!   failure into a [`ProviderError`](keyrotd_plugin::ProviderError) naming what was attempted.
 //! - `error`: how Vault's answers are classified (transient or permanent).
+//! - `login`: the auth methods (token, AppRole with an optionally wrapped secret-id, JWT), the
+//!   client they build (TLS CA and client certificate) and the token's lifetime.
+//! - [`reference`](mod@reference): `vault:MOUNT/PATH#field` secret references and their cache.
 //!
 //! *Invariants:* plain `http://` only to loopback; the token lives only in the session (and,
 //! unavoidably, as a `String` inside `vaultrs`'s client, which is never `Debug`-printed); no
@@ -15,6 +18,8 @@
 
 pub mod connection;
 mod error;
+mod login;
+pub mod reference;
 pub mod session;
 
 pub use connection::{VaultAuth, VaultConnection};

@@ -5,25 +5,45 @@
 //! session logs in lazily, on the first call, and again when Vault refuses the token as expired
 //! or revoked: a 403 is checked with `lookup-self` before it is reported as a missing
 //! permission, since Vault gives both the same answer.
+//!
+//! *Token lifetime:* the session remembers the TTL and renewability its login (or the token's
+//! `lookup-self`) gave. The first call made 2/3 into the TTL renews the token (`renew-self`,
+//! reading the granted `lease_duration`, which the max TTL caps); a renewal that fails, a grant
+//! cut short by the max TTL, or a token already past its expiry makes that call log in again.
+//! This is lazy, on the next call, so no task outlives the session and nothing polls; a token
+//! with a TTL of 0 never expires and is never renewed.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
 
 use keyrotd_plugin::{ProviderError, Timeouts};
-use secrecy::ExposeSecret;
-use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+use vaultrs::client::VaultClient;
 use vaultrs::error::ClientError;
 
-use super::connection::{VaultAuth, VaultConnection};
+use super::connection::VaultConnection;
 use super::error::classify;
-use crate::resolve::Resolve;
+use super::login::{self, Due, Lifetime, Unwrapped};
 
 /// A shared, lazily logged-in client for one Vault connection.
 pub struct VaultSession {
     connection: VaultConnection,
+    state: tokio::sync::Mutex<State>,
+}
+
+/// What the session holds between calls.
+#[derive(Default)]
+struct State {
     /// The current login; `None` before the first call and after Vault refused the token.
-    login: tokio::sync::Mutex<Option<Arc<VaultClient>>>,
+    login: Option<Login>,
+    /// The secret-id unwrapped from a response-wrapping token, for later logins.
+    unwrapped: Option<Unwrapped>,
+}
+
+struct Login {
+    client: Arc<VaultClient>,
+    lifetime: Lifetime,
 }
 
 /// Sessions by connection. Weak, so a session lives only as long as something uses it.
@@ -42,7 +62,7 @@ impl VaultSession {
         sessions.retain(|_, weak| weak.strong_count() > 0);
         let session = Arc::new(VaultSession {
             connection: connection.clone(),
-            login: tokio::sync::Mutex::new(None),
+            state: tokio::sync::Mutex::new(State::default()),
         });
         sessions.insert(connection.clone(), Arc::downgrade(&session));
         Ok(session)
@@ -87,22 +107,57 @@ impl VaultSession {
         }
     }
 
-    /// The logged-in client, logging in first if there is none.
+    /// The logged-in client: logging in first if there is none, renewing its token or logging
+    /// in again when its lifetime says so.
     async fn client(&self, timeouts: Timeouts) -> Result<Arc<VaultClient>, ProviderError> {
-        let mut login = self.login.lock().await;
-        if let Some(client) = &*login {
-            return Ok(client.clone());
+        let mut state = self.state.lock().await;
+        if let Some(current) = &mut state.login {
+            match current.lifetime.due(Instant::now()) {
+                Due::Nothing => return Ok(current.client.clone()),
+                Due::Renew => match vaultrs::token::renew_self(&*current.client, None).await {
+                    Ok(auth) => {
+                        current.lifetime = current.lifetime.renewed(
+                            Instant::now(),
+                            auth.lease_duration,
+                            auth.renewable,
+                        );
+                        tracing::debug!(
+                            ttl_seconds = auth.lease_duration,
+                            "renewed keyrotd's Vault token"
+                        );
+                        return Ok(current.client.clone());
+                    }
+                    Err(e) => tracing::info!(
+                        "renewing keyrotd's Vault token failed ({}); logging in again",
+                        classify("renew-self", &e)
+                    ),
+                },
+                Due::LogIn => tracing::info!(
+                    "keyrotd's Vault token is at its max TTL or expired; logging in again"
+                ),
+            }
         }
-        let client = Arc::new(self.log_in(timeouts).await?);
-        *login = Some(client.clone());
+        let state = &mut *state;
+        state.login = None;
+        let (client, lifetime) =
+            login::log_in(&self.connection, &mut state.unwrapped, timeouts).await?;
+        let client = Arc::new(client);
+        state.login = Some(Login {
+            client: client.clone(),
+            lifetime,
+        });
         Ok(client)
     }
 
     /// Drops `client` as the current login, unless another call replaced it already.
     async fn forget(&self, client: &Arc<VaultClient>) {
-        let mut login = self.login.lock().await;
-        if login.as_ref().is_some_and(|c| Arc::ptr_eq(c, client)) {
-            *login = None;
+        let mut state = self.state.lock().await;
+        if state
+            .login
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(&c.client, client))
+        {
+            state.login = None;
         }
     }
 
@@ -115,43 +170,6 @@ impl VaultSession {
             Err(ClientError::APIError { code: 403, .. }) => Ok(false),
             Err(e) => Err(classify("look up keyrotd's own Vault token", &e)),
         }
-    }
-
-    async fn log_in(&self, timeouts: Timeouts) -> Result<VaultClient, ProviderError> {
-        let Some(auth) = &self.connection.auth else {
-            return Err(ProviderError::permanent("vault.auth: missing"));
-        };
-        let token = match auth {
-            VaultAuth::Token { token } => token.resolve_async(timeouts).await.map_err(|e| {
-                let class = e.class();
-                ProviderError {
-                    class,
-                    code: None,
-                    message: format!("Vault login: {e}"),
-                }
-            })?,
-        };
-        self.build(token.expose_secret())
-    }
-
-    /// A client for the connection carrying `token`, every setting explicit so that no
-    /// `VAULT_*` variable of keyrotd's environment changes it.
-    fn build(&self, token: &str) -> Result<VaultClient, ProviderError> {
-        let c = &self.connection;
-        let mut settings = VaultClientSettingsBuilder::default();
-        settings
-            // validate() parsed it: the builder's setter panics on an invalid URL.
-            .address(c.address.as_deref().unwrap_or_default())
-            .token(token)
-            .verify(true)
-            .identity(None)
-            .namespace(c.namespace.clone())
-            .timeout(Some(c.request_timeout()))
-            .ca_certs(c.ca_cert.iter().map(|p| p.display().to_string()).collect());
-        let settings = settings
-            .build()
-            .map_err(|e| ProviderError::permanent(format!("Vault client settings: {e}")))?;
-        VaultClient::new(settings).map_err(|e| classify("Vault client", &e))
     }
 }
 

@@ -16,4 +16,6 @@ mod deadlines;
 mod http;
 mod postgres;
 mod postgres_pool;
+mod vault_auth;
 mod vault_session;
+mod vault_tls;
