@@ -6,6 +6,7 @@
 //!   store and reference that names it; [`VaultSession::call`] runs one API call and turns its
 //!   failure into a [`ProviderError`](keyrotd_plugin::ProviderError) naming what was attempted.
 //! - `error`: how Vault's answers are classified (transient or permanent).
+//! - [`kv`]: the `vault_kv2` and `vault_kv1` stores.
 //!
 //! *Invariants:* plain `http://` only to loopback; the token lives only in the session (and,
 //! unavoidably, as a `String` inside `vaultrs`'s client, which is never `Debug`-printed); no
@@ -15,6 +16,7 @@
 
 pub mod connection;
 mod error;
+pub mod kv;
 pub mod session;
 
 pub use connection::{VaultAuth, VaultConnection};
