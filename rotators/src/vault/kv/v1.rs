@@ -11,7 +11,7 @@
 //!   permanent), write `PATH.previous` (the replaced object, for rollback), write `PATH`,
 //!   delete `PATH.pending`;
 //! - discard: read and delete `PATH.pending` if it is this rotation's;
-//! - release: delete `PATH.previous`.
+//! - release: delete `PATH.pending` (a no-op unless promote could not) and `PATH.previous`.
 //!
 //! Without `cas`, a writer that lands between promote's read of `PATH` and its write is
 //! overwritten; its value is then in `PATH.previous`. Use KV v2 where writers race.
@@ -166,7 +166,7 @@ impl Store for Kv1Store {
             .need(self.rule(
                 &self.sibling(PENDING_SUFFIX),
                 &["create", "delete", "read", "update"],
-                &["stage", "pending", "promote", "discard"],
+                &["stage", "pending", "promote", "discard", "release_previous"],
             ))
             .need(self.rule(
                 &self.sibling(PREVIOUS_SUFFIX),
@@ -245,7 +245,11 @@ impl Store for Kv1Store {
             }
             self.write(path, &object).await?;
         }
-        self.delete(&self.sibling(PENDING_SUFFIX)).await
+        // The promotion stands once `PATH` is written (see the v2 store); release deletes it.
+        if let Err(e) = self.delete(&self.sibling(PENDING_SUFFIX)).await {
+            tracing::warn!(credential = ctx.credential_id, error = %e, "the staged copy stays until release");
+        }
+        Ok(())
     }
 
     async fn discard(&self, ctx: StepContext<'_>) -> Result<(), ProviderError> {
@@ -255,7 +259,9 @@ impl Store for Kv1Store {
         Ok(())
     }
 
+    /// Deletes `PATH.previous` and whatever promote left at `PATH.pending`.
     async fn release_previous(&self, _ctx: StepContext<'_>) -> Result<(), ProviderError> {
+        self.delete(&self.sibling(PENDING_SUFFIX)).await?;
         self.delete(&self.sibling(PREVIOUS_SUFFIX)).await
     }
 

@@ -10,10 +10,11 @@
 //! - promote: read `data/PATH.pending`, write `data/PATH` with `cas=B`, delete
 //!   `metadata/PATH.pending`. A `cas` refusal is either this promotion already done (`PATH`
 //!   names this rotation) or a concurrent writer: the rotation then fails, permanent, and the
-//!   other value stays;
+//!   other value stays. Once `PATH` is written the promotion stands: a failed delete only
+//!   leaves the staged copy for release;
 //! - discard: read and delete `PATH.pending` if it is this rotation's;
-//! - release: read `metadata/PATH` and destroy the versions older than the newest
-//!   `keep_versions`.
+//! - release: delete `metadata/PATH.pending` (a no-op unless promote could not), read
+//!   `metadata/PATH` and destroy the versions older than the newest `keep_versions`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -199,7 +200,12 @@ impl Store for Kv2Store {
                 &["create", "read", "update"],
                 &["stage", "pending", "promote", "discard"],
             ))
-            .need(self.rule("metadata", &pending, &["delete"], &["promote", "discard"]))
+            .need(self.rule(
+                "metadata",
+                &pending,
+                &["delete"],
+                &["promote", "discard", "release_previous"],
+            ))
             .need(self.rule("metadata", path, &["read"], &["release_previous"]))
             .need(self.rule("destroy", path, &["update"], &["release_previous"]))
     }
@@ -299,7 +305,12 @@ impl Store for Kv2Store {
             }
             Err(e) => return Err(e),
         }
-        self.delete_all(&self.pending_path()).await
+        // Consumers have the new value now: the promotion stands even if the staged copy
+        // cannot be deleted yet (rolling back would revoke what they read). Release deletes it.
+        if let Err(e) = self.delete_all(&self.pending_path()).await {
+            tracing::warn!(credential = ctx.credential_id, error = %e, "the staged copy stays until release");
+        }
+        Ok(())
     }
 
     async fn discard(&self, ctx: StepContext<'_>) -> Result<(), ProviderError> {
@@ -309,8 +320,10 @@ impl Store for Kv2Store {
         Ok(())
     }
 
-    /// Destroys every version older than the newest `keep_versions` (default 2).
+    /// Deletes what promote may have left at `PATH.pending` (no rotation is staged while one is
+    /// being released) and destroys every version older than the newest `keep_versions`.
     async fn release_previous(&self, _ctx: StepContext<'_>) -> Result<(), ProviderError> {
+        self.delete_all(&self.pending_path()).await?;
         let keep = self.config.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS);
         let metadata_path = self.api_path("metadata", self.config.secret_path());
         let what = format!("read {metadata_path} (capability `read`)");

@@ -1,0 +1,183 @@
+//! A concurrent writer between stage and promote, OpenBao unreachable during stage or promote,
+//! and a policy missing one capability.
+
+use super::*;
+
+/// Someone writes the secret while keyrotd hangs between verify and promote: the promotion
+/// refuses to overwrite it, names the path, and the staged value is discarded.
+fn concurrent_writer(kv: u8) {
+    let fx = Fixture::new(kv, "race", "", "");
+    let mut hung = fx.rotate_until("promote:start");
+    let theirs = format!("written-by-someone-else-{}", unique("w"));
+    fx.bao.bao(&[
+        "kv",
+        "put",
+        &format!("-mount={}", fx.mount),
+        &fx.path,
+        &format!("password={theirs}"),
+    ]);
+    hung.kill().unwrap();
+    hung.wait().unwrap();
+
+    let out = fx.rotate();
+    assert!(!out.status.success(), "the rotation fails");
+    let (password, writer, version) = fx.latest();
+    assert_eq!(
+        password, theirs,
+        "the other writer's value is never overwritten"
+    );
+    assert_eq!(writer, None);
+    if kv == 2 {
+        assert_eq!(version, 2, "no version written after theirs");
+    }
+    assert!(
+        fx.read(".pending").is_none(),
+        "the staged value is discarded"
+    );
+    let history = fx.history();
+    let api = match kv {
+        2 => format!("secret/data/{}", fx.path),
+        _ => format!("{}/{}", fx.mount, fx.path),
+    };
+    assert!(
+        history.contains(&format!("{api}: written by someone else since the stage")),
+        "{history}"
+    );
+    assert!(history.contains("promote   error"), "{history}");
+    assert!(history.contains("discard   ok"), "{history}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("app") && stderr.contains("written by someone else"),
+        "{stderr}"
+    );
+    fx.assert_no_secret_leaked(&[theirs], None);
+}
+
+#[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
+fn kv2_a_concurrent_writer_fails_the_cas_and_is_never_overwritten() {
+    concurrent_writer(2);
+}
+
+#[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
+fn kv1_a_concurrent_writer_is_detected_before_the_write() {
+    concurrent_writer(1);
+}
+
+/// OpenBao drops `line` (stage's or promote's write) while `keyrotd run` rotates: retries with
+/// backoff, consumers keep P0 and nothing is released; once it is back the rotation completes.
+fn unreachable_during(step: &str, line: impl Fn(&Fixture) -> String) {
+    let fx = Fixture::new(2, &format!("down-{step}"), "", "");
+    fx.proxy.cut(Some(&line(&fx)));
+    let daemon = fx.start();
+    let retried = wait_until(Duration::from_secs(30), || fx.proxy.dropped() >= 3);
+    assert!(
+        retried,
+        "{step}: retried: {}\n{}",
+        fx.history(),
+        daemon.log_text()
+    );
+    let (password, _, version) = fx.latest();
+    assert_eq!(
+        (password.as_str(), version),
+        (fx.p0.as_str(), 1),
+        "{step}: consumers keep P0"
+    );
+    let history = fx.history();
+    assert!(history.contains(&format!("{step:<9} error")), "{history}");
+    assert!(history.contains("could not reach Vault"), "{history}");
+    assert!(!history.contains("release"), "nothing released: {history}");
+    assert!(fx.status()["consecutive_failures"].as_u64() >= Some(1));
+
+    fx.proxy.cut(None);
+    fx.wait_done(&daemon, 1);
+    let (password, writer, version) = fx.latest();
+    assert!(
+        password != fx.p0 && writer.is_some() && version == 2,
+        "{step}"
+    );
+    assert!(fx.read(".pending").is_none());
+    let metrics = http_get(fx.port, "/metrics").map(|(_, body)| body);
+    fx.assert_no_secret_leaked(&[password], metrics.as_deref());
+}
+
+#[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
+fn kv2_openbao_unreachable_during_stage_retries_and_completes() {
+    unreachable_during("stage", |fx| {
+        format!("POST /v1/secret/data/{}.pending", fx.path)
+    });
+}
+
+#[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
+fn kv2_openbao_unreachable_during_promote_retries_and_completes() {
+    unreachable_during("promote", |fx| format!("POST /v1/secret/data/{}", fx.path));
+}
+
+/// `hcl` with `capability` removed from the rule on `path`.
+fn without(hcl: &str, path: &str, capability: &str) -> String {
+    let head = format!("path \"{path}\" {{");
+    let start = hcl
+        .find(&head)
+        .unwrap_or_else(|| panic!("no rule on {path}:\n{hcl}"));
+    let end = start + hcl[start..].find('}').unwrap();
+    let rule = hcl[start..end]
+        .replace(&format!("\"{capability}\", "), "")
+        .replace(&format!(", \"{capability}\""), "");
+    assert_ne!(rule, hcl[start..end], "{capability} on {path}");
+    format!("{}{rule}{}", &hcl[..start], &hcl[end..])
+}
+
+/// The printed policy without `capability` on `path`: the rotation fails at `step`, permanent,
+/// naming the credential, the step, the path and the capability; consumers keep P0.
+fn denied(kv: u8, step: &str, path: &str, capability: &str) {
+    let fx = Fixture::without_token(kv, &format!("denied-{step}"), "", "");
+    let path = path.replace("PATH", &fx.path).replace("MOUNT", &fx.mount);
+    fx.use_policy(&without(&fx.printed_policy(), &path, capability));
+    let out = fx.rotate();
+    assert!(!out.status.success(), "{step}: the rotation fails");
+    let history = fx.history();
+    let expected = format!("{path} (capability `{capability}`");
+    let line = history
+        .lines()
+        .find(|l| l.contains(&format!("{step:<9} error")))
+        .unwrap_or_else(|| panic!("{step}: {history}"));
+    assert!(
+        line.contains(&expected) && line.contains("permission denied"),
+        "{line}"
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("`app`") || stderr.contains("app"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(stderr.contains(step), "{stderr}");
+    assert_eq!(fx.latest().0, fx.p0, "{step}: consumers keep P0");
+    let status = fx.status();
+    assert_eq!(
+        status["state"], "failed",
+        "permanent: no retry scheduled: {status}"
+    );
+    fx.assert_no_secret_leaked(&[], None);
+}
+
+#[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
+fn kv2_without_create_on_the_pending_path_stage_is_denied() {
+    denied(2, "stage", "secret/data/PATH.pending", "create");
+}
+
+#[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
+fn kv2_without_update_on_the_secret_promote_is_denied() {
+    denied(2, "promote", "secret/data/PATH", "update");
+}
+
+#[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
+fn kv1_without_create_on_the_previous_path_promote_is_denied() {
+    denied(1, "promote", "MOUNT/PATH.previous", "create");
+}
