@@ -4,7 +4,7 @@
 use super::*;
 
 /// Someone writes the secret while keyrotd hangs between verify and promote: the promotion
-/// refuses to overwrite it, names the path, and the staged value is discarded.
+/// refuses to overwrite it and names the path; the credential is marked failed.
 fn concurrent_writer(kv: u8) {
     let fx = Fixture::new(kv, "race", "", "");
     let mut hung = fx.rotate_until("promote:start");
@@ -21,6 +21,19 @@ fn concurrent_writer(kv: u8) {
 
     let out = fx.rotate();
     assert!(!out.status.success(), "the rotation fails");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("credential `app`: step promote failed: ")
+            && stderr.contains("written by someone else"),
+        "{stderr}"
+    );
+    // Permanent: the engine confirms it once (the same refusal), then stops. A verified
+    // rotation is not rolled back (the engine's rule), so its value stays staged at
+    // PATH.pending, where no consumer reads it.
+    assert_eq!(fx.status()["state"], "retrying");
+    let out = fx.rotate();
+    assert!(!out.status.success(), "the rotation fails again");
+    assert!(text(&out.stderr).contains("written by someone else"));
     let (password, writer, version) = fx.latest();
     assert_eq!(
         password, theirs,
@@ -30,10 +43,6 @@ fn concurrent_writer(kv: u8) {
     if kv == 2 {
         assert_eq!(version, 2, "no version written after theirs");
     }
-    assert!(
-        fx.read(".pending").is_none(),
-        "the staged value is discarded"
-    );
     let history = fx.history();
     let api = match kv {
         2 => format!("secret/data/{}", fx.path),
@@ -44,13 +53,11 @@ fn concurrent_writer(kv: u8) {
         "{history}"
     );
     assert!(history.contains("promote   error"), "{history}");
-    assert!(history.contains("discard   ok"), "{history}");
-    let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("app") && stderr.contains("written by someone else"),
-        "{stderr}"
-    );
-    fx.assert_no_secret_leaked(&[theirs], None);
+    assert_eq!(fx.status()["state"], "failed");
+    let (staged, _) = fx.read(".pending").expect("still staged");
+    let staged = staged["password"].as_str().unwrap().to_owned();
+    assert!(staged != theirs && staged != fx.p0);
+    fx.assert_no_secret_leaked(&[theirs, staged], None);
 }
 
 #[test]
@@ -139,28 +146,26 @@ fn denied(kv: u8, step: &str, path: &str, capability: &str) {
     let out = fx.rotate();
     assert!(!out.status.success(), "{step}: the rotation fails");
     let history = fx.history();
-    let expected = format!("{path} (capability `{capability}`");
+    let names = |text: &str| {
+        text.contains(&format!("{path} "))
+            && text.contains(&format!("`{capability}`"))
+            && text.contains("permission denied")
+    };
     let line = history
         .lines()
         .find(|l| l.contains(&format!("{step:<9} error")))
         .unwrap_or_else(|| panic!("{step}: {history}"));
-    assert!(
-        line.contains(&expected) && line.contains("permission denied"),
-        "{line}"
-    );
+    assert!(names(line), "{line}");
     let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("`app`") || stderr.contains("app"),
-        "{stderr}"
-    );
-    assert!(stderr.contains(&expected), "{stderr}");
-    assert!(stderr.contains(step), "{stderr}");
+    let named = format!("credential `app`: step {step} failed: ");
+    assert!(stderr.contains(&named) && names(&stderr), "{stderr}");
     assert_eq!(fx.latest().0, fx.p0, "{step}: consumers keep P0");
+    // Permanent: the engine confirms it once, then stops retrying.
+    assert_eq!(fx.status()["state"], "retrying");
+    assert!(!fx.rotate().status.success());
     let status = fx.status();
-    assert_eq!(
-        status["state"], "failed",
-        "permanent: no retry scheduled: {status}"
-    );
+    assert_eq!(status["state"], "failed", "permanent: {status}");
+    assert_eq!(fx.latest().0, fx.p0, "{step}: consumers keep P0");
     fx.assert_no_secret_leaked(&[], None);
 }
 
