@@ -52,19 +52,7 @@ async fn current(store: &dyn Store) -> String {
 /// binary (tests/integration/vault_kv/).
 fn setup(kv: u8) -> (OpenBao, String, String, tempfile::TempDir) {
     let bao = OpenBao::shared();
-    let mount = if kv == 2 {
-        "secret".to_owned()
-    } else {
-        let mount = unique("kv1");
-        bao.bao(&[
-            "secrets",
-            "enable",
-            &format!("-path={mount}"),
-            "-version=1",
-            "kv",
-        ]);
-        mount
-    };
+    let mount = bao.kv_mount(kv);
     let path = unique("store");
     bao.bao(&[
         "kv",

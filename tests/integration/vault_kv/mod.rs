@@ -50,19 +50,7 @@ impl Fixture {
 
     fn without_token(kv: u8, tag: &str, store_extra: &str, extra: &str) -> Self {
         let bao = OpenBao::shared();
-        let mount = if kv == 2 {
-            "secret".to_owned()
-        } else {
-            let mount = unique("kv1");
-            bao.bao(&[
-                "secrets",
-                "enable",
-                &format!("-path={mount}"),
-                "-version=1",
-                "kv",
-            ]);
-            mount
-        };
+        let mount = bao.kv_mount(kv);
         let path = format!("keyrotd/{}", unique(tag));
         let p0 = format!("initial-{}-{}", unique("p0"), unique("x"));
         bao.bao(&[

@@ -6,11 +6,14 @@ use std::sync::Arc;
 
 use super::*;
 
+/// One observation: the password and the rotation named by `keyrotd_rotation`.
+type Seen = (String, Option<String>);
+
 /// Reads the latest value of the secret every 10 ms, straight from OpenBao, and keeps each
 /// distinct (password, writing rotation) it saw, in order.
 struct Reader {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<(String, Option<String>)>>>,
+    thread: Option<std::thread::JoinHandle<Vec<Seen>>>,
 }
 
 impl Reader {
@@ -23,7 +26,7 @@ impl Reader {
             _ => (format!("{}/{}", fx.mount, fx.path), 1),
         };
         let thread = std::thread::spawn(move || {
-            let mut seen: Vec<(String, Option<String>)> = Vec::new();
+            let mut seen: Vec<Seen> = Vec::new();
             while !flag.load(Ordering::Relaxed) {
                 let (status, body) = vault_get(&addr, &root, &api);
                 assert_eq!(status, 200, "the secret is always readable: {body}");
@@ -49,7 +52,7 @@ impl Reader {
         }
     }
 
-    fn finish(mut self) -> Vec<(String, Option<String>)> {
+    fn finish(mut self) -> Vec<Seen> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.take().unwrap().join().unwrap()
     }

@@ -24,6 +24,7 @@ pub mod v2;
 
 use std::time::Duration;
 
+use keyrotd_plugin::permissions::{Permission, VaultRule};
 use keyrotd_plugin::{Attrs, Credential, ProviderError, StepContext, Timeouts};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -126,6 +127,11 @@ impl VaultKvConfig {
         self.path.trim_matches('/')
     }
 
+    /// The store's location for status output (`vault:secret/app/db`).
+    pub fn location(&self) -> String {
+        format!("vault:{}/{}", self.mount(), self.secret_path())
+    }
+
     /// What a credential writing here collides with (`Vault KV secret/app/db at ADDRESS`).
     pub fn target(&self) -> String {
         let connection = self.connection();
@@ -155,6 +161,15 @@ fn plain_path(path: &str) -> bool {
             && part
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    })
+}
+
+/// A policy rule: `capabilities` on the API path `path` (`secret/data/app`), for `used_by`.
+fn rule(path: String, capabilities: &[&'static str], used_by: &[&'static str]) -> Permission {
+    Permission::Vault(VaultRule {
+        path,
+        capabilities: capabilities.to_vec(),
+        used_by: used_by.to_vec(),
     })
 }
 

@@ -21,12 +21,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keyrotd_plugin::permissions::{Permission, VaultRule};
 use keyrotd_plugin::{Credential, Permissions, ProviderError, StepContext, Store};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::{decode, encode, field, is_not_found, rotation_of, VaultKvConfig, PENDING_SUFFIX};
+use super::{
+    decode, encode, field, is_not_found, rotation_of, rule, VaultKvConfig, PENDING_SUFFIX,
+};
 use crate::vault::VaultSession;
 
 /// The suffix of the sibling path keeping the replaced value until release.
@@ -127,14 +128,6 @@ impl Kv1Store {
             .await?
             .filter(|object| rotation_of(object) == Some(rotation)))
     }
-
-    fn rule(&self, path: &str, caps: &[&'static str], used_by: &[&'static str]) -> Permission {
-        Permission::Vault(VaultRule {
-            path: self.api_path(path),
-            capabilities: caps.to_vec(),
-            used_by: used_by.to_vec(),
-        })
-    }
 }
 
 #[async_trait]
@@ -144,11 +137,7 @@ impl Store for Kv1Store {
     }
 
     fn location(&self) -> String {
-        format!(
-            "vault:{}/{}",
-            self.config.mount(),
-            self.config.secret_path()
-        )
+        self.config.location()
     }
 
     fn timeout(&self) -> Duration {
@@ -158,18 +147,18 @@ impl Store for Kv1Store {
     /// Exactly the paths and capabilities of the calls above.
     fn permissions(&self) -> Permissions {
         Permissions::none()
-            .need(self.rule(
-                self.config.secret_path(),
+            .need(rule(
+                self.api_path(self.config.secret_path()),
                 &["create", "read", "update"],
                 &["current", "stage", "promote", "last_rotation"],
             ))
-            .need(self.rule(
-                &self.sibling(PENDING_SUFFIX),
+            .need(rule(
+                self.api_path(&self.sibling(PENDING_SUFFIX)),
                 &["create", "delete", "read", "update"],
                 &["stage", "pending", "promote", "discard", "release_previous"],
             ))
-            .need(self.rule(
-                &self.sibling(PREVIOUS_SUFFIX),
+            .need(rule(
+                self.api_path(&self.sibling(PREVIOUS_SUFFIX)),
                 &["create", "delete", "update"],
                 &["promote", "release_previous"],
             ))

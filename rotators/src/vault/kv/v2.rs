@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keyrotd_plugin::permissions::{Permission, VaultRule};
+use keyrotd_plugin::permissions::Permission;
 use keyrotd_plugin::{Credential, Permissions, ProviderError, StepContext, Store};
 use serde_json::{Map, Value};
 use vaultrs::api::kv2::requests::{ReadSecretRequest, SetSecretRequestOptions};
@@ -149,14 +149,10 @@ impl Kv2Store {
         &self,
         kind: &str,
         path: &str,
-        caps: &[&'static str],
+        capabilities: &[&'static str],
         used_by: &[&'static str],
     ) -> Permission {
-        Permission::Vault(VaultRule {
-            path: self.api_path(kind, path),
-            capabilities: caps.to_vec(),
-            used_by: used_by.to_vec(),
-        })
+        super::rule(self.api_path(kind, path), capabilities, used_by)
     }
 }
 
@@ -172,11 +168,7 @@ impl Store for Kv2Store {
     }
 
     fn location(&self) -> String {
-        format!(
-            "vault:{}/{}",
-            self.config.mount(),
-            self.config.secret_path()
-        )
+        self.config.location()
     }
 
     fn timeout(&self) -> Duration {
