@@ -135,7 +135,13 @@ retry = {{ max_attempts = 30, backoff = "1s", max_backoff = "2s" }}
 
     /// Runs a `keyrotd` command to completion; its stderr and stdout are kept for the leak scan.
     fn cli(&self, args: &[&str]) -> Output {
+        self.cli_at("trace", args)
+    }
+
+    /// [`Self::cli`] logging at `level` (the leak scans cover what each level shows).
+    fn cli_at(&self, level: &str, args: &[&str]) -> Output {
         let out = keyrotd()
+            .env("KEYROTD_LOG", level)
             .arg("--config")
             .arg(self.config())
             .args(args)

@@ -58,7 +58,8 @@ impl Reader {
     }
 }
 
-/// Two rotations with a reader polling; returns the passwords they wrote.
+/// Two rotations (logging at trace, then at debug) with a reader polling; returns the round
+/// trips of the first and the passwords they wrote.
 fn two_rotations(fx: &Fixture) -> (Vec<String>, Vec<String>) {
     let reader = Reader::start(fx);
     std::thread::sleep(Duration::from_millis(100));
@@ -67,7 +68,7 @@ fn two_rotations(fx: &Fixture) -> (Vec<String>, Vec<String>) {
     assert!(out.status.success(), "rotate: {}", text(&out.stderr));
     let first_trips = fx.proxy.seen();
     let (p1, r1, _) = fx.latest();
-    let out = fx.rotate();
+    let out = fx.cli_at("debug", &["rotate", "app"]);
     assert!(out.status.success(), "rotate: {}", text(&out.stderr));
     let (p2, r2, _) = fx.latest();
     std::thread::sleep(Duration::from_millis(100));
