@@ -236,6 +236,7 @@ fn is_not_found(error: &ProviderError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keyrotd_plugin::Store;
 
     fn config(text: &str) -> VaultKvConfig {
         toml::from_str(&format!(
@@ -273,6 +274,53 @@ mod tests {
         config("mount = \"/secret/\"\npath = \"team/app-db\"\nfield = \"password\"")
             .validate(true)
             .unwrap();
+    }
+
+    /// Every path a store calls, with its capabilities: what `keyrotd policy` prints.
+    fn rules(store: &dyn Store) -> Vec<(String, Vec<&'static str>)> {
+        store
+            .permissions()
+            .needs
+            .into_iter()
+            .map(|need| match need {
+                Permission::Vault(rule) => (rule.path, rule.capabilities),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn policies_name_exactly_the_paths_called() {
+        let v2 = v2::Kv2Store::new(config("mount = \"kv/team/\"\npath = \"/app/db\"")).unwrap();
+        assert_eq!(v2.location(), "vault:kv/team/app/db");
+        assert_eq!(
+            rules(&v2),
+            vec![
+                (
+                    "kv/team/data/app/db".into(),
+                    vec!["create", "read", "update"]
+                ),
+                (
+                    "kv/team/data/app/db.pending".into(),
+                    vec!["create", "read", "update"]
+                ),
+                ("kv/team/metadata/app/db.pending".into(), vec!["delete"]),
+                ("kv/team/metadata/app/db".into(), vec!["read"]),
+                ("kv/team/destroy/app/db".into(), vec!["update"]),
+            ]
+        );
+        let v1 = v1::Kv1Store::new(config("mount = \"kv\"\npath = \"app\"")).unwrap();
+        assert_eq!(
+            rules(&v1),
+            vec![
+                ("kv/app".into(), vec!["create", "read", "update"]),
+                (
+                    "kv/app.pending".into(),
+                    vec!["create", "delete", "read", "update"]
+                ),
+                ("kv/app.previous".into(), vec!["create", "delete", "update"]),
+            ]
+        );
     }
 
     #[test]
