@@ -23,6 +23,8 @@ use crate::http::{HttpConfig, HttpRotator};
 #[cfg(feature = "postgres")]
 use crate::postgres::{PostgresConfig, PostgresRotator};
 use crate::random::{RandomConfig, RandomRotator};
+#[cfg(feature = "vault")]
+use crate::vault::kv::{v1::Kv1Store, v2::Kv2Store, VaultKvConfig};
 
 /// The inventory's `[aws]` table: defaults for every AWS rotator and store.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -96,8 +98,12 @@ const ROTATOR_KINDS: &[(&str, Option<&str>)] = &[
 ];
 
 /// Every store kind, as [`ROTATOR_KINDS`].
-const STORE_KINDS: &[(&str, Option<&str>)] =
-    &[("file", None), ("aws_secrets_manager", Some("aws"))];
+const STORE_KINDS: &[(&str, Option<&str>)] = &[
+    ("file", None),
+    ("aws_secrets_manager", Some("aws")),
+    ("vault_kv2", Some("vault")),
+    ("vault_kv1", Some("vault")),
+];
 
 /// Whether this build has the provider of `feature`.
 fn compiled_in(feature: Option<&str>) -> bool {
@@ -164,6 +170,12 @@ pub enum StoreConfig {
     /// An AWS Secrets Manager secret, versioned with AWS's staging labels.
     #[cfg(feature = "aws")]
     AwsSecretsManager(Box<SecretsManagerConfig>),
+    /// A Vault (OpenBao) KV version 2 secret, promoted with check-and-set.
+    #[cfg(feature = "vault")]
+    VaultKv2(Box<VaultKvConfig>),
+    /// A Vault (OpenBao) KV version 1 secret.
+    #[cfg(feature = "vault")]
+    VaultKv1(Box<VaultKvConfig>),
 }
 
 impl RotatorConfig {
@@ -304,6 +316,10 @@ impl StoreConfig {
             Self::File(_) => "file",
             #[cfg(feature = "aws")]
             Self::AwsSecretsManager(_) => "aws_secrets_manager",
+            #[cfg(feature = "vault")]
+            Self::VaultKv2(_) => "vault_kv2",
+            #[cfg(feature = "vault")]
+            Self::VaultKv1(_) => "vault_kv1",
         }
     }
 
@@ -314,6 +330,10 @@ impl StoreConfig {
             Self::File(c) => c.validate().map(drop),
             #[cfg(feature = "aws")]
             Self::AwsSecretsManager(c) => c.validate(),
+            #[cfg(feature = "vault")]
+            Self::VaultKv2(c) => c.validate(true),
+            #[cfg(feature = "vault")]
+            Self::VaultKv1(c) => c.validate(false),
         }
     }
 
@@ -325,6 +345,8 @@ impl StoreConfig {
             Self::File(c) => c.check_location(),
             #[cfg(feature = "aws")]
             Self::AwsSecretsManager(_) => Ok(()),
+            #[cfg(feature = "vault")]
+            Self::VaultKv2(_) | Self::VaultKv1(_) => Ok(()),
         }
     }
 
@@ -335,6 +357,8 @@ impl StoreConfig {
             Self::File(c) => c.targets(),
             #[cfg(feature = "aws")]
             Self::AwsSecretsManager(c) => vec![c.target()],
+            #[cfg(feature = "vault")]
+            Self::VaultKv2(c) | Self::VaultKv1(c) => vec![c.target()],
         }
     }
 
@@ -346,7 +370,13 @@ impl StoreConfig {
                 .aws
                 .fill(&mut c.region, &mut c.endpoint_url, &mut c.account_id);
         }
-        #[cfg(not(feature = "aws"))]
+        #[cfg(feature = "vault")]
+        if let Self::VaultKv2(c) | Self::VaultKv1(c) = self {
+            c.vault
+                .get_or_insert_with(Default::default)
+                .fill(&defaults.vault);
+        }
+        #[cfg(not(any(feature = "aws", feature = "vault")))]
         let _ = defaults;
     }
 
@@ -359,6 +389,8 @@ impl StoreConfig {
             "file" => FileConfig::deserialize(d).map(drop),
             #[cfg(feature = "aws")]
             "aws_secrets_manager" => SecretsManagerConfig::deserialize(d).map(drop),
+            #[cfg(feature = "vault")]
+            "vault_kv2" | "vault_kv1" => VaultKvConfig::deserialize(d).map(drop),
             other => Err(unknown_kind(other, STORE_KINDS, &COMPILED_STORES)),
         }
     }
@@ -369,6 +401,10 @@ impl StoreConfig {
             Self::File(c) => Arc::new(FileStore::new(c.clone())?),
             #[cfg(feature = "aws")]
             Self::AwsSecretsManager(c) => Arc::new(SecretsManagerStore::new((**c).clone())?),
+            #[cfg(feature = "vault")]
+            Self::VaultKv2(c) => Arc::new(Kv2Store::new((**c).clone())?),
+            #[cfg(feature = "vault")]
+            Self::VaultKv1(c) => Arc::new(Kv1Store::new((**c).clone())?),
         })
     }
 }

@@ -103,6 +103,19 @@ impl OpenBao {
         .trim()
         .to_owned()
     }
+
+    /// A KV mount of `version` (1 or 2): the dev server's own `secret/` for 2, a new mount under
+    /// a unique path for 1.
+    #[track_caller]
+    pub fn kv_mount(&self, version: u8) -> String {
+        if version == 2 {
+            return "secret".to_owned();
+        }
+        let mount = unique("kv1");
+        let path = format!("-path={mount}");
+        self.bao(&["secrets", "enable", &path, "-version=1", "kv"]);
+        mount
+    }
 }
 
 /// A name no other test of this run uses (`prefix-1a2b3c4d`), for mounts, roles and policies.

@@ -36,3 +36,4 @@ mod store_locations;
 mod support;
 mod systemd_notify;
 mod vault_e2e;
+mod vault_kv;

@@ -9,6 +9,7 @@
 //! - `login`: the auth methods (token, AppRole with an optionally wrapped secret-id, JWT), the
 //!   client they build (TLS CA and client certificate) and the token's lifetime.
 //! - [`reference`](mod@reference): `vault:MOUNT/PATH#field` secret references and their cache.
+//! - [`kv`]: the `vault_kv2` and `vault_kv1` stores.
 //!
 //! *Invariants:* plain `http://` only to loopback; the token lives only in the session (and,
 //! unavoidably, as a `String` inside `vaultrs`'s client, which is never `Debug`-printed); no
@@ -20,6 +21,7 @@ pub mod connection;
 mod error;
 mod login;
 pub mod reference;
+pub mod kv;
 pub mod session;
 
 pub use connection::{VaultAuth, VaultConnection};

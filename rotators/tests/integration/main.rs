@@ -17,5 +17,6 @@ mod http;
 mod postgres;
 mod postgres_pool;
 mod vault_auth;
+mod vault_kv;
 mod vault_session;
 mod vault_tls;
