@@ -123,6 +123,8 @@ fn kv2_rotations_with_the_printed_policy_show_readers_only_verified_values_in_mi
         format!("/v1/secret/metadata/{}", fx.path),
     );
     let expected = [
+        // login: the token's TTL, once per login of the daemon, not per rotation
+        "GET /v1/auth/token/lookup-self".to_owned(),
         format!("GET {data}"),                // engine: last_rotation (state check)
         format!("GET {data}"),                // issue: current
         format!("GET {data}"),                // stage: the object and version B
