@@ -51,17 +51,20 @@ pub enum Condition {
     AutomationStopped,
     /// The store holds a rotation the state database does not know: state lost or foreign.
     StateLost,
+    /// A delivery hook failed all its attempts: consumers may still use the old value.
+    HookFailed,
 }
 
 impl Condition {
     /// Every condition, in a stable order.
-    pub const ALL: [Condition; 6] = [
+    pub const ALL: [Condition; 7] = [
         Self::RotationFailed,
         Self::Stale,
         Self::NearMaxAge,
         Self::RevokeFailed,
         Self::AutomationStopped,
         Self::StateLost,
+        Self::HookFailed,
     ];
 
     /// The stable snake_case name used in payloads and subjects.
@@ -73,6 +76,7 @@ impl Condition {
             Self::RevokeFailed => "revoke_failed",
             Self::AutomationStopped => "automation_stopped",
             Self::StateLost => "state_lost",
+            Self::HookFailed => "hook_failed",
         }
     }
 
@@ -80,7 +84,9 @@ impl Condition {
     pub fn severity(self) -> Severity {
         match self {
             Self::Stale | Self::AutomationStopped | Self::StateLost => Severity::Critical,
-            Self::RotationFailed | Self::NearMaxAge | Self::RevokeFailed => Severity::Warning,
+            Self::RotationFailed | Self::NearMaxAge | Self::RevokeFailed | Self::HookFailed => {
+                Severity::Warning
+            }
         }
     }
 
@@ -93,6 +99,7 @@ impl Condition {
             Self::RevokeFailed => "revoking the previous credential failed",
             Self::AutomationStopped => "credential marked failed; automatic rotation stopped",
             Self::StateLost => "state database lost or foreign; automatic rotation stopped",
+            Self::HookFailed => "a delivery hook failed; consumers may not have the new value",
         }
     }
 }
@@ -127,7 +134,8 @@ mod tests {
                 "near_max_age",
                 "revoke_failed",
                 "automation_stopped",
-                "state_lost"
+                "state_lost",
+                "hook_failed"
             ]
         );
         assert_eq!(Condition::Stale.severity(), Severity::Critical);

@@ -112,11 +112,14 @@ pub enum Step {
     Rollback,
     /// The store drops the pending value (after [`Step::Rollback`]).
     Discard,
+    /// A delivery hook tells consumers about the new value (after `stage` or `promote`); its
+    /// journal lines name the hook (`promote hook 0 (signal)`).
+    Notify,
 }
 
 impl Step {
     /// Every step, for metric pre-registration.
-    pub const ALL: [Step; 9] = [
+    pub const ALL: [Step; 10] = [
         Self::Issue,
         Self::Stage,
         Self::Activate,
@@ -126,6 +129,7 @@ impl Step {
         Self::Release,
         Self::Rollback,
         Self::Discard,
+        Self::Notify,
     ];
 
     /// The journaled name.
@@ -140,6 +144,7 @@ impl Step {
             Self::Release => "release",
             Self::Rollback => "rollback",
             Self::Discard => "discard",
+            Self::Notify => "notify",
         }
     }
 }

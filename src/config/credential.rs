@@ -104,6 +104,15 @@ impl Validator<'_> {
             None => Some(defaults.grace.unwrap_or(Duration::from_secs(3600))),
         };
         let retry = self.retry(defaults.retry, raw.retry.as_ref(), &field);
+        // A credential's own list replaces the default one (an empty list: no hooks).
+        let hooks = match raw.hook.as_deref() {
+            Some(own) => self.hooks(own, &field),
+            None => defaults.hooks.clone(),
+        };
+        let revoke_after_hook_failure = raw
+            .revoke_after_hook_failure
+            .as_ref()
+            .map_or(defaults.revoke_after_hook_failure, |b| *b.get_ref());
         if self.errors.len() > errors_before || defaults.broken {
             return None;
         }
@@ -158,6 +167,8 @@ impl Validator<'_> {
             retry,
             place,
             period,
+            hooks,
+            revoke_after_hook_failure,
         })
     }
 }

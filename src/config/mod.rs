@@ -29,6 +29,7 @@ use crate::schedule::Schedule;
 
 pub mod alerts;
 mod credential;
+pub mod hooks;
 mod locate;
 mod raw;
 mod references;
@@ -36,6 +37,7 @@ mod sections;
 mod targets;
 mod validate;
 
+pub use self::hooks::{HookAction, HookSpec, HookWhen};
 pub use self::references::check_references;
 use keyrotd_plugin::backoff::Backoff;
 
@@ -121,6 +123,12 @@ pub struct CredentialSpec {
     pub place: (usize, usize),
     /// The longest time the schedule lets pass between two rotations (shorter than `max_age`).
     pub period: Duration,
+    /// Delivery hooks: what tells consumers about the new credential (`[[credential.hook]]`,
+    /// else `[[defaults.hook]]`).
+    pub hooks: Vec<HookSpec>,
+    /// Whether the revoke proceeds once a promote hook's attempts are exhausted (else it waits
+    /// until every promote hook succeeded).
+    pub revoke_after_hook_failure: bool,
 }
 
 /// Retries with exponential backoff and jitter; after `max_attempts` consecutive failures the

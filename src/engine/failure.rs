@@ -99,6 +99,10 @@ impl Engine {
                 Condition::RevokeFailed,
                 format!("revoking the old credential failed: {message}"),
             ),
+            Step::Notify => (
+                Condition::HookFailed,
+                format!("delivery hook failed: {message}"),
+            ),
             _ => (
                 Condition::RotationFailed,
                 format!("rotation failed: {message}"),

@@ -29,6 +29,7 @@ mod lease;
 mod limits;
 mod lost_state;
 mod metrics;
+mod notify;
 mod steps;
 
 use std::sync::Arc;
@@ -46,6 +47,7 @@ use crate::state::{CredentialRecord, RotationRecord, StateError, StateStore};
 use lease::Taken;
 
 pub use metrics::EngineMetrics;
+pub use notify::hook_label;
 
 /// How long a rotation's lease lasts; renewed at every step.
 const LEASE: Duration = Duration::from_secs(300);

@@ -44,6 +44,8 @@ fn spec(id: &str, schedule: Schedule) -> CredentialSpec {
         retry: RetryPolicy::default(),
         place: (1, 1),
         period: Duration::from_secs(30 * DAY),
+        hooks: Vec::new(),
+        revoke_after_hook_failure: false,
     }
 }
 

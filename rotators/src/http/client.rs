@@ -49,6 +49,12 @@ pub(super) fn check_url(field: &str, pieces: &[Piece]) -> Result<(), String> {
     }
 }
 
+/// Checks a fixed URL (no template variables) by the rules of [`check_url`]: absolute, and HTTPS
+/// unless it points at loopback. keyrotd's `http` delivery hooks follow the rotator's rules.
+pub fn check_fixed_url(field: &str, url: &str) -> Result<(), String> {
+    check_url(field, &[Piece::Text(url.to_owned())])
+}
+
 fn is_loopback(url: &url::Url) -> bool {
     url.host_str().is_some_and(keyrotd_plugin::is_loopback_host)
 }

@@ -43,6 +43,7 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
+pub use self::client::check_fixed_url;
 use self::client::status_error;
 use self::config::Parsed;
 pub use self::config::{HttpConfig, RequestConfig, VerifyConfig};

@@ -194,6 +194,8 @@ impl Fixture {
             },
             place: (1, 1),
             period: Duration::from_secs(86400),
+            hooks: Vec::new(),
+            revoke_after_hook_failure: false,
         };
         Self {
             dir,
