@@ -227,10 +227,12 @@ impl Engine {
     /// promotion's whole second plus one, so the grace period is never cut short).
     async fn hooks_settled(&self, job: &mut Job<'_>) -> Result<(), crate::state::StateError> {
         let now = Utc::now();
+        // Without a grace period the revoke may come at once.
+        let late = i64::from(!job.spec.grace.is_zero());
         let promoted = job
             .record
             .issued_at
-            .and_then(|t| chrono::DateTime::from_timestamp(t.saturating_add(1), 0))
+            .and_then(|t| chrono::DateTime::from_timestamp(t.saturating_add(late), 0))
             .unwrap_or(now);
         job.rotation.revoke_at = Some(revoke_time(promoted, job.spec.grace));
         if job.record.consecutive_failures > 0 {
