@@ -18,6 +18,7 @@ use serde_json::Value;
 use support::key_api::{KeyApi, ADMIN_TOKEN};
 use support::*;
 
+mod alerts;
 mod failures;
 mod hostile;
 
