@@ -21,6 +21,7 @@ use support::*;
 mod alerts;
 mod failures;
 mod hostile;
+mod kinds;
 
 /// An inventory with one `http` credential `api` in a JSON file store, its key API, and the
 /// hook tables given.
