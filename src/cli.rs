@@ -11,6 +11,8 @@ use keyrotd_plugin::{Rotator, StepContext};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+mod hooks;
+
 use crate::config::{CredentialSpec, Inventory, StateUrl};
 use crate::engine::{public_only, state_lost_message, Engine, Outcome};
 use crate::fmt::{human, time};
@@ -106,6 +108,9 @@ struct StatusRow {
     state_lost: bool,
     /// The rotation the store names, when it names one.
     store_rotation: Option<String>,
+    /// With `status ID`: the delivery hooks' latest results.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hooks: Option<Vec<hooks::HookResult>>,
 }
 
 /// How many stores `status` and `adopt` read at once.
@@ -178,7 +183,15 @@ fn context<'a>(spec: &'a CredentialSpec, rotator: &'a dyn Rotator) -> StepContex
 /// `keyrotd status [--json]`. Also reads every store, to tell whether the state database knows
 /// the rotation that wrote it. Returns [`EXIT_FAILED`] when a credential's state is lost or
 /// foreign, so that scripts and monitoring notice.
-pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
+pub async fn status(inventory: &Inventory, json: bool, only: Option<&str>) -> anyhow::Result<u8> {
+    let filtered;
+    let inventory = match only {
+        Some(id) => {
+            filtered = hooks::only(inventory, id)?;
+            &filtered
+        }
+        None => inventory,
+    };
     let state = open_state(inventory)?;
     let mut stores = check_stores(inventory, &state).await?;
     let records: HashMap<String, CredentialRecord> = state
@@ -189,7 +202,7 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
         .collect();
     let open = state.open_rotations().await?;
     let now = Utc::now();
-    let rows: Vec<StatusRow> = inventory
+    let mut rows: Vec<StatusRow> = inventory
         .credentials
         .iter()
         .map(|spec| {
@@ -229,9 +242,15 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
                 state_lost: lost.is_some(),
                 last_error: lost.or(record.last_error),
                 store_rotation: store.and_then(|s| s.rotation),
+                hooks: None,
             }
         })
         .collect();
+    if only.is_some() {
+        for (row, spec) in rows.iter_mut().zip(&inventory.credentials) {
+            row.hooks = Some(hooks::latest(&state, spec).await?);
+        }
+    }
     let code = if rows.iter().any(|r| r.state_lost) {
         EXIT_FAILED
     } else {
@@ -269,6 +288,9 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
             time(r.revoke_at.map(|t| t.timestamp())),
             state
         );
+    }
+    for hooks in rows.iter().filter_map(|r| r.hooks.as_deref()) {
+        hooks::print(hooks);
     }
     for r in rows.iter().filter(|r| r.state_lost) {
         eprintln!(

@@ -93,6 +93,14 @@ fn a_systemctl_reload_hook_switches_the_consumer_before_each_revoke_without_a_fa
     s.leak_scan(&[&outputs]);
 }
 
+/// The row of `status ID`'s hook table for the one hook.
+fn hook_row(table: &str) -> String {
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("promote hook 0 (exec)"));
+    row.unwrap_or_default().to_owned()
+}
+
 #[test]
 fn a_failing_hook_keeps_the_rotation_promoted_and_the_revoke_waits_until_it_succeeds() {
     let s = Setup::new(NOW, "");
@@ -133,9 +141,26 @@ fn a_failing_hook_keeps_the_rotation_promoted_and_the_revoke_waits_until_it_succ
         ],
         "two attempts, no revoke: {tail:?}"
     );
-    let status = s.cli(&["status", "--json"]);
+    let status = s.cli(&["status", "--json", "api"]);
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status[0]["state"], "retrying", "{status}");
+    let hook = &status[0]["hooks"][0];
+    assert_eq!(hook["hook"], "promote hook 0 (exec)", "{status}");
+    assert_eq!(hook["result"], "error", "{status}");
+    assert!(
+        hook["detail"]
+            .as_str()
+            .unwrap()
+            .contains("exited with status 1"),
+        "{status}"
+    );
+    let table = String::from_utf8(s.cli(&["status", "api"]).stdout).unwrap();
+    assert!(hook_row(&table).contains(" error "), "{table}");
+    assert!(s
+        .cli(&["status", "--json"])
+        .stdout
+        .windows(7)
+        .all(|w| w != b"\"hooks\""));
     // The hook heals: the retry runs it, then revokes.
     std::fs::write(&flag, "").unwrap();
     let out = s.cli(&["rotate", "api"]);
@@ -144,6 +169,8 @@ fn a_failing_hook_keeps_the_rotation_promoted_and_the_revoke_waits_until_it_succ
     let events = s.events(&["notify", "revoke"]);
     let revoke = events.iter().position(|e| e == "revoke start").unwrap();
     assert_eq!(events[revoke - 1], "notify ok", "{events:?}");
+    let table = String::from_utf8(s.cli(&["status", "api"]).stdout).unwrap();
+    assert!(hook_row(&table).contains(" ok "), "{table}");
 }
 
 #[test]
