@@ -64,6 +64,7 @@ fn every_contract_alert_is_shipped_and_tested() {
         "KeyrotdRotationOverdue",
         "KeyrotdAbsent",
         "KeyrotdStateStoreDown",
+        "KeyrotdHookFailing",
     ] {
         assert!(
             rules.contains(&format!("- alert: {alert}")),
