@@ -453,3 +453,95 @@ fn present(raw: &RawHook) -> Vec<(&'static str, std::ops::Range<usize>)> {
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::parse;
+    use crate::config::tests::{errors, GOOD};
+
+    #[test]
+    fn unit_names_need_a_suffix_and_safe_characters() {
+        for good in [
+            "nginx.service",
+            "getty@tty1.service",
+            "a-b_c:d.socket",
+            "x\\x2d.mount",
+        ] {
+            assert!(valid_unit_name(good), "{good}");
+        }
+        let long = format!("{}.service", "a".repeat(250));
+        for bad in [
+            "nginx",
+            ".service",
+            "-x.service",
+            "../x.service",
+            "a/b.service",
+            "a..b.service",
+            "x@.service",
+            "x y.service",
+            "x.device",
+            "x.service\n",
+            &long,
+            "",
+        ] {
+            assert!(!valid_unit_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_hooks_are_inherited_and_a_credential_list_replaces_them() {
+        let text = GOOD.replace(
+            "[defaults]",
+            "[[defaults.hook]]\nkind = \"signal\"\npid_file = \"/run/a.pid\"\nsignal = \"sighup\"\n\n[defaults]\nrevoke_after_hook_failure = true",
+        )
+        .replace(
+            "rotate_every = \"30d\"",
+            "rotate_every = \"30d\"\nhook = []\nrevoke_after_hook_failure = false",
+        )
+;
+        // The last credential's own list.
+        let text = format!(
+            "{text}[[credential.hook]]\nkind = \"exec\"\nwhen = \"stage\"\ncommand = [\"/bin/true\", \"x\"]\n"
+        );
+        let inv = parse(Path::new("inv.toml"), &text).unwrap();
+        let (api, weekly) = (&inv.credentials[0], &inv.credentials[1]);
+        assert!(api.hooks.is_empty() && !api.revoke_after_hook_failure);
+        assert!(weekly.revoke_after_hook_failure, "inherited");
+        assert_eq!(
+            weekly.hooks.len(),
+            1,
+            "its own list replaces the default one"
+        );
+        assert_eq!(weekly.hooks[0].when, HookWhen::Stage);
+        assert_eq!(weekly.hooks[0].timeout, DEFAULT_HOOK_TIMEOUT);
+        assert_eq!(weekly.hooks[0].retry, default_hook_retry());
+        let only_defaults = GOOD.replace(
+            "[defaults]",
+            "[[defaults.hook]]\nkind = \"signal\"\npid_file = \"/run/a.pid\"\nsignal = \"sighup\"\n\n[defaults]",
+        );
+        let inv = parse(Path::new("inv.toml"), &only_defaults).unwrap();
+        for c in &inv.credentials {
+            assert_eq!(
+                c.hooks[0].action,
+                HookAction::Signal {
+                    pid_file: "/run/a.pid".into(),
+                    name: "HUP",
+                    number: libc::SIGHUP
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_field_is_named_at_the_hook() {
+        let e = errors(&format!("{GOOD}[[credential.hook]]\nkind = \"systemd\"\n"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("inv.toml:22:8: credential[weekly].hook[0].unit: is required"),
+            "{e:?}"
+        );
+    }
+}

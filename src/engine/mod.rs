@@ -18,7 +18,8 @@
 //! Files: this one holds [`Engine`], its public API and the types it returns; `lease` takes,
 //! renews and gives back a rotation's lease; `lost_state` checks that the state database knows
 //! the store's value before a run; `steps` drives the protocol step by step up to the revoke;
-//! `failure` rolls back, schedules retries with backoff or stops a credential; `journal` runs
+//! `notify` runs the delivery hooks after stage and promote (the revoke waits for the promote
+//! hooks); `failure` rolls back, schedules retries with backoff or stops a credential; `journal` runs
 //! one plugin call as a journaled, timed step; `limits` bounds plugin calls by their timeouts;
 //! `failpoint` is the crash-test hook; `metrics` the engine's Prometheus metrics.
 

@@ -49,7 +49,7 @@ pub(super) fn check_url(field: &str, pieces: &[Piece]) -> Result<(), String> {
     }
 }
 
-/// Checks a fixed URL (no template variables) by the rules of [`check_url`]: absolute, and HTTPS
+/// Checks a fixed URL (no template variables) by the rotator's URL rules: absolute, and HTTPS
 /// unless it points at loopback. keyrotd's `http` delivery hooks follow the rotator's rules.
 pub fn check_fixed_url(field: &str, url: &str) -> Result<(), String> {
     check_url(field, &[Piece::Text(url.to_owned())])
