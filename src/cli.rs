@@ -318,7 +318,11 @@ fn next_and_revoke(
     match open.filter(|r| r.phase == Phase::Promoted) {
         Some(promoted) => {
             // A credential marked failed has no wake-up: its revoke waits at the planned time.
-            let revoke = wake.or(promoted.revoke_at).and_then(at);
+            // No revoke time while delivery hooks are pending (`revoke_at` unset).
+            let revoke = promoted
+                .revoke_at
+                .and(wake.or(promoted.revoke_at))
+                .and_then(at);
             let next = spec
                 .schedule
                 .next_rotation(last, now)

@@ -145,3 +145,83 @@ fn an_http_hook_calls_the_reload_endpoint_with_a_secret_header_and_fails_on_non_
         s.leak_scan(&[&all]);
     }
 }
+
+#[test]
+fn a_hook_that_prints_the_secret_it_read_is_never_logged_verbatim() {
+    let s = Setup::new(
+        "rotate_every = \"30d\"\nmax_age = \"40d\"\ngrace = \"0s\"",
+        "",
+    );
+    let store = s.path("out/key.json");
+    let hook = s.script(
+        "leaky.sh",
+        &format!("cat {0}\ncat {0} >&2\nexit 3", store.display()),
+    );
+    let text0 = std::fs::read_to_string(s.config()).unwrap();
+    let hooks = format!(
+        "[[credential.hook]]\nkind = \"exec\"\ncommand = [\"{}\"]\nretry = {{ max_attempts = 1 }}\n",
+        hook.display()
+    );
+    std::fs::write(s.config(), format!("{text0}\n{hooks}")).unwrap();
+    let out = s.cli(&["rotate", "api"]);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success());
+    let size = std::fs::metadata(&store).unwrap().len();
+    assert!(
+        all.contains(&format!(
+            "exited with status 3; {size} bytes on stdout, {size} on stderr (not logged)"
+        )),
+        "{all}"
+    );
+    let status = s.cli(&["status", "--json", "api"]);
+    s.leak_scan(&[&all, &String::from_utf8_lossy(&status.stdout)]);
+}
+
+#[test]
+fn after_a_crash_past_promote_the_daemon_runs_the_hooks_at_once_not_after_the_grace_period() {
+    let s = Setup::new(
+        "rotate_every = \"30d\"\nmax_age = \"40d\"\ngrace = \"1h\"",
+        "",
+    );
+    let dir = s.dir.path().display();
+    let hook = s.script(
+        "record.sh",
+        &format!("echo $KEYROTD_ROTATION_ID >> {dir}/runs"),
+    );
+    let text0 = std::fs::read_to_string(s.config()).unwrap();
+    let hooks = format!(
+        "[[credential.hook]]\nkind = \"exec\"\ncommand = [\"{}\"]\n",
+        hook.display()
+    );
+    std::fs::write(s.config(), format!("{text0}\n{hooks}")).unwrap();
+    crash_at(&s.config(), "api", "promote:ok", &[], &s.path("crash.log"));
+    assert!(!s.path("runs").exists(), "the crash came before the hook");
+    let status = s.cli(&["status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        status[0]["revoke_at"],
+        Value::Null,
+        "no revoke time while hooks are pending"
+    );
+    let daemon = Daemon::start(&s.config(), s.port, &s.path("daemon.log"), &[]);
+    let ran = wait_until(Duration::from_secs(15), || s.path("runs").exists());
+    assert!(ran, "the hook ran at start; log:\n{}", daemon.log_text());
+    let status = s.cli(&["status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let revoke_at: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(status[0]["revoke_at"].clone()).unwrap();
+    let last: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(status[0]["last_rotation"].clone()).unwrap();
+    assert!(revoke_at - last >= chrono::Duration::hours(1), "{status}");
+    assert_eq!(
+        std::fs::read_to_string(s.path("runs"))
+            .unwrap()
+            .lines()
+            .count(),
+        1
+    );
+}
