@@ -184,14 +184,8 @@ fn context<'a>(spec: &'a CredentialSpec, rotator: &'a dyn Rotator) -> StepContex
 /// the rotation that wrote it. Returns [`EXIT_FAILED`] when a credential's state is lost or
 /// foreign, so that scripts and monitoring notice.
 pub async fn status(inventory: &Inventory, json: bool, only: Option<&str>) -> anyhow::Result<u8> {
-    let filtered;
-    let inventory = match only {
-        Some(id) => {
-            filtered = hooks::only(inventory, id)?;
-            &filtered
-        }
-        None => inventory,
-    };
+    let filtered = only.map(|id| hooks::only(inventory, id)).transpose()?;
+    let inventory = filtered.as_ref().unwrap_or(inventory);
     let state = open_state(inventory)?;
     let mut stores = check_stores(inventory, &state).await?;
     let records: HashMap<String, CredentialRecord> = state

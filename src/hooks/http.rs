@@ -1,6 +1,7 @@
-//! `http` hooks: one request to a consumer's reload endpoint; a 2xx answer is success. The URL
-//! passed the `http` rotator's rules at load time (HTTPS unless loopback); redirects are not
-//! followed, so a secret header cannot be carried elsewhere. Errors name the status, never the
+//! `http` hooks (with the `http` feature): one request to a consumer's reload endpoint; a 2xx
+//! answer is success. The URL passed the `http` rotator's rules at load time (HTTPS unless
+//! loopback) and the request goes through the rotator's client, which follows no redirect, so a
+//! secret header cannot be carried elsewhere. Errors name the status, never the
 //! URL, a header or the body.
 
 use std::collections::BTreeMap;
@@ -25,14 +26,8 @@ pub(super) struct Request<'a> {
 /// Sends `request` within `timeout`.
 pub(super) async fn send(request: &Request<'_>, timeout: Duration) -> Result<String, HookError> {
     let failed = |what: &str| HookError::Failed(what.to_owned());
-    let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("keyrotd/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| HookError::Failed(format!("http client: {e}")))?;
+    let connect = timeout.min(Duration::from_secs(10));
+    let client = keyrotd_providers::http::client(timeout, connect).map_err(HookError::Failed)?;
     let method = reqwest::Method::from_bytes(request.method.as_bytes())
         .map_err(|_| failed("invalid method"))?;
     let mut builder = client.request(method, request.url);
@@ -41,7 +36,7 @@ pub(super) async fn send(request: &Request<'_>, timeout: Duration) -> Result<Str
             .map_err(|_| HookError::Failed(format!("header {name}: invalid value")))?;
         builder = builder.header(header_name(name)?, value);
     }
-    let timeouts = Timeouts::new(timeout.min(Duration::from_secs(10)), timeout);
+    let timeouts = Timeouts::new(connect, timeout);
     for (name, reference) in request.secret_headers {
         let secret = reference
             .resolve_async(timeouts)

@@ -8,6 +8,7 @@
 //! never outlives its timeout, nor does any process it started in its process group.
 
 mod exec;
+#[cfg(feature = "http")]
 mod http;
 mod signal;
 
@@ -73,13 +74,24 @@ pub async fn run(hook: &HookSpec, input: HookInput<'_>) -> Result<String, HookEr
             headers,
             secret_headers,
         } => {
-            let request = http::Request {
-                method,
-                url,
-                headers,
-                secret_headers,
-            };
-            http::send(&request, hook.timeout).await
+            #[cfg(feature = "http")]
+            {
+                let request = http::Request {
+                    method,
+                    url,
+                    headers,
+                    secret_headers,
+                };
+                http::send(&request, hook.timeout).await
+            }
+            // Refused at load time without the feature.
+            #[cfg(not(feature = "http"))]
+            {
+                let _ = (method, url, headers, secret_headers);
+                Err(HookError::Failed(
+                    "http hooks need the `http` feature".into(),
+                ))
+            }
         }
     }
 }

@@ -61,10 +61,16 @@ fn is_loopback(url: &url::Url) -> bool {
 
 /// Builds the HTTP client: rustls, the configured timeouts, and no redirects.
 pub(super) fn build(config: &HttpConfig) -> Result<reqwest::Client, String> {
+    client(config.timeout, config.timeouts().connect)
+}
+
+/// The rotator's HTTP client for any caller: rustls, these timeouts, and no redirects (a redirect
+/// could carry a token elsewhere). keyrotd's `http` delivery hooks use it too.
+pub fn client(timeout: Duration, connect: Duration) -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .use_rustls_tls()
-        .timeout(config.timeout)
-        .connect_timeout(config.timeouts().connect)
+        .timeout(timeout)
+        .connect_timeout(connect)
         // A redirect could carry the token elsewhere; providers' APIs do not need one.
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("keyrotd/", env!("CARGO_PKG_VERSION")))

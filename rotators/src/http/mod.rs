@@ -43,8 +43,8 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
-pub use self::client::check_fixed_url;
 use self::client::status_error;
+pub use self::client::{check_fixed_url, client};
 use self::config::Parsed;
 pub use self::config::{HttpConfig, RequestConfig, VerifyConfig};
 use self::template::{render_body, Vars};
