@@ -64,28 +64,28 @@ pub(super) async fn run(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| HookError::Failed(format!("cannot start {program}: {e}")))?;
-    let group = child.id().and_then(|id| i32::try_from(id).ok());
-    let stdout = tokio::spawn(count(child.stdout.take()));
-    let stderr = tokio::spawn(count(child.stderr.take()));
-    let status = match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(status) => {
-            status.map_err(|e| HookError::Failed(format!("waiting for {program}: {e}")))?
-        }
-        Err(_) => {
-            kill_group(group);
-            let _ = child.wait().await;
-            stdout.abort();
-            stderr.abort();
-            return Err(HookError::Timeout(timeout));
-        }
+    // Killed with its whole group if this attempt is dropped before the command exits (the
+    // timeout, or shutdown interrupting the step).
+    let mut group = Group(child.id().and_then(|id| i32::try_from(id).ok()));
+    let mut stdout = Reader(tokio::spawn(count(child.stdout.take())));
+    let mut stderr = Reader(tokio::spawn(count(child.stderr.take())));
+    let Ok(status) = tokio::time::timeout(timeout, child.wait()).await else {
+        drop(group);
+        // Also the command itself, should it have left its group.
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return Err(HookError::Timeout(timeout));
     };
+    let status = status.map_err(|e| HookError::Failed(format!("waiting for {program}: {e}")))?;
+    // It exited: whatever it left running in its group is its business.
+    group.0 = None;
     // A child left behind may hold the pipes open: count what came within a moment, no longer.
     let grace = Duration::from_millis(200);
-    let out = tokio::time::timeout(grace, stdout)
+    let out = tokio::time::timeout(grace, &mut stdout.0)
         .await
         .ok()
         .and_then(Result::ok);
-    let err = tokio::time::timeout(grace, stderr)
+    let err = tokio::time::timeout(grace, &mut stderr.0)
         .await
         .ok()
         .and_then(Result::ok);
@@ -118,12 +118,26 @@ async fn count(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> u64 {
     total
 }
 
-/// Kills every process of the hook's process group.
-fn kill_group(group: Option<i32>) {
-    if let Some(pgid) = group.filter(|&g| g > 1) {
-        // SAFETY: kill(2) with a negative pid signals that process group; no memory is involved.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
+/// The hook's process group, killed (SIGKILL) when dropped unless cleared.
+struct Group(Option<i32>);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0.filter(|&g| g > 1) {
+            // SAFETY: kill(2) with a negative pid signals that process group; no memory is
+            // involved.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
         }
+    }
+}
+
+/// A task draining one pipe, stopped when dropped.
+struct Reader(tokio::task::JoinHandle<u64>);
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

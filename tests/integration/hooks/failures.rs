@@ -293,3 +293,60 @@ fn kill_9_between_promote_and_the_hooks_runs_them_on_restart_and_the_revoke_wait
         assert_eq!(events[revoke - 1], "notify ok", "{point}: {events:?}");
     }
 }
+
+#[test]
+fn sigterm_while_a_hook_hangs_kills_its_process_group_and_the_hook_runs_again_at_the_next_start() {
+    let s = Setup::new(
+        "rotate_every = \"30d\"\nmax_age = \"40d\"\ngrace = \"1h\"",
+        "",
+    );
+    let dir = s.dir.path().display();
+    let flag = s.path("hang.flag");
+    let hook = s.script(
+        "hang.sh",
+        &format!(
+            "echo start >> {dir}/starts\ntest -e {} || exit 0\nsleep 300 &\necho $! > {dir}/child.pid\nwait",
+            flag.display()
+        ),
+    );
+    let text0 = std::fs::read_to_string(s.config()).unwrap();
+    let text0 = text0.replace("listen = ", "shutdown_timeout = \"1s\"\nlisten = ");
+    let hooks = format!(
+        "[[credential.hook]]\nkind = \"exec\"\ncommand = [\"{}\"]\ntimeout = \"10m\"\n",
+        hook.display()
+    );
+    std::fs::write(s.config(), format!("{text0}\n{hooks}")).unwrap();
+    std::fs::write(&flag, "").unwrap();
+    let mut daemon = Daemon::start(&s.config(), s.port, &s.path("daemon.log"), &[]);
+    assert!(wait_until(Duration::from_secs(15), || s
+        .path("child.pid")
+        .exists()));
+    let status = daemon.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}: {}", daemon.log_text());
+    let child: u32 = std::fs::read_to_string(s.path("child.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{child}/stat"))
+            .map_or(true, |stat| stat.contains(") Z "))
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), gone),
+        "the hook's child {child} still runs"
+    );
+    let events = s.events(&["notify"]);
+    assert_eq!(events.last().unwrap(), "notify interrupted", "{events:?}");
+    // The next start runs it again (this time it returns at once).
+    std::fs::remove_file(&flag).unwrap();
+    let daemon = Daemon::start(&s.config(), s.port, &s.path("daemon2.log"), &[]);
+    let again = wait_until(Duration::from_secs(15), || {
+        s.events(&["notify"])
+            .last()
+            .is_some_and(|e| e == "notify ok")
+    });
+    assert!(again, "{:?}\n{}", s.events(&["notify"]), daemon.log_text());
+    let starts = std::fs::read_to_string(s.path("starts")).unwrap();
+    assert_eq!(starts.lines().count(), 2);
+}
