@@ -5,6 +5,7 @@
 //! Invariants:
 //! - the old credential is revoked only in phase `Promoted` and only once `revoke_at` (promotion
 //!   time plus grace) has passed, so never before the new one is stored, verified and promoted;
+//!   `revoke_at` is set only once the promote delivery hooks are settled (`notify`);
 //! - a failure before promotion rolls back: the rotator undoes what it did and the store drops the
 //!   pending value, so the current value stays the one consumers read;
 //! - a failure at or after promotion never rolls back (the new credential is proven good): the
