@@ -11,6 +11,8 @@ use keyrotd_plugin::{Rotator, StepContext};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+mod hooks;
+
 use crate::config::{CredentialSpec, Inventory, StateUrl};
 use crate::engine::{public_only, state_lost_message, waiting_reason, Engine, Outcome};
 use crate::fmt::{human, time};
@@ -110,6 +112,9 @@ struct StatusRow {
     store_rotation: Option<String>,
     /// While the revoke waits for the old credential to go unused: why, from the latest check.
     waiting: Option<String>,
+    /// With `status ID`: the delivery hooks' latest results.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hooks: Option<Vec<hooks::HookResult>>,
 }
 
 /// How many stores `status` and `adopt` read at once.
@@ -182,7 +187,9 @@ fn context<'a>(spec: &'a CredentialSpec, rotator: &'a dyn Rotator) -> StepContex
 /// `keyrotd status [--json]`. Also reads every store, to tell whether the state database knows
 /// the rotation that wrote it. Returns [`EXIT_FAILED`] when a credential's state is lost or
 /// foreign, so that scripts and monitoring notice.
-pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
+pub async fn status(inventory: &Inventory, json: bool, only: Option<&str>) -> anyhow::Result<u8> {
+    let filtered = only.map(|id| hooks::only(inventory, id)).transpose()?;
+    let inventory = filtered.as_ref().unwrap_or(inventory);
     let state = open_state(inventory)?;
     let mut stores = check_stores(inventory, &state).await?;
     let records: HashMap<String, CredentialRecord> = state
@@ -202,7 +209,7 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
         }
     }
     let now = Utc::now();
-    let rows: Vec<StatusRow> = inventory
+    let mut rows: Vec<StatusRow> = inventory
         .credentials
         .iter()
         .map(|spec| {
@@ -243,9 +250,15 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
                 last_error: lost.or(record.last_error),
                 store_rotation: store.and_then(|s| s.rotation),
                 waiting: waiting.remove(&spec.id).flatten(),
+                hooks: None,
             }
         })
         .collect();
+    if only.is_some() {
+        for (row, spec) in rows.iter_mut().zip(&inventory.credentials) {
+            row.hooks = Some(hooks::latest(&state, spec).await?);
+        }
+    }
     let code = if rows.iter().any(|r| r.state_lost) {
         EXIT_FAILED
     } else {
@@ -286,6 +299,9 @@ pub async fn status(inventory: &Inventory, json: bool) -> anyhow::Result<u8> {
             state
         );
     }
+    for hooks in rows.iter().filter_map(|r| r.hooks.as_deref()) {
+        hooks::print(hooks);
+    }
     for r in rows.iter().filter(|r| r.state_lost) {
         eprintln!(
             "error: credential `{}`: {}",
@@ -312,7 +328,11 @@ fn next_and_revoke(
     match open.filter(|r| r.phase == Phase::Promoted) {
         Some(promoted) => {
             // A credential marked failed has no wake-up: its revoke waits at the planned time.
-            let revoke = wake.or(promoted.revoke_at).and_then(at);
+            // No revoke time while delivery hooks are pending (`revoke_at` unset).
+            let revoke = promoted
+                .revoke_at
+                .and(wake.or(promoted.revoke_at))
+                .and_then(at);
             let next = spec
                 .schedule
                 .next_rotation(last, now)

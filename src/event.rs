@@ -54,11 +54,13 @@ pub enum Condition {
     /// The old credential is still in use `max_revoke_delay` after the grace period ended: its
     /// revoke waits (or, with `on_max_revoke_delay = "revoke"`, goes ahead anyway).
     RevokeDelayed,
+    /// A delivery hook failed all its attempts: consumers may still use the old value.
+    HookFailed,
 }
 
 impl Condition {
     /// Every condition, in a stable order.
-    pub const ALL: [Condition; 7] = [
+    pub const ALL: [Condition; 8] = [
         Self::RotationFailed,
         Self::Stale,
         Self::NearMaxAge,
@@ -66,6 +68,7 @@ impl Condition {
         Self::AutomationStopped,
         Self::StateLost,
         Self::RevokeDelayed,
+        Self::HookFailed,
     ];
 
     /// The stable snake_case name used in payloads and subjects.
@@ -78,6 +81,7 @@ impl Condition {
             Self::AutomationStopped => "automation_stopped",
             Self::StateLost => "state_lost",
             Self::RevokeDelayed => "revoke_delayed",
+            Self::HookFailed => "hook_failed",
         }
     }
 
@@ -85,9 +89,11 @@ impl Condition {
     pub fn severity(self) -> Severity {
         match self {
             Self::Stale | Self::AutomationStopped | Self::StateLost => Severity::Critical,
-            Self::RotationFailed | Self::NearMaxAge | Self::RevokeFailed | Self::RevokeDelayed => {
-                Severity::Warning
-            }
+            Self::RotationFailed
+            | Self::NearMaxAge
+            | Self::RevokeFailed
+            | Self::RevokeDelayed
+            | Self::HookFailed => Severity::Warning,
         }
     }
 
@@ -101,6 +107,7 @@ impl Condition {
             Self::AutomationStopped => "credential marked failed; automatic rotation stopped",
             Self::StateLost => "state database lost or foreign; automatic rotation stopped",
             Self::RevokeDelayed => "the previous credential is still in use past max_revoke_delay",
+            Self::HookFailed => "a delivery hook failed; consumers may not have the new value",
         }
     }
 }
@@ -136,7 +143,8 @@ mod tests {
                 "revoke_failed",
                 "automation_stopped",
                 "state_lost",
-                "revoke_delayed"
+                "revoke_delayed",
+                "hook_failed"
             ]
         );
         assert_eq!(Condition::Stale.severity(), Severity::Critical);

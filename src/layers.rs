@@ -13,7 +13,7 @@ const LAYERS: &[&[&str]] = &[
     ],
     &["config"],
     &["state"],
-    &["instrument"],
+    &["instrument", "hooks"],
     // The protocol and the notifications, side by side: neither knows the other.
     &["engine", "alert"],
     &["scheduler"],

@@ -12,7 +12,8 @@
 //!    included);
 //! 2. [`state`]: the durable journal (SQLite) behind the [`state::StateStore`] trait, with its
 //!    versioned schema migrations;
-//! 3. [`instrument`]: metered wrappers around the plugins and the state store;
+//! 3. [`instrument`]: metered wrappers around the plugins and the state store; [`hooks`]: the
+//!    delivery hook runners (exec, systemd, signal, http);
 //! 4. [`engine`]: drives the rotation protocol; [`alert`]: email and webhook notifications;
 //! 5. [`scheduler`]: decides when each credential needs the engine;
 //! 6. [`metrics`], 7. [`http`]: the Prometheus exposition and health endpoints; [`systemd`]:
@@ -34,6 +35,7 @@ pub mod daemon;
 pub mod engine;
 pub mod event;
 pub mod fmt;
+pub mod hooks;
 pub mod http;
 pub mod instrument;
 pub mod liveness;

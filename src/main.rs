@@ -49,11 +49,14 @@ enum Command {
     Run,
     /// Validate the inventory and print each credential's next rotations.
     Check,
-    /// Show every credential's state, age and next rotation.
+    /// Show every credential's state, age and next rotation (with ID, one credential and its
+    /// delivery hooks' latest results).
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only this credential, with its delivery hooks' latest results.
+        id: Option<String>,
     },
     /// Rotate one credential now (safe alongside a running daemon).
     Rotate {
@@ -198,7 +201,7 @@ fn main() -> ExitCode {
         match args.command {
             Command::Run => daemon::run(inventory).await.map(|()| 0),
             Command::Check => cli::check(&inventory).await.map(|()| 0),
-            Command::Status { json } => cli::status(&inventory, json).await,
+            Command::Status { json, id } => cli::status(&inventory, json, id.as_deref()).await,
             Command::Rotate { id, dry_run } => cli::rotate(&inventory, &id, dry_run).await,
             Command::Adopt { id } => cli::adopt(&inventory, &id).await,
             Command::History { id, limit } => cli::history(&inventory, id.as_deref(), limit).await,

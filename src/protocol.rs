@@ -115,11 +115,14 @@ pub enum Step {
     /// The rotator says whether the old credential is still in use (before [`Step::Revoke`],
     /// with `revoke = "when_unused"`).
     CheckUse,
+    /// A delivery hook tells consumers about the new value (after `stage` or `promote`); its
+    /// journal lines name the hook (`promote hook 0 (signal)`).
+    Notify,
 }
 
 impl Step {
     /// Every step, for metric pre-registration.
-    pub const ALL: [Step; 10] = [
+    pub const ALL: [Step; 11] = [
         Self::Issue,
         Self::Stage,
         Self::Activate,
@@ -130,6 +133,7 @@ impl Step {
         Self::Rollback,
         Self::Discard,
         Self::CheckUse,
+        Self::Notify,
     ];
 
     /// The journaled name.
@@ -145,6 +149,7 @@ impl Step {
             Self::Rollback => "rollback",
             Self::Discard => "discard",
             Self::CheckUse => "check_use",
+            Self::Notify => "notify",
         }
     }
 }

@@ -118,6 +118,15 @@ impl Validator<'_> {
             rotator_span.clone(),
             &field,
         );
+        // A credential's own list replaces the default one (an empty list: no hooks).
+        let hooks = match raw.hook.as_deref() {
+            Some(own) => self.hooks(own, &field),
+            None => defaults.hooks.clone(),
+        };
+        let revoke_after_hook_failure = raw
+            .revoke_after_hook_failure
+            .as_ref()
+            .map_or(defaults.revoke_after_hook_failure, |b| *b.get_ref());
         if self.errors.len() > errors_before || defaults.broken {
             return None;
         }
@@ -173,6 +182,8 @@ impl Validator<'_> {
             place,
             period,
             revoke,
+            hooks,
+            revoke_after_hook_failure,
         })
     }
 }

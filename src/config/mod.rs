@@ -29,6 +29,7 @@ use crate::schedule::Schedule;
 
 pub mod alerts;
 mod credential;
+pub mod hooks;
 mod locate;
 mod raw;
 mod references;
@@ -37,6 +38,7 @@ mod sections;
 mod targets;
 mod validate;
 
+pub use self::hooks::{HookAction, HookSpec, HookWhen};
 pub use self::references::{check_references, check_vault_references};
 pub use self::revoke::{OnMaxRevokeDelay, RevokePolicy, RevokeWhen};
 use keyrotd_plugin::backoff::Backoff;
@@ -125,6 +127,12 @@ pub struct CredentialSpec {
     pub period: Duration,
     /// When the old credential is revoked: after the grace period, or once unused.
     pub revoke: RevokePolicy,
+    /// Delivery hooks: what tells consumers about the new credential (`[[credential.hook]]`,
+    /// else `[[defaults.hook]]`).
+    pub hooks: Vec<HookSpec>,
+    /// Whether the revoke proceeds once a promote hook's attempts are exhausted (else it waits
+    /// until every promote hook succeeded).
+    pub revoke_after_hook_failure: bool,
 }
 
 /// Retries with exponential backoff and jitter; after `max_attempts` consecutive failures the

@@ -51,6 +51,8 @@ pub(super) struct RawDefaults {
     pub(super) on_max_revoke_delay: Option<Spanned<String>>,
     pub(super) revoke_check_every: Option<Spanned<String>>,
     pub(super) revoke_min_quiet: Option<Spanned<String>>,
+    pub(super) hook: Option<Vec<RawHook>>,
+    pub(super) revoke_after_hook_failure: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -79,6 +81,8 @@ pub(super) struct RawCredential {
     pub(super) on_max_revoke_delay: Option<Spanned<String>>,
     pub(super) revoke_check_every: Option<Spanned<String>>,
     pub(super) revoke_min_quiet: Option<Spanned<String>>,
+    pub(super) hook: Option<Vec<RawHook>>,
+    pub(super) revoke_after_hook_failure: Option<Spanned<bool>>,
 }
 
 /// One `[[credential]]` section parsed on its own.
@@ -86,4 +90,26 @@ pub(super) struct RawCredential {
 #[serde(deny_unknown_fields)]
 pub(super) struct OneCredential {
     pub(super) credential: Vec<RawCredential>,
+}
+
+/// One `[[defaults.hook]]` or `[[credential.hook]]`: every field of every kind, each checked
+/// against the kind by the validator (`hooks.rs`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHook {
+    pub(super) kind: Spanned<String>,
+    pub(super) when: Option<Spanned<String>>,
+    pub(super) timeout: Option<Spanned<String>>,
+    pub(super) retry: Option<RawRetry>,
+    pub(super) command: Option<Spanned<Vec<String>>>,
+    pub(super) env: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+    pub(super) unit: Option<Spanned<String>>,
+    pub(super) action: Option<Spanned<String>>,
+    pub(super) systemctl: Option<Spanned<String>>,
+    pub(super) pid_file: Option<Spanned<String>>,
+    pub(super) signal: Option<Spanned<String>>,
+    pub(super) method: Option<Spanned<String>>,
+    pub(super) url: Option<Spanned<String>>,
+    pub(super) headers: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+    pub(super) secret_headers: Option<Spanned<std::collections::BTreeMap<String, String>>>,
 }

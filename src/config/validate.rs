@@ -39,6 +39,10 @@ pub(super) struct Defaults {
     pub(super) providers: ProviderDefaults,
     /// Whether `[defaults]` had errors (reported already); credentials then stop quietly.
     pub(super) broken: bool,
+    /// `[[defaults.hook]]`: the hooks of credentials that list none.
+    pub(super) hooks: Vec<super::HookSpec>,
+    /// `defaults.revoke_after_hook_failure`.
+    pub(super) revoke_after_hook_failure: bool,
 }
 
 /// Validates one inventory: the head of the file, then each `[[credential]]` section in turn
@@ -174,7 +178,13 @@ impl Validator<'_> {
             revoke: self.revoke_defaults(raw),
             providers,
             broken: false,
+            hooks: Vec::new(),
+            revoke_after_hook_failure: raw
+                .revoke_after_hook_failure
+                .as_ref()
+                .is_some_and(|b| *b.get_ref()),
         };
+        d.hooks = self.hooks(raw.hook.as_deref().unwrap_or_default(), "defaults");
         // Validated here once: a credential starts from the result, so an error in
         // [defaults] is reported once, at its own place.
         d.retry = self.retry(d.retry, raw.retry.as_ref(), "defaults");

@@ -106,6 +106,10 @@ impl Engine {
                     "checking whether the old credential is still in use failed (its revoke waits): {message}"
                 ),
             ),
+            Step::Notify => (
+                Condition::HookFailed,
+                format!("delivery hook failed: {message}"),
+            ),
             _ => (
                 Condition::RotationFailed,
                 format!("rotation failed: {message}"),

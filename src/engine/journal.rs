@@ -106,11 +106,23 @@ impl Engine {
         step: Step,
         call: impl std::future::Future<Output = Result<T, ProviderError>>,
     ) -> Result<T, Failure> {
+        self.step_about(job, step, None, call).await
+    }
+
+    /// [`Engine::step`] with `about` (no secret) in its `start` and `ok` lines: which of several
+    /// runs of one step this is (`promote hook 0 (exec)`; the call's errors name it themselves).
+    pub(super) async fn step_about<T>(
+        &self,
+        job: &Job<'_>,
+        step: Step,
+        about: Option<&str>,
+        call: impl std::future::Future<Output = Result<T, ProviderError>>,
+    ) -> Result<T, Failure> {
         if self.abort.is_cancelled() {
             return Err(Failure::Interrupted);
         }
         let rotation = &job.rotation.id;
-        self.write(job, Some(line(job, step, "start", None)), false)
+        self.write(job, Some(line(job, step, "start", about)), false)
             .await?;
         failpoint(step.as_str(), "start").await;
         let started = Instant::now();
@@ -134,7 +146,7 @@ impl Engine {
                 failpoint(step.as_str(), "done").await;
                 // Written with the rotation's next write (the phase this step reached, the next
                 // step's start), which comes before anything reports the step done.
-                held(job).lines.push(line(job, step, "ok", None));
+                held(job).lines.push(line(job, step, "ok", about));
                 Ok(v)
             }
             Err(source) => {

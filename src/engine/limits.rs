@@ -47,6 +47,9 @@ impl Engine {
             Step::Stage | Step::Promote | Step::Release | Step::Discard => store,
             // These steps call both: each reads the store (the current or the staged value)
             // before it calls the rotator, each call within its own plugin's limit.
+            // A hook bounds each attempt by its own `timeout` (at most an hour, its process group
+            // killed); this only backs that up.
+            Step::Notify => (Duration::from_secs(3660), "delivery hook".into()),
             Step::Issue | Step::Activate | Step::Verify | Step::Rollback => (
                 rotator.0.saturating_add(store.0),
                 format!("{} and {}", rotator.1, store.1),

@@ -19,6 +19,12 @@ pub struct EngineMetrics {
     pub calls: CallMetrics,
     /// 1 for each credential whose store names a rotation the state database does not know.
     pub state_mismatch: IntGaugeVec,
+    /// `keyrotd_hook_runs_total{credential,kind,result}`: delivery hook attempts.
+    pub hook_runs: IntCounterVec,
+    /// `keyrotd_hook_last_failure_timestamp_seconds{credential,kind}`: when a hook last failed.
+    pub hook_last_failure: IntGaugeVec,
+    /// `keyrotd_hook_last_success_timestamp_seconds{credential,kind}`: when a hook last succeeded.
+    pub hook_last_success: IntGaugeVec,
 }
 
 impl EngineMetrics {
@@ -55,11 +61,38 @@ impl EngineMetrics {
         registry.register(Box::new(rotations.clone()))?;
         registry.register(Box::new(step_seconds.clone()))?;
         registry.register(Box::new(state_mismatch.clone()))?;
+        let hook_runs = IntCounterVec::new(
+            prometheus::Opts::new(
+                "keyrotd_hook_runs_total",
+                "Delivery hook attempts, by credential, hook kind and result (ok, error, timeout).",
+            ),
+            &["credential", "kind", "result"],
+        )?;
+        let hook_last_failure = IntGaugeVec::new(
+            prometheus::Opts::new(
+                "keyrotd_hook_last_failure_timestamp_seconds",
+                "When a delivery hook of the credential last failed (Unix seconds).",
+            ),
+            &["credential", "kind"],
+        )?;
+        let hook_last_success = IntGaugeVec::new(
+            prometheus::Opts::new(
+                "keyrotd_hook_last_success_timestamp_seconds",
+                "When a delivery hook of the credential last succeeded (Unix seconds).",
+            ),
+            &["credential", "kind"],
+        )?;
+        registry.register(Box::new(hook_runs.clone()))?;
+        registry.register(Box::new(hook_last_failure.clone()))?;
+        registry.register(Box::new(hook_last_success.clone()))?;
         Ok(Self {
             rotations,
             step_seconds,
             calls: CallMetrics::register(registry)?,
             state_mismatch,
+            hook_runs,
+            hook_last_failure,
+            hook_last_success,
         })
     }
 }

@@ -7,6 +7,7 @@
 //!   time plus grace) has passed, so never before the new one is stored, verified and promoted;
 //!   with `revoke = "when_unused"` also only once the rotator says it is unused (or
 //!   `max_revoke_delay` passed with `on_max_revoke_delay = "revoke"`), never after a failed check;
+//!   `revoke_at` is set only once the promote delivery hooks are settled (`notify`);
 //! - a failure before promotion rolls back: the rotator undoes what it did and the store drops the
 //!   pending value, so the current value stays the one consumers read;
 //! - a failure at or after promotion never rolls back (the new credential is proven good): the
@@ -20,9 +21,11 @@
 //! Files: this one holds [`Engine`], its public API and the types it returns; `lease` takes,
 //! renews and gives back a rotation's lease; `lost_state` checks that the state database knows
 //! the store's value before a run; `steps` drives the protocol step by step up to the revoke;
-//! `failure` rolls back, schedules retries with backoff or stops a credential; `journal` runs
-//! one plugin call as a journaled, timed step; `in_use` asks the rotator whether the old
-//! credential is still used before revoking it (`revoke = "when_unused"`); `limits` bounds plugin calls by their timeouts;
+//! `notify` runs the delivery hooks after stage and promote (the revoke waits for the promote
+//! hooks); `failure` rolls back, schedules retries with backoff or stops a credential; `journal`
+//! runs one plugin call as a journaled, timed step; `in_use` asks the rotator whether the old
+//! credential is still used before revoking it (`revoke = "when_unused"`); `limits` bounds
+//! plugin calls by their timeouts;
 //! `failpoint` is the crash-test hook; `metrics` the engine's Prometheus metrics.
 
 mod failpoint;
@@ -33,6 +36,7 @@ mod lease;
 mod limits;
 mod lost_state;
 mod metrics;
+mod notify;
 mod steps;
 
 use std::sync::Arc;
@@ -51,6 +55,7 @@ use lease::Taken;
 
 pub use in_use::waiting_reason;
 pub use metrics::EngineMetrics;
+pub use notify::hook_label;
 
 /// How long a rotation's lease lasts; renewed at every step.
 const LEASE: Duration = Duration::from_secs(300);

@@ -18,6 +18,7 @@ use tracing::info;
 use super::failure::Failure;
 use super::limits::{within, Limit, PluginLimit};
 use super::{public_only, Condition, Engine, EngineError, Job, Outcome};
+use crate::config::HookWhen;
 use crate::fmt::human;
 use crate::protocol::{Phase, Step};
 use crate::state::Status;
@@ -32,10 +33,20 @@ impl Engine {
             }
             let result = match job.rotation.phase {
                 Phase::Issuing | Phase::Issued => self.issue_and_stage(job).await,
-                Phase::Staged => self.activate(job).await,
+                Phase::Staged => match self.notify(job, HookWhen::Stage).await {
+                    Ok(()) => self.activate(job).await,
+                    Err(failure) => Err(failure),
+                },
                 Phase::Activated => self.verify(job).await,
                 Phase::Verified => self.promote(job).await,
                 Phase::Promoted => {
+                    if job.rotation.revoke_at.is_none() {
+                        // Promote hooks pending: they run before the grace period may end.
+                        if let Err(failure) = self.notify(job, HookWhen::Promote).await {
+                            return self.fail(job, failure).await;
+                        }
+                        self.hooks_settled(job).await?;
+                    }
                     let now = Utc::now().timestamp();
                     match job.rotation.revoke_at {
                         Some(at) if now < at => {
@@ -199,7 +210,9 @@ impl Engine {
         let now = Utc::now();
         let revoke_at = revoke_time(now, job.spec.grace);
         job.rotation.phase = Phase::Promoted;
-        job.rotation.revoke_at = Some(revoke_at);
+        // With promote hooks, the revoke time is set once they are settled (`notify`).
+        let hooks = job.spec.hooks.iter().any(|h| h.when == HookWhen::Promote);
+        job.rotation.revoke_at = (!hooks).then_some(revoke_at);
         job.rotation.error = None;
         job.record.issued_at = Some(now.timestamp());
         job.record.current_attrs = job.rotation.new_attrs.clone();
@@ -212,6 +225,25 @@ impl Engine {
             self.clear(&job.spec.id, Condition::RotationFailed);
         }
         Ok(())
+    }
+
+    /// The promote hooks are settled: the revoke may come at promotion time plus grace (the
+    /// promotion's whole second plus one, so the grace period is never cut short).
+    async fn hooks_settled(&self, job: &mut Job<'_>) -> Result<(), crate::state::StateError> {
+        let now = Utc::now();
+        // Without a grace period the revoke may come at once.
+        let late = i64::from(!job.spec.grace.is_zero());
+        let promoted = job
+            .record
+            .issued_at
+            .and_then(|t| chrono::DateTime::from_timestamp(t.saturating_add(late), 0))
+            .unwrap_or(now);
+        job.rotation.revoke_at = Some(revoke_time(promoted, job.spec.grace));
+        if job.record.consecutive_failures > 0 {
+            // Failed hooks had marked it retrying; it is in its grace period again.
+            job.record.succeed(Status::Grace);
+        }
+        self.save(job).await
     }
 
     /// After the grace period: revokes the old credential and lets the store release it.

@@ -45,6 +45,8 @@ fn spec(id: &str, schedule: Schedule) -> CredentialSpec {
         place: (1, 1),
         period: Duration::from_secs(30 * DAY),
         revoke: Default::default(),
+        hooks: Vec::new(),
+        revoke_after_hook_failure: false,
     }
 }
 

@@ -65,6 +65,7 @@ fn every_contract_alert_is_shipped_and_tested() {
         "KeyrotdAbsent",
         "KeyrotdStateStoreDown",
         "KeyrotdRevokeDelayed",
+        "KeyrotdHookFailing",
     ] {
         assert!(
             rules.contains(&format!("- alert: {alert}")),

@@ -21,6 +21,7 @@ mod daemon;
 mod deadlines;
 mod engine;
 mod generated_docs;
+mod hooks;
 mod http_e2e;
 mod in_use;
 mod loading;

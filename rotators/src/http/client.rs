@@ -49,16 +49,28 @@ pub(super) fn check_url(field: &str, pieces: &[Piece]) -> Result<(), String> {
     }
 }
 
+/// Checks a fixed URL (no template variables) by the rotator's URL rules: absolute, and HTTPS
+/// unless it points at loopback. keyrotd's `http` delivery hooks follow the rotator's rules.
+pub fn check_fixed_url(field: &str, url: &str) -> Result<(), String> {
+    check_url(field, &[Piece::Text(url.to_owned())])
+}
+
 fn is_loopback(url: &url::Url) -> bool {
     url.host_str().is_some_and(keyrotd_plugin::is_loopback_host)
 }
 
 /// Builds the HTTP client: rustls, the configured timeouts, and no redirects.
 pub(super) fn build(config: &HttpConfig) -> Result<reqwest::Client, String> {
+    client(config.timeout, config.timeouts().connect)
+}
+
+/// The rotator's HTTP client for any caller: rustls, these timeouts, and no redirects (a redirect
+/// could carry a token elsewhere). keyrotd's `http` delivery hooks use it too.
+pub fn client(timeout: Duration, connect: Duration) -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .use_rustls_tls()
-        .timeout(config.timeout)
-        .connect_timeout(config.timeouts().connect)
+        .timeout(timeout)
+        .connect_timeout(connect)
         // A redirect could carry the token elsewhere; providers' APIs do not need one.
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("keyrotd/", env!("CARGO_PKG_VERSION")))

@@ -47,6 +47,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
 use self::client::status_error;
+pub use self::client::{check_fixed_url, client};
 use self::config::Parsed;
 pub use self::config::{HttpConfig, LastUsedConfig, RequestConfig, VerifyConfig};
 use self::template::{render_body, Vars};

@@ -19,9 +19,9 @@
 
 pub mod connection;
 mod error;
+pub mod kv;
 mod login;
 pub mod reference;
-pub mod kv;
 pub mod session;
 
 pub use connection::{VaultAuth, VaultConnection};

@@ -195,6 +195,8 @@ impl Fixture {
             place: (1, 1),
             period: Duration::from_secs(86400),
             revoke: Default::default(),
+            hooks: Vec::new(),
+            revoke_after_hook_failure: false,
         };
         Self {
             dir,

@@ -125,17 +125,17 @@ fn kv2_rotations_with_the_printed_policy_show_readers_only_verified_values_in_mi
     let expected = [
         // login: the token's TTL, once per login of the daemon, not per rotation
         "GET /v1/auth/token/lookup-self".to_owned(),
-        format!("GET {data}"),                // engine: last_rotation (state check)
-        format!("GET {data}"),                // issue: current
-        format!("GET {data}"),                // stage: the object and version B
-        format!("POST {data}.pending"),       // stage: write with cas=0
-        format!("GET {data}"),                // activate: current
-        format!("GET {data}.pending"),        // verify: pending
-        format!("GET {data}.pending"),        // promote: the staged object
-        format!("POST {data}"),               // promote: write with cas=B
+        format!("GET {data}"),          // engine: last_rotation (state check)
+        format!("GET {data}"),          // issue: current
+        format!("GET {data}"),          // stage: the object and version B
+        format!("POST {data}.pending"), // stage: write with cas=0
+        format!("GET {data}"),          // activate: current
+        format!("GET {data}.pending"),  // verify: pending
+        format!("GET {data}.pending"),  // promote: the staged object
+        format!("POST {data}"),         // promote: write with cas=B
         format!("DELETE {metadata}.pending"), // promote: drop the staged copy
         format!("DELETE {metadata}.pending"), // release: in case promote could not
-        format!("GET {metadata}"),            // release: versions beyond keep_versions
+        format!("GET {metadata}"),      // release: versions beyond keep_versions
     ];
     assert_eq!(trips, expected, "round trips of one KV v2 rotation");
     // keep_versions = 2 (the default): version 1 (P0) is destroyed by the second release.
