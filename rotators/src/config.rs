@@ -23,6 +23,8 @@ use crate::http::{HttpConfig, HttpRotator};
 #[cfg(feature = "postgres")]
 use crate::postgres::{PostgresConfig, PostgresRotator};
 use crate::random::{RandomConfig, RandomRotator};
+#[cfg(feature = "vault")]
+use crate::vault::approle::{ApproleSecretIdConfig, ApproleSecretIdRotator};
 
 /// The inventory's `[aws]` table: defaults for every AWS rotator and store.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -85,6 +87,7 @@ const ROTATOR_KINDS: &[(&str, Option<&str>)] = &[
     ("aws_iam_access_key", Some("aws")),
     ("postgres_password", Some("postgres")),
     ("http", Some("http")),
+    ("vault_approle_secret_id", Some("vault")),
 ];
 
 /// Every store kind, as [`ROTATOR_KINDS`].
@@ -145,6 +148,9 @@ pub enum RotatorConfig {
     /// An API key issued, verified and revoked through configured HTTP requests.
     #[cfg(feature = "http")]
     Http(Box<HttpConfig>),
+    /// A secret-id of a Vault AppRole role.
+    #[cfg(feature = "vault")]
+    VaultApproleSecretId(Box<ApproleSecretIdConfig>),
 }
 
 /// A credential's `store` table.
@@ -169,6 +175,8 @@ impl RotatorConfig {
             Self::PostgresPassword(_) => "postgres_password",
             #[cfg(feature = "http")]
             Self::Http(_) => "http",
+            #[cfg(feature = "vault")]
+            Self::VaultApproleSecretId(_) => "vault_approle_secret_id",
         }
     }
 
@@ -183,6 +191,8 @@ impl RotatorConfig {
             Self::PostgresPassword(c) => c.validate(),
             #[cfg(feature = "http")]
             Self::Http(c) => c.validate(),
+            #[cfg(feature = "vault")]
+            Self::VaultApproleSecretId(c) => c.validate(),
         }
     }
 
@@ -195,7 +205,11 @@ impl RotatorConfig {
                 .aws
                 .fill(&mut c.region, &mut c.endpoint_url, &mut c.account_id);
         }
-        #[cfg(not(feature = "aws"))]
+        #[cfg(feature = "vault")]
+        if let Self::VaultApproleSecretId(c) = self {
+            c.vault.fill(&defaults.vault);
+        }
+        #[cfg(not(any(feature = "aws", feature = "vault")))]
         let _ = defaults;
     }
 
@@ -207,6 +221,13 @@ impl RotatorConfig {
             Self::Random(_) => vec![],
             #[cfg(feature = "http")]
             Self::Http(_) => vec![],
+            #[cfg(feature = "vault")]
+            Self::VaultApproleSecretId(c) => vec![format!(
+                "AppRole role `{}` at auth/{} of {}",
+                c.role_name,
+                c.mount,
+                c.vault.address.as_deref().unwrap_or_default()
+            )],
             #[cfg(feature = "aws")]
             Self::AwsIamAccessKey(c) => vec![format!(
                 "IAM user `{}` at {}",
@@ -234,6 +255,8 @@ impl RotatorConfig {
             Self::PostgresPassword(c) => vec![("admin_dsn", &c.admin_dsn)],
             #[cfg(feature = "http")]
             Self::Http(c) => vec![("auth", &c.auth)],
+            #[cfg(feature = "vault")]
+            Self::VaultApproleSecretId(c) => c.vault.secret_refs(),
         }
     }
 
@@ -256,6 +279,8 @@ impl RotatorConfig {
             "postgres_password" => PostgresConfig::deserialize(d).map(drop),
             #[cfg(feature = "http")]
             "http" => HttpConfig::deserialize(d).map(drop),
+            #[cfg(feature = "vault")]
+            "vault_approle_secret_id" => ApproleSecretIdConfig::deserialize(d).map(drop),
             other => Err(unknown_kind(other, ROTATOR_KINDS, &COMPILED_ROTATORS)),
         }
     }
@@ -271,6 +296,8 @@ impl RotatorConfig {
             Self::PostgresPassword(c) => Arc::new(PostgresRotator::new((**c).clone())?),
             #[cfg(feature = "http")]
             Self::Http(c) => Arc::new(HttpRotator::new((**c).clone())?),
+            #[cfg(feature = "vault")]
+            Self::VaultApproleSecretId(c) => Arc::new(ApproleSecretIdRotator::new((**c).clone())?),
         })
     }
 }

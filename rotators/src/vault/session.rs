@@ -134,6 +134,12 @@ impl VaultSession {
         self.build(token.expose_secret())
     }
 
+    /// A client of this connection that carries `token` instead of keyrotd's own (`""`: none),
+    /// for calls made as another identity (a rotator's test login).
+    pub(crate) fn client_with_token(&self, token: &str) -> Result<VaultClient, ProviderError> {
+        self.build(token)
+    }
+
     /// A client for the connection carrying `token`, every setting explicit so that no
     /// `VAULT_*` variable of keyrotd's environment changes it.
     fn build(&self, token: &str) -> Result<VaultClient, ProviderError> {
