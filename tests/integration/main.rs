@@ -34,3 +34,4 @@ mod status;
 mod store_locations;
 mod support;
 mod systemd_notify;
+mod vault_creds;
