@@ -25,6 +25,8 @@ use crate::postgres::{PostgresConfig, PostgresRotator};
 use crate::random::{RandomConfig, RandomRotator};
 #[cfg(feature = "vault")]
 use crate::vault::approle::{ApproleSecretIdConfig, ApproleSecretIdRotator};
+#[cfg(feature = "vault")]
+use crate::vault::pki::{PkiCertificateConfig, PkiCertificateRotator};
 
 /// The inventory's `[aws]` table: defaults for every AWS rotator and store.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -88,6 +90,7 @@ const ROTATOR_KINDS: &[(&str, Option<&str>)] = &[
     ("postgres_password", Some("postgres")),
     ("http", Some("http")),
     ("vault_approle_secret_id", Some("vault")),
+    ("vault_pki_certificate", Some("vault")),
 ];
 
 /// Every store kind, as [`ROTATOR_KINDS`].
@@ -151,6 +154,9 @@ pub enum RotatorConfig {
     /// A secret-id of a Vault AppRole role.
     #[cfg(feature = "vault")]
     VaultApproleSecretId(Box<ApproleSecretIdConfig>),
+    /// A TLS certificate and key from a Vault PKI role.
+    #[cfg(feature = "vault")]
+    VaultPkiCertificate(Box<PkiCertificateConfig>),
 }
 
 /// A credential's `store` table.
@@ -177,6 +183,8 @@ impl RotatorConfig {
             Self::Http(_) => "http",
             #[cfg(feature = "vault")]
             Self::VaultApproleSecretId(_) => "vault_approle_secret_id",
+            #[cfg(feature = "vault")]
+            Self::VaultPkiCertificate(_) => "vault_pki_certificate",
         }
     }
 
@@ -193,6 +201,8 @@ impl RotatorConfig {
             Self::Http(c) => c.validate(),
             #[cfg(feature = "vault")]
             Self::VaultApproleSecretId(c) => c.validate(),
+            #[cfg(feature = "vault")]
+            Self::VaultPkiCertificate(c) => c.validate(),
         }
     }
 
@@ -206,8 +216,10 @@ impl RotatorConfig {
                 .fill(&mut c.region, &mut c.endpoint_url, &mut c.account_id);
         }
         #[cfg(feature = "vault")]
-        if let Self::VaultApproleSecretId(c) = self {
-            c.vault.fill(&defaults.vault);
+        match self {
+            Self::VaultApproleSecretId(c) => c.vault.fill(&defaults.vault),
+            Self::VaultPkiCertificate(c) => c.vault.fill(&defaults.vault),
+            _ => {}
         }
         #[cfg(not(any(feature = "aws", feature = "vault")))]
         let _ = defaults;
@@ -228,6 +240,9 @@ impl RotatorConfig {
                 c.mount,
                 c.vault.address.as_deref().unwrap_or_default()
             )],
+            // Certificates of one role coexist: two credentials may share it.
+            #[cfg(feature = "vault")]
+            Self::VaultPkiCertificate(_) => vec![],
             #[cfg(feature = "aws")]
             Self::AwsIamAccessKey(c) => vec![format!(
                 "IAM user `{}` at {}",
@@ -257,6 +272,8 @@ impl RotatorConfig {
             Self::Http(c) => vec![("auth", &c.auth)],
             #[cfg(feature = "vault")]
             Self::VaultApproleSecretId(c) => c.vault.secret_refs(),
+            #[cfg(feature = "vault")]
+            Self::VaultPkiCertificate(c) => c.vault.secret_refs(),
         }
     }
 
@@ -281,6 +298,8 @@ impl RotatorConfig {
             "http" => HttpConfig::deserialize(d).map(drop),
             #[cfg(feature = "vault")]
             "vault_approle_secret_id" => ApproleSecretIdConfig::deserialize(d).map(drop),
+            #[cfg(feature = "vault")]
+            "vault_pki_certificate" => PkiCertificateConfig::deserialize(d).map(drop),
             other => Err(unknown_kind(other, ROTATOR_KINDS, &COMPILED_ROTATORS)),
         }
     }
@@ -298,6 +317,8 @@ impl RotatorConfig {
             Self::Http(c) => Arc::new(HttpRotator::new((**c).clone())?),
             #[cfg(feature = "vault")]
             Self::VaultApproleSecretId(c) => Arc::new(ApproleSecretIdRotator::new((**c).clone())?),
+            #[cfg(feature = "vault")]
+            Self::VaultPkiCertificate(c) => Arc::new(PkiCertificateRotator::new((**c).clone())?),
         })
     }
 }

@@ -287,7 +287,7 @@ impl ApproleSecretIdRotator {
     }
 }
 
-fn accessor_of<'a>(attrs: Option<&'a Attrs>) -> Option<&'a str> {
+fn accessor_of(attrs: Option<&Attrs>) -> Option<&str> {
     attrs.and_then(|a| a.get(ACCESSOR)).map(String::as_str)
 }
 

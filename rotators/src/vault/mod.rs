@@ -6,8 +6,8 @@
 //!   store and reference that names it; [`VaultSession::call`] runs one API call and turns its
 //!   failure into a [`ProviderError`](keyrotd_plugin::ProviderError) naming what was attempted.
 //! - `error`: how Vault's answers are classified (transient or permanent).
-//! - [`approle`]: the `vault_approle_secret_id` rotator; `calls`: the plain JSON requests the
-//!   credential rotators send through the session's client.
+//! - [`approle`]: the `vault_approle_secret_id` rotator; [`pki`]: the `vault_pki_certificate`
+//!   rotator; `calls`: the plain JSON requests both send through the session's client.
 //!
 //! *Invariants:* plain `http://` only to loopback; the token lives only in the session (and,
 //! unavoidably, as a `String` inside `vaultrs`'s client, which is never `Debug`-printed); no
@@ -21,6 +21,7 @@ pub mod session;
 
 pub mod approle;
 mod calls;
+pub mod pki;
 
 pub use connection::{VaultAuth, VaultConnection};
 pub use session::VaultSession;

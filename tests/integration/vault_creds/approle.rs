@@ -124,7 +124,7 @@ fn a_rotation_issues_a_working_secret_id_and_destroys_the_old_one() {
     assert!(a.logs_in(&role_id, &secret1), "the new secret-id logs in");
     assert_eq!(
         a.accessors(),
-        [accessor1.clone()],
+        std::slice::from_ref(&accessor1),
         "verify's test login used no second secret-id"
     );
     let meta = a.metadata(&accessor1);

@@ -3,6 +3,7 @@
 //! keyrotd gets a token carrying exactly the policy `keyrotd policy` prints for the inventory.
 
 mod approle;
+mod pki;
 
 use std::path::PathBuf;
 use std::process::Output;
