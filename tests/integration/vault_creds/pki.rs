@@ -1,12 +1,14 @@
 //! `vault_pki_certificate` into a `file` store with `format = "pem_bundle"`: the bundle passes
 //! `openssl verify` against the root, its key is the certificate's, the replaced certificate is
 //! revoked (and in the CRL) after the grace period; a wrong configured CA fails verify, and the
-//! issued certificate is revoked by the rollback.
+//! issued certificate is revoked by the rollback; a short-lived certificate is due and stale by
+//! its notAfter, not by `rotate_every` and `max_age`.
 
 use std::process::Command;
 
 use super::{error_line, stderr, Setup};
 use crate::support::openbao::{unique, OpenBao};
+use crate::support::{http_get, wait_until, Daemon};
 
 const ID: &str = "web";
 
@@ -33,7 +35,7 @@ fn root(bao: &OpenBao) -> (String, String) {
 }
 
 impl Pki {
-    fn new(extra: &str) -> Self {
+    fn new(ttl: &str) -> Self {
         let bao = OpenBao::shared();
         let (root_mount, root_pem) = root(&bao);
         let int = unique("pki-int");
@@ -77,7 +79,7 @@ impl Pki {
              rotate_every = \"1h\"\nmax_age = \"2h\"\ngrace = \"0s\"\n\n\
              [credential.rotator]\nkind = \"vault_pki_certificate\"\nmount = \"{int}\"\n\
              role = \"web\"\ncommon_name = \"www.example.test\"\nalt_names = [\"api.example.test\"]\n\
-             ip_sans = [\"127.0.0.1\"]\nttl = \"24h\"\nca_cert = \"{{dir}}/root.pem\"\n{extra}"
+             ip_sans = [\"127.0.0.1\"]\nttl = \"{ttl}\"\nca_cert = \"{{dir}}/root.pem\"\n"
         );
         let s = Setup::new(ID, &credential);
         std::fs::write(s.path("root.pem"), root_pem).unwrap();
@@ -134,7 +136,7 @@ impl Pki {
 #[test]
 #[ignore = "needs the test backends: run tests/run.sh"]
 fn a_certificate_rotation_writes_a_bundle_that_validates_and_revokes_the_old_serial() {
-    let p = Pki::new("");
+    let p = Pki::new("24h");
     let first = p.s.rotate();
     assert!(first.status.success(), "{}", stderr(&first));
     let (ok, text) = p.openssl(&[
@@ -203,7 +205,7 @@ fn a_certificate_rotation_writes_a_bundle_that_validates_and_revokes_the_old_ser
 #[test]
 #[ignore = "needs the test backends: run tests/run.sh"]
 fn a_chain_that_does_not_lead_to_the_configured_ca_fails_verify_and_is_revoked() {
-    let p = Pki::new("");
+    let p = Pki::new("24h");
     let (_, other_root) = root(&p.s.bao);
     std::fs::write(p.s.path("root.pem"), other_root).unwrap();
     let out = p.s.rotate();
@@ -233,4 +235,57 @@ fn a_chain_that_does_not_lead_to_the_configured_ca_fails_verify_and_is_revoked()
     );
     let listed = p.s.bao.bao(&["list", &format!("{}/certs", p.int)]);
     assert!(listed.contains(&serial), "{listed}");
+}
+
+/// An RFC 3339 instant of `status --json` as Unix seconds.
+fn unix(v: &serde_json::Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap_or_else(|| panic!("a time: {v}")))
+        .unwrap()
+        .timestamp()
+}
+
+#[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
+fn a_short_lived_certificate_is_due_and_stale_by_its_not_after() {
+    // rotate_every = 1h and max_age = 2h, but the certificate lives 15 s.
+    let p = Pki::new("15s");
+    let first = p.s.rotate();
+    assert!(first.status.success(), "{}", stderr(&first));
+    let serial1 = p.serial();
+    let status = p.s.status();
+    let max_age = status["max_age_seconds"].as_i64().unwrap();
+    assert!(
+        (5..=20).contains(&max_age),
+        "max age ends at notAfter: {status}"
+    );
+    assert_eq!(status["stale"], false, "{status}");
+    let lead = unix(&status["next_rotation"]) - unix(&status["last_rotation"]);
+    assert!(
+        (5..=15).contains(&lead),
+        "due at two thirds of its life: {status}"
+    );
+
+    // The daemon exports that max age and renews the certificate before it expires.
+    let daemon = Daemon::start(&p.s.config(), p.s.port, &p.s.path("daemon.log"), &[]);
+    let metrics = http_get(p.s.port, "/metrics").unwrap().1;
+    let exported: i64 = metrics
+        .lines()
+        .find(|l| l.starts_with("keyrotd_credential_max_age_seconds{credential=\"web\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap_or_else(|| panic!("a max age series in:\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(exported <= 20, "{exported}");
+    assert!(
+        wait_until(std::time::Duration::from_secs(40), || p.serial() != serial1),
+        "renewed before its notAfter:\n{}",
+        daemon.log_text()
+    );
+    drop(daemon);
+
+    // Nothing renews it now: stale once its notAfter has passed.
+    std::thread::sleep(std::time::Duration::from_secs(17));
+    let status = p.s.status();
+    assert_eq!(status["stale"], true, "{status}");
+    p.s.assert_no_leak(&[p.key()], &[p.s.path("tls")], &[stderr(&first), metrics]);
 }

@@ -106,8 +106,8 @@ impl PkiCertificateConfig {
         {
             return Err(format!("ip_sans: `{bad}` is not an IP address"));
         }
-        if self.ttl.is_some_and(|t| t < Duration::from_secs(60)) {
-            return Err("ttl: must be at least 1m".into());
+        if self.ttl.is_some_and(|t| t < Duration::from_secs(10)) {
+            return Err("ttl: must be at least 10s".into());
         }
         if self.ca_cert.as_ref().is_some_and(|p| !p.is_absolute()) {
             return Err("ca_cert: must be an absolute path".into());
