@@ -16,4 +16,5 @@ mod deadlines;
 mod http;
 mod postgres;
 mod postgres_pool;
+mod vault_creds;
 mod vault_session;
