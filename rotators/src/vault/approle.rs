@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use vaultrs::client::Client;
 
-use super::calls::{check_mount, check_name, status, Call};
+use super::calls::{check_mount, check_name, or_missing, Call};
 use super::connection::optional_duration;
 use super::error::classify;
 use super::{VaultConnection, VaultSession};
@@ -223,13 +223,7 @@ impl ApproleSecretIdRotator {
             .session
             .call(&what, self.timeouts(), |client| {
                 let call = Call::<Value>::write(path.clone(), body.clone());
-                async move {
-                    match vaultrs::api::exec_with_result(&*client, call).await {
-                        Ok(data) => Ok(Some(data)),
-                        Err(e) if status(&e) == Some(404) => Ok(None),
-                        Err(e) => Err(e),
-                    }
-                }
+                async move { or_missing(vaultrs::api::exec_with_result(&*client, call).await) }
             })
             .await?;
         Ok(found.map(|data: Value| {
@@ -248,13 +242,7 @@ impl ApproleSecretIdRotator {
             .session
             .call(&what, self.timeouts(), |client| {
                 let call = Call::<Value>::list(path.clone());
-                async move {
-                    match vaultrs::api::exec_with_result(&*client, call).await {
-                        Ok(data) => Ok(Some(data)),
-                        Err(e) if status(&e) == Some(404) => Ok(None),
-                        Err(e) => Err(e),
-                    }
-                }
+                async move { or_missing(vaultrs::api::exec_with_result(&*client, call).await) }
             })
             .await?;
         Ok(keys

@@ -70,13 +70,22 @@ impl<R: DeserializeOwned + Send + Sync> Endpoint for Call<R> {
 }
 
 /// The HTTP status of a failed call, when Vault answered at all.
-pub(crate) fn status(err: &ClientError) -> Option<u16> {
+fn status(err: &ClientError) -> Option<u16> {
     match err {
         ClientError::APIError { code, .. } => Some(*code),
         ClientError::RestClientError {
             source: rustify::errors::ClientError::ServerResponseError { code, .. },
         } => Some(*code),
         _ => None,
+    }
+}
+
+/// A call's result with Vault's 404 as `None` (no such secret-id; LIST with nothing to list).
+pub(crate) fn or_missing<T>(result: Result<T, ClientError>) -> Result<Option<T>, ClientError> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if status(&e) == Some(404) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
