@@ -234,15 +234,11 @@ impl RotatorConfig {
             #[cfg(feature = "http")]
             Self::Http(_) => vec![],
             #[cfg(feature = "vault")]
-            Self::VaultApproleSecretId(c) => vec![format!(
-                "AppRole role `{}` at auth/{} of {}",
-                c.role_name,
-                c.mount,
-                c.vault.address.as_deref().unwrap_or_default()
-            )],
-            // Certificates of one role coexist: two credentials may share it.
+            // Secret-ids of one role, and certificates of one PKI role, coexist: each
+            // credential revokes only what it issued (found by accessor, rotation metadata or
+            // serial), so two credentials may share a role.
             #[cfg(feature = "vault")]
-            Self::VaultPkiCertificate(_) => vec![],
+            Self::VaultApproleSecretId(_) | Self::VaultPkiCertificate(_) => vec![],
             #[cfg(feature = "aws")]
             Self::AwsIamAccessKey(c) => vec![format!(
                 "IAM user `{}` at {}",
