@@ -187,9 +187,17 @@ fn an_orphan_left_by_a_crash_after_issue_is_destroyed_when_the_rotation_resumes(
         "the store still holds the first secret-id"
     );
 
-    let resumed = a.s.rotate();
-    assert!(resumed.status.success(), "{}", stderr(&resumed));
-    let log_text = stderr(&resumed);
+    // The daemon, started again, resumes the rotation: the orphan goes, a new secret-id comes.
+    let daemon = Daemon::start(&a.s.config(), a.s.port, &a.s.path("daemon.log"), &[]);
+    let done = wait_until(std::time::Duration::from_secs(30), || {
+        a.s.history().matches("  app  done").count() == 2
+    });
+    let log_text = daemon.log_text();
+    drop(daemon);
+    assert!(
+        done,
+        "the rotation completed after the restart:\n{log_text}"
+    );
     assert!(log_text.contains("orphaned secret-id"), "{log_text}");
     let (_, secret2, accessor2) = a.current();
     assert_ne!(accessor2, orphan);
