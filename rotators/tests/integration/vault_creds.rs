@@ -124,6 +124,7 @@ async fn pki_verify_refuses_a_foreign_key_and_revoking_twice_is_fine() {
     std::fs::write(dir.path().join("root.pem"), root).unwrap();
     let mut config: PkiCertificateConfig = toml::from_str(&format!(
         "mount = \"{mount}\"\nrole = \"r\"\ncommon_name = \"a.example.test\"\nttl = \"1h\"\n\
+         alt_names = [\"*.svc.example.test\"]\n\
          ca_cert = \"{}\"",
         dir.path().join("root.pem").display()
     ))

@@ -92,11 +92,11 @@ impl PkiCertificateConfig {
         if self.common_name.trim().is_empty() || self.common_name.contains(',') {
             return Err("common_name: must be one non-empty name".into());
         }
-        if let Some(bad) = self
-            .alt_names
-            .iter()
-            .find(|n| n.is_empty() || n.contains(',') || n.contains(char::is_whitespace))
-        {
+        let dns = |name: &str| {
+            let bare = name.strip_prefix("*.").unwrap_or(name);
+            rustls_pki_types::DnsName::try_from(bare).is_ok() && !bare.contains('*')
+        };
+        if let Some(bad) = self.alt_names.iter().find(|n| !dns(n)) {
             return Err(format!("alt_names: `{bad}` is not a DNS name"));
         }
         if let Some(bad) = self
@@ -347,5 +347,47 @@ impl Rotator for PkiCertificateRotator {
             return Ok(());
         }
         self.revoke_serial(serial).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> PkiCertificateConfig {
+        toml::from_str(
+            "role = \"web\"\ncommon_name = \"www.example.com\"\nvault = { address = \
+             \"http://127.0.0.1:8200\", auth = { method = \"token\", token = \"env:T\" } }",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn validates_names_addresses_ttl_and_the_ca_path() {
+        let mut ok = config();
+        ok.alt_names = vec!["*.example.com".into(), "a.example.com".into()];
+        ok.ip_sans = vec!["::1".into()];
+        ok.validate().unwrap();
+        assert_eq!(ok.mount, "pki");
+        assert_eq!(
+            ok.names(),
+            ["www.example.com", "*.example.com", "a.example.com", "::1"]
+        );
+        let cases: [(&str, fn(&mut PkiCertificateConfig)); 8] = [
+            ("alt_names: ", |c| c.alt_names = vec!["a b".into()]),
+            ("alt_names: ", |c| c.alt_names = vec!["a.*.com".into()]),
+            ("alt_names: ", |c| c.alt_names = vec![String::new()]),
+            ("ip_sans: ", |c| c.ip_sans = vec!["10.0.0".into()]),
+            ("ttl: ", |c| c.ttl = Some(Duration::from_secs(5))),
+            ("ca_cert: ", |c| c.ca_cert = Some("root.pem".into())),
+            ("role: ", |c| c.role = "a/b".into()),
+            ("common_name: ", |c| c.common_name = "a,b".into()),
+        ];
+        for (field, spoil) in cases {
+            let mut c = config();
+            spoil(&mut c);
+            let err = c.validate().unwrap_err();
+            assert!(err.starts_with(field), "{field} {err}");
+        }
     }
 }
