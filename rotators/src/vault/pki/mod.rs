@@ -373,7 +373,8 @@ mod tests {
             ok.names(),
             ["www.example.com", "*.example.com", "a.example.com", "::1"]
         );
-        let cases: [(&str, fn(&mut PkiCertificateConfig)); 8] = [
+        type Spoil = fn(&mut PkiCertificateConfig);
+        let cases: [(&str, Spoil); 8] = [
             ("alt_names: ", |c| c.alt_names = vec!["a b".into()]),
             ("alt_names: ", |c| c.alt_names = vec!["a.*.com".into()]),
             ("alt_names: ", |c| c.alt_names = vec![String::new()]),
