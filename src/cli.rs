@@ -240,8 +240,9 @@ pub async fn status(inventory: &Inventory, json: bool, only: Option<&str>) -> an
                     record.status.as_str()
                 },
                 age_seconds: age,
-                max_age_seconds: spec.max_age.as_secs(),
-                stale: age.is_none_or(|a| a > spec.max_age.as_secs() as i64),
+                // A certificate's max age ends at its notAfter.
+                max_age_seconds: live.max_age_secs(spec) as u64,
+                stale: age.is_none_or(|a| a > live.max_age_secs(spec)),
                 last_rotation: last,
                 next_rotation: next,
                 revoke_at,

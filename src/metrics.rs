@@ -228,10 +228,11 @@ fn revoke_deadline(slot: &Slot<'_>, live: &Live) -> Option<i64> {
     )
 }
 
-/// Whether the credential is older than its `max_age` (a `max_age` of 0 never is).
+/// Whether the credential is older than its `max_age` (a `max_age` of 0 never is), or past
+/// its expiry (a certificate's notAfter).
 fn is_stale(slot: &Slot<'_>, live: &Live, now: i64) -> bool {
-    let max_age = slot.spec.max_age.as_secs() as i64;
-    max_age > 0 && live.issued_at.is_some_and(|t| now - t > max_age)
+    let by_age = slot.spec.max_age.as_secs() > 0 || live.expires_at.is_some();
+    by_age && live.stale_at(slot.spec).is_some_and(|t| now > t)
 }
 
 /// Whether a credential needs attention, so compact mode exports its series: it is stale, due or
@@ -324,7 +325,8 @@ pub fn credential_chunks(
                         }
                     }
                     Family::MaxAge => {
-                        let _ = writeln!(out, "{name}{{{labels}}} {}", slot.spec.max_age.as_secs());
+                        let _ =
+                            writeln!(out, "{name}{{{labels}}} {}", live.max_age_secs(slot.spec));
                     }
                     Family::NextRotation => {
                         if let Some(t) = next_rotation(&slot, &live, &group_fire) {

@@ -24,7 +24,11 @@ use crate::http::{HttpConfig, HttpRotator};
 use crate::postgres::{PostgresConfig, PostgresRotator};
 use crate::random::{RandomConfig, RandomRotator};
 #[cfg(feature = "vault")]
+use crate::vault::approle::{ApproleSecretIdConfig, ApproleSecretIdRotator};
+#[cfg(feature = "vault")]
 use crate::vault::kv::{v1::Kv1Store, v2::Kv2Store, VaultKvConfig};
+#[cfg(feature = "vault")]
+use crate::vault::pki::{PkiCertificateConfig, PkiCertificateRotator};
 
 /// The inventory's `[aws]` table: defaults for every AWS rotator and store.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -95,6 +99,8 @@ const ROTATOR_KINDS: &[(&str, Option<&str>)] = &[
     ("aws_iam_access_key", Some("aws")),
     ("postgres_password", Some("postgres")),
     ("http", Some("http")),
+    ("vault_approle_secret_id", Some("vault")),
+    ("vault_pki_certificate", Some("vault")),
 ];
 
 /// Every store kind, as [`ROTATOR_KINDS`].
@@ -159,6 +165,12 @@ pub enum RotatorConfig {
     /// An API key issued, verified and revoked through configured HTTP requests.
     #[cfg(feature = "http")]
     Http(Box<HttpConfig>),
+    /// A secret-id of a Vault AppRole role.
+    #[cfg(feature = "vault")]
+    VaultApproleSecretId(Box<ApproleSecretIdConfig>),
+    /// A TLS certificate and key from a Vault PKI role.
+    #[cfg(feature = "vault")]
+    VaultPkiCertificate(Box<PkiCertificateConfig>),
 }
 
 /// A credential's `store` table.
@@ -189,6 +201,10 @@ impl RotatorConfig {
             Self::PostgresPassword(_) => "postgres_password",
             #[cfg(feature = "http")]
             Self::Http(_) => "http",
+            #[cfg(feature = "vault")]
+            Self::VaultApproleSecretId(_) => "vault_approle_secret_id",
+            #[cfg(feature = "vault")]
+            Self::VaultPkiCertificate(_) => "vault_pki_certificate",
         }
     }
 
@@ -203,6 +219,10 @@ impl RotatorConfig {
             Self::PostgresPassword(c) => c.validate(),
             #[cfg(feature = "http")]
             Self::Http(c) => c.validate(),
+            #[cfg(feature = "vault")]
+            Self::VaultApproleSecretId(c) => c.validate(),
+            #[cfg(feature = "vault")]
+            Self::VaultPkiCertificate(c) => c.validate(),
         }
     }
 
@@ -217,6 +237,10 @@ impl RotatorConfig {
             Self::PostgresPassword(c) => c.strategy == crate::postgres::Strategy::Alternating,
             #[cfg(feature = "http")]
             Self::Http(c) => c.last_used.is_some(),
+            // Vault records no last use of a secret-id (only `last_updated_time`, which moves
+            // with `num_uses`), nor of a certificate.
+            #[cfg(feature = "vault")]
+            Self::VaultApproleSecretId(_) | Self::VaultPkiCertificate(_) => false,
         }
     }
 
@@ -229,7 +253,13 @@ impl RotatorConfig {
                 .aws
                 .fill(&mut c.region, &mut c.endpoint_url, &mut c.account_id);
         }
-        #[cfg(not(feature = "aws"))]
+        #[cfg(feature = "vault")]
+        match self {
+            Self::VaultApproleSecretId(c) => c.vault.fill(&defaults.vault),
+            Self::VaultPkiCertificate(c) => c.vault.fill(&defaults.vault),
+            _ => {}
+        }
+        #[cfg(not(any(feature = "aws", feature = "vault")))]
         let _ = defaults;
     }
 
@@ -241,6 +271,11 @@ impl RotatorConfig {
             Self::Random(_) => vec![],
             #[cfg(feature = "http")]
             Self::Http(_) => vec![],
+            // Secret-ids of one role, and certificates of one PKI role, coexist: each
+            // credential revokes only what it issued (found by accessor, rotation metadata or
+            // serial), so two credentials may share a role.
+            #[cfg(feature = "vault")]
+            Self::VaultApproleSecretId(_) | Self::VaultPkiCertificate(_) => vec![],
             #[cfg(feature = "aws")]
             Self::AwsIamAccessKey(c) => vec![format!(
                 "IAM user `{}` at {}",
@@ -268,6 +303,10 @@ impl RotatorConfig {
             Self::PostgresPassword(c) => vec![("admin_dsn", &c.admin_dsn)],
             #[cfg(feature = "http")]
             Self::Http(c) => vec![("auth", &c.auth)],
+            #[cfg(feature = "vault")]
+            Self::VaultApproleSecretId(c) => c.vault.secret_refs(),
+            #[cfg(feature = "vault")]
+            Self::VaultPkiCertificate(c) => c.vault.secret_refs(),
         }
     }
 
@@ -290,6 +329,10 @@ impl RotatorConfig {
             "postgres_password" => PostgresConfig::deserialize(d).map(drop),
             #[cfg(feature = "http")]
             "http" => HttpConfig::deserialize(d).map(drop),
+            #[cfg(feature = "vault")]
+            "vault_approle_secret_id" => ApproleSecretIdConfig::deserialize(d).map(drop),
+            #[cfg(feature = "vault")]
+            "vault_pki_certificate" => PkiCertificateConfig::deserialize(d).map(drop),
             other => Err(unknown_kind(other, ROTATOR_KINDS, &COMPILED_ROTATORS)),
         }
     }
@@ -305,6 +348,10 @@ impl RotatorConfig {
             Self::PostgresPassword(c) => Arc::new(PostgresRotator::new((**c).clone())?),
             #[cfg(feature = "http")]
             Self::Http(c) => Arc::new(HttpRotator::new((**c).clone())?),
+            #[cfg(feature = "vault")]
+            Self::VaultApproleSecretId(c) => Arc::new(ApproleSecretIdRotator::new((**c).clone())?),
+            #[cfg(feature = "vault")]
+            Self::VaultPkiCertificate(c) => Arc::new(PkiCertificateRotator::new((**c).clone())?),
         })
     }
 }

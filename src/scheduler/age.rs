@@ -30,9 +30,11 @@ impl AgeWatch {
     /// Brings slot `i`'s age conditions up to date; returns the next deadline worth waking for.
     pub(super) fn check(&mut self, i: usize, slot: Slot<'_>, now: i64) -> Option<i64> {
         let events = self.events.as_ref()?;
-        let issued = lock(slot.live).issued_at?;
-        let max_age = secs(slot.spec.max_age);
-        let stale_at = issued.saturating_add(max_age);
+        let live = *lock(slot.live);
+        let issued = live.issued_at?;
+        // A certificate is stale at its notAfter, if that comes before max_age.
+        let stale_at = live.stale_at(slot.spec)?;
+        let max_age = stale_at.saturating_sub(issued);
         // Warn only once a rotation is overdue: a `warn_before` longer than the slack between
         // the schedule and max_age would warn about every healthy credential.
         let slack = max_age.saturating_sub(secs(slot.spec.period).min(max_age));

@@ -14,7 +14,7 @@ use chrono::{TimeZone, Utc};
 use crate::config::CredentialSpec;
 use crate::engine::Outcome;
 use crate::protocol::Phase;
-use crate::schedule::{CronSchedule, Due};
+use crate::schedule::{secs, CronSchedule, Due};
 use crate::state::{CredentialRecord, RotationRecord, Status};
 
 /// How long to wait before looking again at a credential another process is rotating (or whose
@@ -35,6 +35,54 @@ pub struct Live {
     /// While the revoke waits for the old credential to go unused: when its provider last saw
     /// it used (Unix seconds), as the last check reported.
     pub old_last_used: Option<i64>,
+    /// When the current credential stops working by itself: its public attribute `not_after`
+    /// (RFC 3339; a certificate's notAfter), if it has one.
+    pub expires_at: Option<i64>,
+}
+
+/// The attribute that dates a credential's expiry ([`Live::expires_at`]).
+pub const NOT_AFTER: &str = "not_after";
+
+impl Live {
+    /// When the current credential goes stale: `max_age` after its promotion, or at its expiry
+    /// if that comes first. A certificate is therefore stale at its notAfter at the latest.
+    pub fn stale_at(&self, spec: &CredentialSpec) -> Option<i64> {
+        let by_age = self.issued_at.map(|t| t.saturating_add(secs(spec.max_age)));
+        match (by_age, self.expires_at) {
+            (Some(age), Some(expiry)) => Some(age.min(expiry)),
+            (age, expiry) => age.or(expiry),
+        }
+    }
+
+    /// The max age in force, in seconds: `max_age`, shortened to end at the expiry. Metrics
+    /// export it, so the stale alert (`time() - issued > max_age`) fires at the expiry.
+    pub fn max_age_secs(&self, spec: &CredentialSpec) -> i64 {
+        match (self.issued_at, self.stale_at(spec)) {
+            (Some(issued), Some(stale)) => stale.saturating_sub(issued).max(0),
+            _ => secs(spec.max_age),
+        }
+    }
+
+    /// For a credential that expires, the latest time its rotation is due: before
+    /// [`Self::stale_at`] by the slack the schedule leaves for retries (`max_age -
+    /// rotate_every`), but by no more than a third of its lifetime, so that a certificate
+    /// shorter than that slack is renewed at two thirds of its life rather than at once, again
+    /// and again. A certificate Vault issued shorter than `max_age` is thus renewed in time.
+    fn renew_by(&self, spec: &CredentialSpec) -> Option<i64> {
+        self.expires_at?;
+        let (issued, stale) = (self.issued_at?, self.stale_at(spec)?);
+        let slack = secs(spec.max_age.saturating_sub(spec.period));
+        let lead = slack.min(stale.saturating_sub(issued).max(0) / 3);
+        Some(stale.saturating_sub(lead))
+    }
+}
+
+/// The expiry a record's current attributes state ([`NOT_AFTER`]).
+fn expiry(record: &CredentialRecord) -> Option<i64> {
+    let text = record.current_attrs.as_ref()?.get(NOT_AFTER)?;
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp())
 }
 
 /// One inventory entry and its live view, as borrowed from the [`Table`].
@@ -181,13 +229,18 @@ pub fn live_view(
             }
         }
     };
-    Live {
+    let mut live = Live {
         status: record.status,
         issued_at: record.issued_at,
         consecutive_failures: record.consecutive_failures,
         wake,
         old_last_used: None,
+        expires_at: expiry(record),
+    };
+    if let (Status::Idle, None, Some(renew_by)) = (record.status, open, live.renew_by(spec)) {
+        live.wake = Some(live.wake.map_or(renew_by, |w| w.min(renew_by)));
     }
+    live
 }
 
 /// The live view of a credential after an engine run that ended with `outcome` and left

@@ -422,3 +422,35 @@ fn the_sleep_is_capped_and_never_negative() {
     assert_eq!(until(Some(i64::MAX), now_ms), super::MAX_SLEEP);
     assert_eq!(until(None, now_ms), super::MAX_SLEEP);
 }
+
+#[test]
+fn a_credential_with_a_not_after_is_stale_at_it_and_due_before_it() {
+    let spec = every("tls", Duration::from_secs(30 * DAY));
+    let issued = at(2026, 1, 1, 0, 0);
+    let live = |expiry: Option<&str>| {
+        let mut record = rotated("tls", issued);
+        record.current_attrs = expiry.map(|t| {
+            [("not_after".to_owned(), t.to_owned())]
+                .into_iter()
+                .collect()
+        });
+        super::live_view(&spec, &record, None, issued.timestamp())
+    };
+    let day = DAY as i64;
+    // No expiry: max_age (90 d) and rotate_every (30 d) as configured.
+    let plain = live(None);
+    assert_eq!(plain.stale_at(&spec), Some(issued.timestamp() + 90 * day));
+    assert_eq!(plain.wake, Some(issued.timestamp() + 30 * day));
+    // Expires after 70 d: stale then, due 60 d (the slack) earlier, capped at a third of its
+    // life: at 70 - 70/3 d.
+    let long = live(Some("2026-03-12T00:00:00Z"));
+    assert_eq!(long.stale_at(&spec), Some(issued.timestamp() + 70 * day));
+    assert_eq!(long.max_age_secs(&spec), 70 * day);
+    assert_eq!(long.wake, Some(issued.timestamp() + 30 * day));
+    // Expires after 3 d: due at 2 d, not at 30 d, and not again and again at once.
+    let short = live(Some("2026-01-04T00:00:00Z"));
+    assert_eq!(short.stale_at(&spec), Some(issued.timestamp() + 3 * day));
+    assert_eq!(short.wake, Some(issued.timestamp() + 2 * day));
+    // An unreadable not_after is no expiry.
+    assert_eq!(live(Some("soon")).wake, plain.wake);
+}

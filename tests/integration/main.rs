@@ -36,5 +36,6 @@ mod status;
 mod store_locations;
 mod support;
 mod systemd_notify;
+mod vault_creds;
 mod vault_e2e;
 mod vault_kv;

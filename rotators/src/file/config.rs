@@ -29,7 +29,9 @@ pub struct FileConfig {
     /// Group of the file, a group name or a numeric gid; by default the service user's.
     #[serde(default)]
     pub group: Option<String>,
-    /// `raw`: the file holds the secret alone; `json`: an object with the secret and attributes.
+    /// `raw`: the file holds the secret alone; `json`: an object with the secret and attributes;
+    /// `pem_bundle`: a certificate, its chain and its private key as PEM (for
+    /// `vault_pki_certificate`).
     #[serde(default)]
     pub format: Encoding,
 }

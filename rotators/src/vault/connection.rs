@@ -290,7 +290,9 @@ impl VaultConnection {
     }
 }
 
-fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+pub(crate) fn optional_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
     timeouts::duration(d).map(Some)
 }
 

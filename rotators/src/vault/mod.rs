@@ -10,6 +10,8 @@
 //!   client they build (TLS CA and client certificate) and the token's lifetime.
 //! - [`reference`](mod@reference): `vault:MOUNT/PATH#field` secret references and their cache.
 //! - [`kv`]: the `vault_kv2` and `vault_kv1` stores.
+//! - [`approle`]: the `vault_approle_secret_id` rotator; [`pki`]: the `vault_pki_certificate`
+//!   rotator; `calls`: the plain JSON requests both send through the session's client.
 //!
 //! *Invariants:* plain `http://` only to loopback; the token lives only in the session (and,
 //! unavoidably, as a `String` inside `vaultrs`'s client, which is never `Debug`-printed); no
@@ -23,6 +25,10 @@ pub mod kv;
 mod login;
 pub mod reference;
 pub mod session;
+
+pub mod approle;
+mod calls;
+pub mod pki;
 
 pub use connection::{VaultAuth, VaultConnection};
 pub use session::VaultSession;

@@ -171,6 +171,12 @@ impl VaultSession {
             Err(e) => Err(classify("look up keyrotd's own Vault token", &e)),
         }
     }
+
+    /// A client of this connection that carries `token` instead of keyrotd's own (`""`: none),
+    /// for calls made as another identity (a rotator's test login).
+    pub(crate) fn client_with_token(&self, token: &str) -> Result<VaultClient, ProviderError> {
+        login::build(&self.connection, token)
+    }
 }
 
 /// The permanent error for a 403 that a fresh login did not cure.

@@ -17,6 +17,7 @@ mod http;
 mod postgres;
 mod postgres_pool;
 mod vault_auth;
+mod vault_creds;
 mod vault_kv;
 mod vault_session;
 mod vault_tls;
