@@ -8,6 +8,7 @@ use crate::support;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -182,7 +183,17 @@ impl Consumer {
                 dir = s.dir.path().display()
             ),
         );
-        let child = Command::new(script).spawn().unwrap();
+        let mut command = Command::new(script);
+        // A shell cannot trap a signal that was ignored when it started, and the test may run
+        // under `nohup` (SIGHUP ignored, inherited): the consumer gets SIGHUP's default back.
+        // SAFETY: pre_exec runs in the forked child; signal() is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::signal(libc::SIGHUP, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let child = command.spawn().unwrap();
         assert!(wait_until(Duration::from_secs(5), || s
             .path("consumer.pid")
             .exists()));
