@@ -98,6 +98,9 @@ pub enum ErrorClass {
     Permanent,
 }
 
+/// The code of a [`ProviderError::conflict`]; prefixed, so no provider's own code matches it.
+pub const CONFLICT: &str = "keyrotd:conflict";
+
 /// An error reported by a provider. The message says what the provider said; it must never
 /// contain secret material, and every constructor in this crate takes care of that.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +131,19 @@ impl ProviderError {
             code: None,
             message: message.into(),
         }
+    }
+
+    /// A store's refusal to promote because someone else changed the current value since the
+    /// stage (KV v2's `cas` mismatch): nothing was written, and no retry can succeed. The engine
+    /// rolls such a rotation back, the one failure after verification that does; the next
+    /// rotation starts from the other writer's value. Permanent, code [`CONFLICT`].
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::permanent(message).with_code(CONFLICT)
+    }
+
+    /// Whether this is a [`ProviderError::conflict`].
+    pub fn is_conflict(&self) -> bool {
+        self.class == ErrorClass::Permanent && self.code.as_deref() == Some(CONFLICT)
     }
 
     /// A call that got no answer within its deadline (a silent partition, a hung server):
@@ -350,5 +366,19 @@ mod tests {
         ] {
             assert!(!super::is_loopback_host(host), "{host}");
         }
+    }
+
+    #[test]
+    fn only_a_conflict_is_a_conflict() {
+        let conflict = super::ProviderError::conflict("written by someone else");
+        assert!(conflict.is_conflict());
+        assert_eq!(conflict.class, super::ErrorClass::Permanent);
+        // A provider's own code that happens to say "conflict" is not keyrotd's.
+        assert!(!super::ProviderError::permanent("409")
+            .with_code("conflict")
+            .is_conflict());
+        let mut transient = super::ProviderError::transient("x");
+        transient.code = Some(super::CONFLICT.into());
+        assert!(!transient.is_conflict());
     }
 }

@@ -2,8 +2,10 @@
 //! exponential backoff with jitter, or, once retries run out (or one confirmation retry of a
 //! permanent error), the credential marked failed until an operator rotates it by hand.
 //!
-//! Invariant: a failure at or after promotion never rolls back; the rotation keeps the failure
-//! that stopped it, even when rolling it back fails too.
+//! Invariant: a failure at or after promotion never rolls back, except a promotion the store
+//! refused as a conflict (someone else wrote the value since the stage: nothing was
+//! promoted); the rotation keeps the failure that stopped it, even when rolling it back fails
+//! too.
 
 use chrono::Utc;
 use keyrotd_plugin::ErrorClass;
@@ -74,9 +76,13 @@ impl Engine {
                 message.clone()
             }
         };
-        // Before verification nothing is promised to consumers: undo it. A rollback that fails
-        // itself stays in phase RollingBack and is resumed by the retry.
-        if phase.rolls_back_on_failure() {
+        // Before verification nothing is promised to consumers: undo it. Nor after it when the
+        // store refused the promotion for a value someone else wrote since the stage: nothing
+        // was promoted, and retrying can never succeed. A rollback that fails itself stays in
+        // phase RollingBack and is resumed by the retry.
+        let refused =
+            phase == Phase::Verified && err.step == Step::Promote && err.source.is_conflict();
+        if phase.rolls_back_on_failure() || refused {
             job.rotation.phase = Phase::RollingBack;
             self.save(job).await?;
             match self.roll_back(job).await {

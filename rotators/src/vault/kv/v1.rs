@@ -222,12 +222,11 @@ impl Store for Kv1Store {
         if !promoted {
             let base = object.remove(BASE_MEMBER);
             if base.as_ref().and_then(Value::as_str) != Some(&fingerprint(current.as_ref())) {
-                return Err(ProviderError::permanent(format!(
+                return Err(ProviderError::conflict(format!(
                     "{}: written by someone else since the stage; not overwritten, the \
-                     rotation is abandoned",
+                     rotation is rolled back",
                     self.api_path(path)
-                ))
-                .with_code("changed"));
+                )));
             }
             if let Some(current) = &current {
                 self.write(&self.sibling(PREVIOUS_SUFFIX), current).await?;

@@ -286,12 +286,11 @@ impl Store for Kv2Store {
                 let now = self.read(path).await?;
                 let version = now.as_ref().map_or(0, |(_, v)| *v);
                 if now.is_none_or(|(object, _)| rotation_of(&object) != Some(ours)) {
-                    return Err(ProviderError::permanent(format!(
+                    return Err(ProviderError::conflict(format!(
                         "{}: written by someone else since the stage (version {version}, keyrotd \
-                         staged on version {base}); not overwritten, the rotation is abandoned",
+                         staged on version {base}); not overwritten, the rotation is rolled back",
                         self.api_path("data", path)
-                    ))
-                    .with_code("cas"));
+                    )));
                 }
                 // This promotion happened before a crash or a lost answer.
             }
