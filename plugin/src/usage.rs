@@ -58,6 +58,30 @@ impl UsageReport {
         }
     }
 
+    /// The report for `what` (`old key AKIA…`), last used at `at` (`None`: never), judged
+    /// against `since`: a use at or after it means in use. `detail` is added to an in-use
+    /// reason (`service sts`).
+    pub fn from_last_use(
+        what: &str,
+        at: Option<SystemTime>,
+        since: SystemTime,
+        detail: Option<&str>,
+    ) -> Self {
+        let since_text = humantime::format_rfc3339_seconds(since);
+        match at {
+            Some(t) if t >= since => Self::new(
+                Usage::InUse,
+                match detail {
+                    Some(detail) => format!("{what} used since {since_text} ({detail})"),
+                    None => format!("{what} used since {since_text}"),
+                },
+            ),
+            Some(_) => Self::new(Usage::Unused, format!("{what} not used since {since_text}")),
+            None => Self::new(Usage::Unused, format!("{what} never used")),
+        }
+        .used_at(at)
+    }
+
     /// Attaches the last-used time.
     pub fn used_at(mut self, at: Option<SystemTime>) -> Self {
         self.last_used = at;

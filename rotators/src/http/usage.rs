@@ -7,7 +7,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use keyrotd_plugin::{Attrs, ProviderError, StepContext, Usage, UsageReport};
+use keyrotd_plugin::{Attrs, ProviderError, StepContext, UsageReport};
 use serde_json::Value;
 
 use super::client::status_error;
@@ -56,24 +56,12 @@ impl HttpRotator {
                 ))
             })?),
         };
-        Ok(match at {
-            Some(at) if at >= since => UsageReport::new(
-                Usage::InUse,
-                format!(
-                    "old key {id} used since {}",
-                    humantime::format_rfc3339_seconds(since)
-                ),
-            ),
-            Some(_) => UsageReport::new(
-                Usage::Unused,
-                format!(
-                    "old key {id} not used since {}",
-                    humantime::format_rfc3339_seconds(since)
-                ),
-            ),
-            None => UsageReport::new(Usage::Unused, format!("old key {id} never used")),
-        }
-        .used_at(at))
+        Ok(UsageReport::from_last_use(
+            &format!("old key {id}"),
+            at,
+            since,
+            None,
+        ))
     }
 }
 

@@ -69,23 +69,12 @@ impl IamAccessKeyRotator {
             SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos)
         });
         let service = used.map(|u| u.service_name()).unwrap_or("N/A");
-        Ok(match at {
-            Some(at) if at >= since => UsageReport::new(
-                Usage::InUse,
-                format!(
-                    "old key {id} used since {} (service {service})",
-                    humantime::format_rfc3339_seconds(since)
-                ),
-            ),
-            Some(_) => UsageReport::new(
-                Usage::Unused,
-                format!(
-                    "old key {id} not used since {}",
-                    humantime::format_rfc3339_seconds(since)
-                ),
-            ),
-            None => UsageReport::new(Usage::Unused, format!("old key {id} never used")),
-        }
-        .used_at(at))
+        let detail = format!("service {service}");
+        Ok(UsageReport::from_last_use(
+            &format!("old key {id}"),
+            at,
+            since,
+            Some(&detail),
+        ))
     }
 }
