@@ -262,9 +262,13 @@ async fn reloaded(
         match loaded {
             Ok(Ok(next))
                 if next.daemon.listen != current.daemon.listen
-                    || next.daemon.state != current.daemon.state =>
+                    || next.daemon.state != current.daemon.state
+                    || next.vault != current.vault =>
             {
-                warn!("reload refused: `listen` and `state` only change with a restart");
+                // The `[vault]` connection is process-wide (`vault:` references are read
+                // through it), and the new inventory's references were checked through the
+                // running one.
+                warn!("reload refused: `listen`, `state` and `[vault]` only change with a restart");
                 metrics.config.reloaded(false);
                 notifier.reload_refused();
             }

@@ -53,9 +53,12 @@ pub const CAPPED_TARGETS: &[&str] = &[
     "tower",
     "tower_http",
     "axum",
-    "vaultrs",
-    "rustify",
 ];
+
+/// Client libraries that log nothing at all: vaultrs and its transport log every failed call at
+/// ERROR (an expected 404 included), which keyrotd reports itself with its context, and their
+/// debug output holds request and response bodies.
+pub const SILENCED_TARGETS: &[&str] = &["vaultrs", "rustify"];
 
 /// The filter directives used when `KEYROTD_LOG` is unset (or not valid): INFO for keyrotd's own
 /// crates, WARN for every other crate.
@@ -85,6 +88,9 @@ where
         .fold(Targets::new().with_default(Level::TRACE), |t, target| {
             t.with_target(*target, LIBRARY_CAP)
         });
+    let cap = SILENCED_TARGETS.iter().fold(cap, |t, target| {
+        t.with_target(*target, tracing_subscriber::filter::LevelFilter::OFF)
+    });
     user.and(cap)
 }
 

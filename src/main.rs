@@ -159,6 +159,7 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
+    keep_loopback_off_proxies();
     let format = args.log_format.into();
     logging::init(format);
     let complain = |line: std::fmt::Arguments<'_>| complain(format, line);
@@ -169,6 +170,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // `vault:` references are read through the `[vault]` connection, as `aws-sm:` ones through
+    // the default AWS chain.
+    keyrotd_providers::resolve::set_vault_defaults(&inventory.vault);
     if let Command::Rotate { id, .. }
     | Command::Adopt { id }
     | Command::Policy { id: Some(id), .. } = &args.command
@@ -248,6 +252,40 @@ fn complain(format: logging::Format, line: std::fmt::Arguments<'_>) {
             let _ = writeln!(std::io::stderr(), "{line}");
         }
         logging::Format::Json => tracing::error!("{line}"),
+    }
+}
+
+/// The loopback addresses, for `NO_PROXY`.
+const LOOPBACK: &str = "localhost,127.0.0.0/8,::1";
+
+/// Keeps requests to loopback away from an HTTP proxy named in the environment (`HTTP_PROXY`,
+/// `HTTPS_PROXY`, `ALL_PROXY`). Every HTTP client keyrotd uses (reqwest: the `http` rotator,
+/// hooks, webhooks, and vaultrs's client, which keyrotd cannot configure) honours those and
+/// `NO_PROXY`. Plain `http://` is allowed only to loopback, on the grounds that no network sits
+/// between: a proxy would carry its tokens and secrets in clear text over one. HTTPS through a
+/// proxy is tunnelled end to end and stays allowed.
+fn keep_loopback_off_proxies() {
+    let proxied = [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|value| !value.is_empty()));
+    if !proxied {
+        return;
+    }
+    for name in ["NO_PROXY", "no_proxy"] {
+        let value = match std::env::var(name) {
+            Ok(existing) if !existing.trim().is_empty() => format!("{existing},{LOOPBACK}"),
+            _ => LOOPBACK.to_owned(),
+        };
+        // SAFETY (set_var is unsafe from the 2024 edition on): called before any other thread
+        // exists, before logging and the async runtime start.
+        std::env::set_var(name, value);
     }
 }
 

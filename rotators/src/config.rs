@@ -80,7 +80,7 @@ pub type VaultDefaults = crate::vault::VaultConnection;
 
 /// Without the `vault` feature, a `[vault]` table with any field is refused.
 #[cfg(not(feature = "vault"))]
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VaultDefaults {}
 

@@ -54,6 +54,10 @@ pub struct Inventory {
     pub credentials: Vec<CredentialSpec>,
     /// The `[alerts]` table (no channels: alerting off).
     pub alerts: AlertsConfig,
+    /// The `[vault]` table: the connection `vault:` references are read through, made current
+    /// by `keyrotd_providers::resolve::set_vault_defaults` once the inventory is adopted (a
+    /// daemon refuses a reload that changes it).
+    pub vault: keyrotd_providers::VaultDefaults,
 }
 
 /// The `[daemon]` table.
@@ -293,9 +297,7 @@ fn parse_from<R: std::io::BufRead>(
         aws: raw.aws,
         vault: v.vault(raw.vault),
     };
-    // `vault:` references are read through the `[vault]` connection, as `aws-sm:` ones through
-    // the default AWS chain: set once here, where the inventory is read.
-    keyrotd_providers::resolve::set_vault_defaults(&providers.vault);
+    let vault = providers.vault.clone();
     let defaults = v.defaults(&raw.defaults, providers);
     let alerts = v.alerts(raw.alerts);
     let mut credentials = Vec::with_capacity(sections + raw.credentials.len());
@@ -345,6 +347,7 @@ fn parse_from<R: std::io::BufRead>(
             daemon,
             credentials,
             alerts,
+            vault,
         })
     } else {
         Err(ConfigErrors(v.errors))

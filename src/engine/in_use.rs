@@ -102,7 +102,10 @@ impl Engine {
         job.rotation.revoke_at = Some(next);
         job.rotation.owner = None;
         job.rotation.lease_until = 0;
-        job.record.status = Status::RevokeDelayed;
+        // A check that answered is a success: failed checks before it no longer count towards
+        // `max_attempts`, and their alert resolves.
+        job.record.succeed(Status::RevokeDelayed);
+        self.clear(&job.spec.id, Condition::RevokeFailed);
         self.save(job).await?;
         Ok(Some(Outcome::RevokeDelayed {
             rotation: job.rotation.id.clone(),

@@ -5,7 +5,9 @@
 //!
 //! Invariants: no secret value reaches a hook's environment, arguments or error; a command's
 //! output is counted, never logged or returned (a consumer may print what it read); an attempt
-//! never outlives its timeout, nor does any process it started in its process group.
+//! never outlives its timeout: on timeout its whole process group is killed. A command that
+//! exits in time may leave processes behind (a service it restarted, which may not have left
+//! the group); keyrotd does not touch those.
 
 mod exec;
 #[cfg(feature = "http")]
@@ -67,7 +69,17 @@ pub async fn run(hook: &HookSpec, input: HookInput<'_>) -> Result<String, HookEr
             pid_file,
             name,
             number,
-        } => signal::send(pid_file, name, *number),
+        } => {
+            // Reading the pid file is blocking file I/O (a hung network filesystem): off the
+            // runtime's workers, and bounded by the hook's timeout.
+            let (path, name, number) = (pid_file.clone(), (*name).to_owned(), *number);
+            let send = tokio::task::spawn_blocking(move || signal::send(&path, &name, number));
+            match tokio::time::timeout(hook.timeout, send).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(e)) => Err(HookError::Failed(format!("signal hook: {e}"))),
+                Err(_) => Err(HookError::Timeout(hook.timeout)),
+            }
+        }
         HookAction::Http {
             method,
             url,

@@ -1,8 +1,10 @@
 //! `signal` hooks: the pid is read from a pid file that must be a regular file opened without
-//! following a symlink, hold one decimal number and name a process other than 0, 1 or a group.
+//! following a symlink, owned by root or by keyrotd's user and writable by nobody else, hold one
+//! decimal number and name a process other than 0, 1, a group or keyrotd itself. Anyone who
+//! could write the pid file could otherwise aim keyrotd's signal at any process.
 
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::HookError;
@@ -13,6 +15,12 @@ const MAX_PID_FILE: u64 = 64;
 /// Sends signal `number` (`name`) to the process named by `pid_file`.
 pub(super) fn send(pid_file: &Path, name: &str, number: i32) -> Result<String, HookError> {
     let pid = read_pid(pid_file).map_err(HookError::Failed)?;
+    if u32::try_from(pid).ok() == Some(std::process::id()) {
+        return Err(HookError::Failed(format!(
+            "pid file {} names keyrotd itself: refused",
+            pid_file.display()
+        )));
+    }
     // SAFETY: kill(2) with a positive pid (checked > 1) and an allowed signal number.
     if unsafe { libc::kill(pid, number) } != 0 {
         let e = std::io::Error::last_os_error();
@@ -39,10 +47,27 @@ fn read_pid(path: &Path) -> Result<i32, String> {
     if !meta.file_type().is_file() {
         return Err(format!("pid file {shown} is not a regular file: refused"));
     }
+    // SAFETY: geteuid(2) has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(format!(
+            "pid file {shown} is owned by uid {}, neither root nor keyrotd's user: refused",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "pid file {shown} is writable by its group or others (mode {:o}): refused",
+            meta.mode() & 0o7777
+        ));
+    }
     let mut text = String::new();
-    file.take(MAX_PID_FILE)
+    file.take(MAX_PID_FILE + 1)
         .read_to_string(&mut text)
         .map_err(|_| format!("pid file {shown} does not hold a pid"))?;
+    if text.len() as u64 > MAX_PID_FILE {
+        return Err(format!("pid file {shown} is longer than a pid: refused"));
+    }
     parse_pid(&text).ok_or_else(|| format!("pid file {shown} does not hold a pid greater than 1"))
 }
 

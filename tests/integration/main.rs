@@ -30,6 +30,7 @@ mod packaging;
 mod policy;
 mod postgres_e2e;
 mod prometheus_rules_live;
+mod proxy;
 mod scrapes;
 mod state_loss;
 mod status;

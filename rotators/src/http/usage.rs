@@ -7,7 +7,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use keyrotd_plugin::{Attrs, ProviderError, StepContext, UsageReport};
+use keyrotd_plugin::{Attrs, ProviderError, StepContext, Usage, UsageReport};
 use serde_json::Value;
 
 use super::client::status_error;
@@ -37,6 +37,17 @@ impl HttpRotator {
         };
         let token = self.admin_token("last_used").await?;
         let answer = self.send(request, &vars, token).await?;
+        // Gone, as `revoke` counts it: a revoke that went through before a crash must not leave
+        // the check failing for good.
+        if matches!(answer.status.as_u16(), 404 | 410) {
+            return Ok(UsageReport::new(
+                Usage::Unused,
+                format!(
+                    "old key {id} no longer exists (HTTP {})",
+                    answer.status.as_u16()
+                ),
+            ));
+        }
         if !answer.status.is_success() {
             return Err(status_error("last_used", answer.status));
         }
@@ -68,7 +79,9 @@ impl HttpRotator {
 /// A time written as RFC 3339 in UTC or as (fractional) Unix seconds.
 fn timestamp(value: &Value) -> Option<SystemTime> {
     match value {
-        Value::String(s) => humantime::parse_rfc3339_weak(s).ok(),
+        // Strict: a time without a zone (`2026-11-30 03:28:09`) could be local time, and
+        // reading it as UTC could revoke a key still in use.
+        Value::String(s) => humantime::parse_rfc3339(s).ok(),
         Value::Number(n) => n
             .as_f64()
             .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e12)

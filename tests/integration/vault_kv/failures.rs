@@ -205,3 +205,26 @@ fn kv2_without_update_on_the_secret_promote_is_denied() {
 fn kv1_without_create_on_the_previous_path_promote_is_denied() {
     denied(1, "promote", "MOUNT/PATH.previous", "create");
 }
+
+/// The secret's latest version soft-deleted (`bao kv delete`), and a stale staged copy too: its
+/// version still counts for the check-and-set, so the rotation writes over it instead of
+/// failing as if someone else had written.
+#[test]
+#[ignore = "needs the test backends: run tests/run.sh"]
+fn kv2_a_soft_deleted_latest_version_is_rotated_over() {
+    let fx = Fixture::new(2, "deleted", "", "");
+    let mut hung = fx.rotate_until("verify:start");
+    hung.kill().unwrap();
+    hung.wait().unwrap();
+    let mount = format!("-mount={}", fx.mount);
+    fx.bao.bao(&["kv", "delete", &mount, &fx.path]);
+    fx.bao
+        .bao(&["kv", "delete", &mount, &format!("{}.pending", fx.path)]);
+    // The interrupted rotation rolls back; the next one starts from no value at all.
+    let _ = fx.rotate();
+    let out = fx.rotate();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (fresh, writer, _) = fx.latest();
+    assert!(fresh != fx.p0, "a new value is current");
+    assert!(writer.is_some(), "written by keyrotd");
+}

@@ -94,6 +94,28 @@ impl Kv2Store {
         }
     }
 
+    /// The number of `path`'s latest version even when that version is deleted (soft-deleted
+    /// versions read as 404 but still count for `cas`); 0 when `path` has no versions.
+    async fn latest_version(&self, path: &str) -> Result<u64, ProviderError> {
+        let what = format!(
+            "read {} (capability `read`)",
+            self.api_path("metadata", path)
+        );
+        let (mount, path) = (self.config.mount().to_owned(), path.to_owned());
+        let metadata = self
+            .session
+            .call(&what, self.config.timeouts(), |client| {
+                let (mount, path) = (mount.clone(), path.clone());
+                async move { vaultrs::kv2::read_metadata(&*client, &mount, &path).await }
+            })
+            .await;
+        match metadata {
+            Ok(metadata) => Ok(metadata.current_version),
+            Err(e) if is_not_found(&e) => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Writes `object` as the next version of `path`, accepted only if the latest is `cas`.
     async fn write(
         &self,
@@ -195,10 +217,10 @@ impl Store for Kv2Store {
             .need(self.rule(
                 "metadata",
                 &pending,
-                &["delete"],
-                &["promote", "discard", "release_previous"],
+                &["read", "delete"],
+                &["stage", "promote", "discard", "release_previous"],
             ))
-            .need(self.rule("metadata", path, &["read"], &["release_previous"]))
+            .need(self.rule("metadata", path, &["read"], &["stage", "release_previous"]))
             .need(self.rule("destroy", path, &["update"], &["release_previous"]))
     }
 
@@ -216,10 +238,12 @@ impl Store for Kv2Store {
     }
 
     async fn stage(&self, ctx: StepContext<'_>, new: &Credential) -> Result<(), ProviderError> {
-        let (base, version) = self
-            .read(self.config.secret_path())
-            .await?
-            .unwrap_or_default();
+        let path = self.config.secret_path();
+        let (base, version) = match self.read(path).await? {
+            Some(found) => found,
+            // No value, or its latest version deleted: promote's `cas` is that version.
+            None => (Map::new(), self.latest_version(path).await?),
+        };
         let mut object = encode(base, field(&self.config, &ctx), new, ctx.rotation_id);
         object.insert(CAS_MEMBER.into(), Value::String(version.to_string()));
         let pending = self.pending_path();
@@ -240,8 +264,11 @@ impl Store for Kv2Store {
                 );
                 self.write(&pending, &object, stale).await
             }
-            // Deleted in between: try once more from scratch.
-            None => self.write(&pending, &object, 0).await,
+            // Deleted (or soft-deleted) in between: write over its latest version.
+            None => {
+                let latest = self.latest_version(&pending).await?;
+                self.write(&pending, &object, latest).await
+            }
         }
     }
 
