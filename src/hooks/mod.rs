@@ -94,7 +94,10 @@ pub async fn run(hook: &HookSpec, input: HookInput<'_>) -> Result<String, HookEr
                     headers,
                     secret_headers,
                 };
-                http::send(&request, hook.timeout).await
+                // One deadline for the whole attempt: reading the secret headers and the request.
+                tokio::time::timeout(hook.timeout, http::send(&request, hook.timeout))
+                    .await
+                    .unwrap_or(Err(HookError::Timeout(hook.timeout)))
             }
             // Refused at load time without the feature.
             #[cfg(not(feature = "http"))]

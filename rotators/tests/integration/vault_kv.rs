@@ -169,3 +169,42 @@ async fn a_server_that_is_not_there_is_transient() {
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 }
+
+/// A promotion that happened, then a crash before its staged copy was deleted, then someone
+/// else's write: re-running promote finds its own value in the version after the staged one and
+/// stands, rather than calling it a conflict (which would roll back, revoking what consumers may
+/// have read).
+#[tokio::test]
+#[ignore = "needs the test backends: run tests/run.sh"]
+async fn kv2_a_rerun_promote_after_a_later_foreign_write_is_not_a_conflict() {
+    let (bao, mount, path, dir) = setup(2);
+    let store = store(2, &bao.addr, &mount, &path, dir.path());
+    store.stage(ctx("r1"), &credential("new")).await.unwrap();
+    let pending = format!("{path}.pending");
+    let staged = bao.bao_json(&["kv", "get", &format!("-mount={mount}"), &pending]);
+    store.promote(ctx("r1")).await.unwrap();
+    // As if the crash came before the staged copy was deleted; then someone writes.
+    let fields: Vec<String> = staged["data"]["data"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
+        .collect();
+    let mut args = vec!["kv", "put"];
+    let mount_arg = format!("-mount={mount}");
+    args.push(&mount_arg);
+    args.push(&pending);
+    args.extend(fields.iter().map(String::as_str));
+    bao.bao(&args);
+    bao.bao(&["kv", "put", &mount_arg, &path, "password=theirs"]);
+    store
+        .promote(ctx("r1"))
+        .await
+        .expect("the promotion stands");
+    assert_eq!(current(&*store).await, "theirs", "never overwritten");
+    // A rotation that never promoted is a conflict.
+    store.stage(ctx("r2"), &credential("newer")).await.unwrap();
+    bao.bao(&["kv", "put", &mount_arg, &path, "password=again"]);
+    let error = store.promote(ctx("r2")).await.unwrap_err();
+    assert!(error.is_conflict(), "{error}");
+}

@@ -66,6 +66,16 @@ impl Kv2Store {
 
     /// The latest version of `path` and its number; `None` when there is none.
     async fn read(&self, path: &str) -> Result<Option<(Map<String, Value>, u64)>, ProviderError> {
+        self.read_version(path, None).await
+    }
+
+    /// Version `version` of `path` (`None`: the latest) and its number; `None` when there is
+    /// none or it is deleted.
+    async fn read_version(
+        &self,
+        path: &str,
+        version: Option<u64>,
+    ) -> Result<Option<(Map<String, Value>, u64)>, ProviderError> {
         let what = format!("read {} (capability `read`)", self.api_path("data", path));
         let (mount, path) = (self.config.mount().to_owned(), path.to_owned());
         let read = self
@@ -74,6 +84,7 @@ impl Kv2Store {
                 let endpoint = ReadSecretRequest::builder()
                     .mount(mount.clone())
                     .path(path.clone())
+                    .version(version)
                     .build();
                 async move {
                     let endpoint = endpoint.expect("mount and path are set");
@@ -312,7 +323,21 @@ impl Store for Kv2Store {
             Err(e) if is_cas_mismatch(&e) => {
                 let now = self.read(path).await?;
                 let version = now.as_ref().map_or(0, |(_, v)| *v);
-                if now.is_none_or(|(object, _)| rotation_of(&object) != Some(ours)) {
+                // Ours if the latest is ours, or if the version right after the staged one is:
+                // this promotion happened (before a crash or a lost answer) and someone wrote
+                // after it. Rolling that back would revoke what consumers may have read.
+                let ours_next = || async {
+                    let next = self
+                        .read_version(path, Some(base.saturating_add(1)))
+                        .await?;
+                    Ok::<_, ProviderError>(
+                        next.is_some_and(|(object, _)| rotation_of(&object) == Some(ours)),
+                    )
+                };
+                let latest_ours = now
+                    .as_ref()
+                    .is_some_and(|(object, _)| rotation_of(object) == Some(ours));
+                if !latest_ours && !ours_next().await? {
                     return Err(ProviderError::conflict(format!(
                         "{}: written by someone else since the stage (version {version}, keyrotd \
                          staged on version {base}); not overwritten, the rotation is rolled back",
