@@ -304,7 +304,10 @@ mod tests {
                     "kv/team/data/app/db.pending".into(),
                     vec!["create", "read", "update"]
                 ),
-                ("kv/team/metadata/app/db.pending".into(), vec!["read", "delete"]),
+                (
+                    "kv/team/metadata/app/db.pending".into(),
+                    vec!["read", "delete"]
+                ),
                 ("kv/team/metadata/app/db".into(), vec!["read"]),
                 ("kv/team/destroy/app/db".into(), vec!["update"]),
             ]
