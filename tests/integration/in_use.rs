@@ -249,6 +249,39 @@ fn in_use_http_a_failing_check_is_retried_and_never_revokes() {
     );
 }
 
+/// A check that fails, then one that answers "in use": the answer is a success, so the failure
+/// before it no longer counts towards `max_attempts` (else scattered provider errors during a
+/// long wait would mark the credential failed) and its alert resolves.
+#[test]
+fn in_use_http_an_answered_check_resets_earlier_check_failures() {
+    let s = Setup::new("");
+    let mut consumer = None;
+    let (k1, _, _) =
+        s.promote_second_key(|key| consumer = Some(Consumer::start(s.api.port(), key)));
+    let mut daemon = s.start();
+    let waiting = |s: &Setup| s.status()["state"] == "revoke_delayed";
+    assert!(
+        wait_until(Duration::from_secs(20), || waiting(&s)),
+        "{}",
+        s.status()
+    );
+    s.api.lock().fail_key_info = true;
+    let failed = wait_until(Duration::from_secs(20), || {
+        s.status()["consecutive_failures"].as_u64() >= Some(1)
+    });
+    assert!(failed, "{}\n{}", s.status(), daemon.log_text());
+    s.api.lock().fail_key_info = false;
+    let answered = wait_until(Duration::from_secs(20), || {
+        let status = s.status();
+        waiting(&s) && status["consecutive_failures"].as_u64() == Some(0)
+    });
+    assert!(answered, "{}\n{}", s.status(), daemon.log_text());
+    assert!(s.status()["last_error"].is_null(), "{}", s.status());
+    assert!(!s.api.revoked(&k1), "still in use: not revoked");
+    consumer.take().unwrap().stop();
+    assert_eq!(daemon.terminate(Duration::from_secs(10)).code(), Some(0));
+}
+
 #[test]
 fn in_use_http_on_max_revoke_delay_revoke_revokes_a_key_still_in_use() {
     let s = Setup::new("max_revoke_delay = \"2s\"\non_max_revoke_delay = \"revoke\"");
