@@ -32,14 +32,39 @@ fn a_pid_file_that_is_not_a_plain_pid_in_a_regular_file_is_refused() {
         (s.path("huge.pid"), "does not hold a pid greater than 1"),
         (s.path("garbage.pid"), "does not hold a pid greater than 1"),
         (s.path("missing.pid"), "No such file"),
+        (s.path("writable.pid"), "is writable by its group or others"),
+        (s.path("padded.pid"), "is longer than a pid: refused"),
+        (s.path("self.pid"), "names keyrotd itself: refused"),
     ];
+    // Anyone may write it: anyone could aim keyrotd's signal at any process.
+    std::fs::write(s.path("writable.pid"), victim.id().to_string()).unwrap();
+    std::fs::set_permissions(
+        s.path("writable.pid"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    // Cut at 64 bytes, this would read as the pid of the victim.
+    std::fs::write(
+        s.path("padded.pid"),
+        format!("{}{}7", " ".repeat(60), victim.id()),
+    )
+    .unwrap();
+    // keyrotd's own pid: written by an exec hook that runs first (its shell's parent).
     std::fs::write(s.path("one.pid"), "1\n").unwrap();
     std::fs::write(s.path("minus.pid"), "-1\n").unwrap();
     std::fs::write(s.path("huge.pid"), format!("{}\n", u64::MAX)).unwrap();
     std::fs::write(s.path("garbage.pid"), format!("{} 7", victim.id())).unwrap();
     for (pid_file, want) in cases {
+        let first = if pid_file.ends_with("self.pid") {
+            format!(
+                "[[credential.hook]]\nkind = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", \"echo $PPID > {}\"]\n\n",
+                pid_file.display()
+            )
+        } else {
+            String::new()
+        };
         let hooks = format!(
-            "[[credential.hook]]\nkind = \"signal\"\npid_file = \"{}\"\nsignal = \"TERM\"\nretry = {{ max_attempts = 1 }}\n",
+            "{first}[[credential.hook]]\nkind = \"signal\"\npid_file = \"{}\"\nsignal = \"TERM\"\nretry = {{ max_attempts = 1 }}\n",
             pid_file.display()
         );
         std::fs::write(s.config(), format!("{text0}\n{hooks}")).unwrap();
