@@ -21,9 +21,11 @@ pub struct EngineMetrics {
     pub state_mismatch: IntGaugeVec,
     /// `keyrotd_hook_runs_total{credential,kind,result}`: delivery hook attempts.
     pub hook_runs: IntCounterVec,
-    /// `keyrotd_hook_last_failure_timestamp_seconds{credential,kind}`: when a hook last failed.
+    /// `keyrotd_hook_last_failure_timestamp_seconds{credential,kind,hook}`: when a hook (`hook`:
+    /// `promote:0`, when it runs and its index) last failed.
     pub hook_last_failure: IntGaugeVec,
-    /// `keyrotd_hook_last_success_timestamp_seconds{credential,kind}`: when a hook last succeeded.
+    /// `keyrotd_hook_last_success_timestamp_seconds{credential,kind,hook}`: when a hook last
+    /// succeeded.
     pub hook_last_success: IntGaugeVec,
 }
 
@@ -71,16 +73,16 @@ impl EngineMetrics {
         let hook_last_failure = IntGaugeVec::new(
             prometheus::Opts::new(
                 "keyrotd_hook_last_failure_timestamp_seconds",
-                "When a delivery hook of the credential last failed (Unix seconds).",
+                "When a delivery hook of the credential last failed (Unix seconds); hook is when it runs and its index (promote:0).",
             ),
-            &["credential", "kind"],
+            &["credential", "kind", "hook"],
         )?;
         let hook_last_success = IntGaugeVec::new(
             prometheus::Opts::new(
                 "keyrotd_hook_last_success_timestamp_seconds",
-                "When a delivery hook of the credential last succeeded (Unix seconds).",
+                "When a delivery hook of the credential last succeeded (Unix seconds); hook is when it runs and its index (promote:0).",
             ),
-            &["credential", "kind"],
+            &["credential", "kind", "hook"],
         )?;
         registry.register(Box::new(hook_runs.clone()))?;
         registry.register(Box::new(hook_last_failure.clone()))?;

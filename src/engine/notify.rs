@@ -57,7 +57,8 @@ impl Engine {
             if settled.contains(&label) {
                 continue;
             }
-            match self.run_hook(job, hook, &label).await {
+            let slot = format!("{}:{index}", when.as_str());
+            match self.run_hook(job, hook, &label, &slot).await {
                 Ok(()) => {}
                 Err(Failure::Step(e))
                     if when == HookWhen::Promote && spec.revoke_after_hook_failure =>
@@ -86,6 +87,7 @@ impl Engine {
         job: &mut Job<'_>,
         hook: &HookSpec,
         label: &str,
+        slot: &str,
     ) -> Result<(), Failure> {
         let (id, kind) = (job.spec.id.clone(), hook.action.kind());
         let no_attrs = Attrs::new();
@@ -112,13 +114,19 @@ impl Engine {
                 Ok(summary) => {
                     // The `ok` line is durable before anything reports it.
                     self.flush(job).await?;
-                    self.count_hook(&id, kind, "ok", now);
+                    self.count_hook(&id, kind, slot, "ok", now);
                     info!(credential = %id, rotation = %job.rotation.id, hook = %label, result = %summary, "delivery hook ok");
                     return Ok(());
                 }
                 Err(Failure::Step(e)) => {
                     let timeout = e.source.code.as_deref() == Some("timeout");
-                    self.count_hook(&id, kind, if timeout { "timeout" } else { "error" }, now);
+                    self.count_hook(
+                        &id,
+                        kind,
+                        slot,
+                        if timeout { "timeout" } else { "error" },
+                        now,
+                    );
                     warn!(credential = %id, rotation = %job.rotation.id, hook = %label, attempt, error = %e.source, "delivery hook failed");
                     if attempt >= hook.retry.max_attempts {
                         return Err(Failure::Step(e));
@@ -142,7 +150,9 @@ impl Engine {
         }
     }
 
-    fn count_hook(&self, credential: &str, kind: &str, result: &str, now: i64) {
+    /// Counts one attempt; the gauges are per hook (`slot`: `promote:0`), so that one failing
+    /// hook is not hidden by another of the same kind that succeeds.
+    fn count_hook(&self, credential: &str, kind: &str, slot: &str, result: &str, now: i64) {
         let m = &self.metrics;
         m.hook_runs
             .with_label_values(&[credential, kind, result])
@@ -152,7 +162,7 @@ impl Engine {
         } else {
             &m.hook_last_failure
         };
-        gauge.with_label_values(&[credential, kind]).set(now);
+        gauge.with_label_values(&[credential, kind, slot]).set(now);
     }
 
     /// Appends one `notify` line now (a hook given up).

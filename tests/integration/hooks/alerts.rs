@@ -59,7 +59,7 @@ async fn a_failing_hook_raises_hook_failed_and_resolves_it_once_the_hook_works()
         metrics
             .contains("keyrotd_hook_runs_total{credential=\"api\",kind=\"exec\",result=\"error\"}")
             && metrics.contains(
-                "keyrotd_hook_last_failure_timestamp_seconds{credential=\"api\",kind=\"exec\"}"
+                "keyrotd_hook_last_failure_timestamp_seconds{credential=\"api\",hook=\"promote:0\",kind=\"exec\"}"
             ),
         "{metrics}"
     );
