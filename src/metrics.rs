@@ -219,13 +219,7 @@ fn waiting(live: &Live) -> bool {
 /// period after the promotion.
 fn revoke_deadline(slot: &Slot<'_>, live: &Live) -> Option<i64> {
     let promoted = live.issued_at.filter(|_| waiting(live))?;
-    let (grace, max_delay) = (slot.spec.grace, slot.spec.revoke.max_delay);
-    Some(
-        promoted
-            .saturating_add(crate::schedule::secs(grace))
-            .saturating_add(i64::from(grace.subsec_nanos() > 0))
-            .saturating_add(crate::schedule::secs(max_delay)),
-    )
+    Some(slot.spec.revoke.deadline(promoted, slot.spec.grace))
 }
 
 /// Whether the credential is older than its `max_age` (a `max_age` of 0 never is), or past

@@ -7,8 +7,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 
 use crate::config::{CredentialSpec, Inventory};
-use crate::engine::hook_label;
+use crate::engine::{hook_label, hook_of};
 use crate::fmt::time;
+use crate::protocol::Step;
 use crate::state::StateStore;
 
 /// How many recent rotations are searched for a hook's latest line.
@@ -48,12 +49,8 @@ pub(super) async fn latest(
         let label = hook_label(hook.when, i, hook.action.kind());
         let found = history.iter().find_map(|(rotation, steps)| {
             let step = steps.iter().rev().find(|s| {
-                s.step == "notify"
-                    && s.detail.as_deref().is_some_and(|d| {
-                        d == label
-                            || d.strip_prefix(label.as_str())
-                                .is_some_and(|r| r.starts_with(": "))
-                    })
+                s.step == Step::Notify.as_str()
+                    && s.detail.as_deref().is_some_and(|d| hook_of(d) == label)
             })?;
             Some((rotation.id.clone(), step))
         });

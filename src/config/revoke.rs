@@ -54,6 +54,18 @@ pub struct RevokePolicy {
     pub min_quiet: Duration,
 }
 
+impl RevokePolicy {
+    /// When `max_revoke_delay` passes for a rotation promoted at `promoted` (Unix seconds) with
+    /// `grace`: the end of the grace period (a fraction of a second rounds up, as `revoke_at`
+    /// does) plus the delay.
+    pub fn deadline(&self, promoted: i64, grace: Duration) -> i64 {
+        promoted
+            .saturating_add(crate::schedule::secs(grace))
+            .saturating_add(i64::from(grace.subsec_nanos() > 0))
+            .saturating_add(crate::schedule::secs(self.max_delay))
+    }
+}
+
 impl Default for RevokePolicy {
     fn default() -> Self {
         Self {

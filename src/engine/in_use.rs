@@ -76,11 +76,7 @@ impl Engine {
             info!(credential = %job.spec.id, rotation = %job.rotation.id, reason = %report.reason, "old credential unused; revoking it");
             return Ok(None);
         };
-        let grace = job.spec.grace;
-        let grace_end = promoted
-            .saturating_add(secs(grace))
-            .saturating_add(i64::from(grace.subsec_nanos() > 0));
-        let deadline = grace_end.saturating_add(secs(policy.max_delay));
+        let deadline = policy.deadline(promoted, job.spec.grace);
         if now >= deadline {
             let summary = format!(
                 "the old credential is still not revocable {} after the grace period ended ({why})",

@@ -55,7 +55,7 @@ use lease::Taken;
 
 pub use in_use::waiting_reason;
 pub use metrics::EngineMetrics;
-pub use notify::hook_label;
+pub use notify::{hook_label, hook_of};
 
 /// How long a rotation's lease lasts; renewed at every step.
 const LEASE: Duration = Duration::from_secs(300);

@@ -35,6 +35,12 @@ pub fn hook_label(when: HookWhen, index: usize, kind: &str) -> String {
     format!("{} hook {index} ({kind})", when.as_str())
 }
 
+/// The hook a `notify` line's detail names: the label itself (`start`, `ok`), or the label
+/// before `: ` and the error or reason (`error`, `skip`).
+pub fn hook_of(detail: &str) -> &str {
+    detail.split_once(": ").map_or(detail, |(label, _)| label)
+}
+
 impl Engine {
     /// Runs the `when` hooks this rotation has not settled yet, in order. Returns the first
     /// failure (after the hook's own attempts), unless `revoke_after_hook_failure` lets the
@@ -191,11 +197,8 @@ impl Engine {
         Ok(steps
             .into_iter()
             .filter(|s| s.step == Step::Notify.as_str())
-            .filter_map(|s| match (s.event.as_str(), s.detail) {
-                ("ok", Some(d)) => Some(d),
-                ("skip", Some(d)) => d.split_once(": ").map(|(label, _)| label.to_owned()),
-                _ => None,
-            })
+            .filter(|s| matches!(s.event.as_str(), "ok" | "skip"))
+            .filter_map(|s| s.detail.as_deref().map(|d| hook_of(d).to_owned()))
             .collect())
     }
 }

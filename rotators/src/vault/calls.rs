@@ -89,16 +89,21 @@ pub(crate) fn or_missing<T>(result: Result<T, ClientError>) -> Result<Option<T>,
     }
 }
 
-/// Checks a mount path written in the configuration (`approle`, `team/pki`): parts of letters,
-/// digits and `-_.`, separated by single `/`. The error starts with `field`.
+/// Checks a mount path written in the configuration (`approle`, `team/pki`). The error starts
+/// with `field`.
 pub(crate) fn check_mount(field: &str, mount: &str) -> Result<(), String> {
-    let valid = !mount.is_empty() && mount.split('/').all(|part| check_part(part).is_ok());
-    if valid {
+    check_path(field, mount, "a mount path")
+}
+
+/// Checks a Vault path (a mount, a namespace, a secret's path): parts of letters, digits and
+/// `-_.`, no `.`/`..` part, separated by single `/`. The error starts with `field` and calls
+/// the value `what` (`a mount path`).
+pub(crate) fn check_path(field: &str, value: &str, what: &str) -> Result<(), String> {
+    if !value.is_empty() && value.split('/').all(|part| check_part(part).is_ok()) {
         Ok(())
     } else {
         Err(format!(
-            "{field}: `{mount}` is not a mount path (letters, digits, `-_.`, parts separated by \
-             `/`, no leading or trailing `/`)"
+            "{field}: `{value}` is not {what} (letters, digits, `-_.`, parts separated by `/`)"
         ))
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use keyrotd_plugin::reference::SecretRef;
 use serde::Deserialize;
 
+use super::calls::check_path;
 use crate::timeouts;
 
 /// A Vault connection as written: every field optional, so that a credential's `vault` table
@@ -246,26 +247,6 @@ fn check_address(address: &str) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// A Vault path: parts of letters, digits and `-_.` separated by `/`.
-fn check_path(field: &str, value: &str, what: &str) -> Result<(), String> {
-    let valid = !value.is_empty()
-        && value.split('/').all(|part| {
-            !part.is_empty()
-                && part
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                && part != "."
-                && part != ".."
-        });
-    if valid {
-        Ok(())
-    } else {
-        Err(format!(
-            "{field}: `{value}` is not {what} (letters, digits, `-_.`, parts separated by `/`)"
-        ))
-    }
 }
 
 impl VaultConnection {

@@ -250,15 +250,14 @@ async fn jwt_login_with_a_locally_signed_token_reread_at_each_login() {
     bao.bao(&["token", "revoke", "-accessor", &first]);
     assert_eq!(read_value(&session, &path).await.unwrap(), "jwt-visible");
 
-    // A JWT for another audience is refused, permanently, without showing it.
+    // A JWT for another audience is refused, permanently, without showing it. The same session
+    // reads the file again at its next login: a session that kept the first JWT in memory
+    // would log in again with it and succeed.
     let other = key.sign("system:serviceaccount:ops:keyrotd", "someone-else");
     std::fs::write(&jwt_file, &other).unwrap();
-    let refused = VaultSession::shared(&VaultConnection {
-        request_timeout: Some(Duration::from_secs(7)),
-        ..connection
-    })
-    .unwrap();
-    let error = read_value(&refused, &path).await.unwrap_err();
+    let second = accessor(&session).await;
+    bao.bao(&["token", "revoke", "-accessor", &second]);
+    let error = read_value(&session, &path).await.unwrap_err();
     assert_eq!(error.class, ErrorClass::Permanent, "{error}");
     assert!(error.message.contains("Vault login (JWT role"), "{error}");
     assert_hidden(&error, &[&other, &jwt, &rotated]);
@@ -319,24 +318,30 @@ async fn vault_references_read_kv2_and_kv1_and_are_cached_for_the_configured_tim
     let dir = tempfile::tempdir().unwrap();
     let secret_id = approle.secret_id(&bao);
     let mut connection = approle.connection(&bao, dir.path(), &secret_id, false);
-    connection.reference_cache = Some(Duration::from_secs(2));
+    connection.reference_cache = Some(Duration::from_secs(5));
     connection.reference_kv1_mounts = Some(vec![kv1.clone()]);
     reference::set_default(&connection);
 
     let r: SecretRef = format!("vault:secret/{path}#value").parse().unwrap();
     let read = |r: SecretRef| async move { r.resolve_async(timeouts()).await };
+    // The cache window starts at the first read: timed from there, not from after the slow
+    // `bao` command below.
+    let start = std::time::Instant::now();
     assert_eq!(
         read(r.clone()).await.unwrap().expose_secret(),
         "first-value"
     );
     bao.bao(&["kv", "put", &format!("secret/{path}"), "value=second-value"]);
-    let start = std::time::Instant::now();
+    assert!(
+        start.elapsed() < Duration::from_millis(4500),
+        "the update came too late to test the cache"
+    );
     assert_eq!(
         read(r.clone()).await.unwrap().expose_secret(),
         "first-value",
         "cached"
     );
-    tokio::time::sleep_until((start + Duration::from_millis(2200)).into()).await;
+    tokio::time::sleep_until((start + Duration::from_millis(5200)).into()).await;
     assert_eq!(
         read(r.clone()).await.unwrap().expose_secret(),
         "second-value"

@@ -220,8 +220,11 @@ fn kv2_a_soft_deleted_latest_version_is_rotated_over() {
     fx.bao.bao(&["kv", "delete", &mount, &fx.path]);
     fx.bao
         .bao(&["kv", "delete", &mount, &format!("{}.pending", fx.path)]);
-    // The interrupted rotation rolls back; the next one starts from no value at all.
-    let _ = fx.rotate();
+    // The interrupted rotation finds its staged value gone at verify and rolls back; the next
+    // one starts from no value at all.
+    let first = fx.rotate();
+    assert!(!first.status.success(), "{}", text(&first.stdout));
+    assert!(fx.history().contains("rollback  ok"), "{}", fx.history());
     let out = fx.rotate();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let (fresh, writer, _) = fx.latest();

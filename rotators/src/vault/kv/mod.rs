@@ -30,6 +30,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::calls::check_path;
 use super::VaultConnection;
 use crate::timeouts;
 
@@ -71,20 +72,9 @@ impl VaultKvConfig {
     /// Checks the fields after the `[vault]` table was inherited; errors start with the field.
     /// `versioned` is false for KV v1, which has no `keep_versions`.
     pub fn validate(&self, versioned: bool) -> Result<(), String> {
-        let mount = self.mount();
-        if mount.is_empty() || !plain_path(mount) {
-            return Err(format!(
-                "mount: `{}` is not a mount path (letters, digits, `-_.`, parts separated by `/`)",
-                self.mount
-            ));
-        }
+        check_path("mount", self.mount(), "a mount path")?;
         let path = self.path.trim_matches('/');
-        if path.is_empty() || !plain_path(path) {
-            return Err(format!(
-                "path: `{}` is not a secret path (letters, digits, `-_.`, parts separated by `/`)",
-                self.path
-            ));
-        }
+        check_path("path", path, "a secret path")?;
         if path.ends_with(PENDING_SUFFIX) || path.ends_with(v1::PREVIOUS_SUFFIX) {
             return Err(format!(
                 "path: `{path}` ends like keyrotd's own sibling paths (`{PENDING_SUFFIX}`, `{}`)",
@@ -150,18 +140,6 @@ impl VaultKvConfig {
     fn timeouts(&self) -> Timeouts {
         Timeouts::new(timeouts::DEFAULT_CONNECT_TIMEOUT, self.timeout)
     }
-}
-
-/// Letters, digits and `-_.`, parts separated by `/`, no `.`/`..` part (no policy glob).
-fn plain_path(path: &str) -> bool {
-    path.split('/').all(|part| {
-        !part.is_empty()
-            && part != "."
-            && part != ".."
-            && part
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    })
 }
 
 /// A policy rule: `capabilities` on the API path `path` (`secret/data/app`), for `used_by`.
