@@ -90,6 +90,18 @@ pub struct VaultRule {
     pub used_by: Vec<&'static str>,
 }
 
+impl Permission {
+    /// The need of `capabilities` on the Vault API path `path` (`secret/data/app`), for the
+    /// plugin methods `used_by`.
+    pub fn vault(path: String, capabilities: &[&'static str], used_by: &[&'static str]) -> Self {
+        Self::Vault(VaultRule {
+            path,
+            capabilities: capabilities.to_vec(),
+            used_by: used_by.to_vec(),
+        })
+    }
+}
+
 /// A SQL statement granting a database role what keyrotd's connection needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SqlGrant {

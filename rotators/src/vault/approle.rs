@@ -32,7 +32,7 @@ use super::connection::optional_duration;
 use super::error::classify;
 use super::{VaultConnection, VaultSession};
 use crate::timeouts::{self, Timeouts};
-use keyrotd_plugin::permissions::{Permission, VaultRule};
+use keyrotd_plugin::permissions::Permission;
 use keyrotd_plugin::{Attrs, Credential, Permissions, ProviderError, Rotator, StepContext};
 
 /// The attribute naming the secret-id's accessor.
@@ -301,29 +301,26 @@ impl Rotator for ApproleSecretIdRotator {
     /// token's `revoke-self` are not made with keyrotd's token.
     fn permissions(&self) -> Permissions {
         let role = self.role_path();
-        let rule = |path: String, capabilities: Vec<&'static str>, used_by: Vec<&'static str>| {
-            Permission::Vault(VaultRule {
-                path,
-                capabilities,
-                used_by,
-            })
-        };
         Permissions::none()
-            .need(rule(format!("{role}/role-id"), vec!["read"], vec!["issue"]))
-            .need(rule(
+            .need(Permission::vault(
+                format!("{role}/role-id"),
+                &["read"],
+                &["issue"],
+            ))
+            .need(Permission::vault(
                 format!("{role}/secret-id"),
-                vec!["update", "list"],
-                vec!["issue", "abandon"],
+                &["update", "list"],
+                &["issue", "abandon"],
             ))
-            .need(rule(
+            .need(Permission::vault(
                 format!("{role}/secret-id-accessor/lookup"),
-                vec!["update"],
-                vec!["abandon", "revoke"],
+                &["update"],
+                &["abandon", "revoke"],
             ))
-            .need(rule(
+            .need(Permission::vault(
                 format!("{role}/secret-id-accessor/destroy"),
-                vec!["update"],
-                vec!["abandon", "revoke"],
+                &["update"],
+                &["abandon", "revoke"],
             ))
             .note(format!(
                 "verify logs in at auth/{}/login (no policy needed) and revokes the token it \

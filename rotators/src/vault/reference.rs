@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use keyrotd_plugin::permissions::{Permission, VaultRule};
+use keyrotd_plugin::permissions::Permission;
 use keyrotd_plugin::{Permissions, ProviderError, Timeouts};
 use secrecy::SecretString;
 
@@ -131,9 +131,9 @@ pub async fn read(
 /// What reading a `vault:` reference needs: `read` on its secret's data path. `used_by` names
 /// the plugin field that holds the reference.
 pub fn read_permissions(mount: &str, path: &str, used_by: &'static [&'static str]) -> Permissions {
-    Permissions::none().need(Permission::Vault(VaultRule {
-        path: data_path(is_kv1(mount), mount, path),
-        capabilities: vec!["read"],
-        used_by: used_by.to_vec(),
-    }))
+    Permissions::none().need(Permission::vault(
+        data_path(is_kv1(mount), mount, path),
+        &["read"],
+        used_by,
+    ))
 }

@@ -24,7 +24,6 @@ pub mod v2;
 
 use std::time::Duration;
 
-use keyrotd_plugin::permissions::{Permission, VaultRule};
 use keyrotd_plugin::{Attrs, Credential, ProviderError, StepContext, Timeouts};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -142,15 +141,6 @@ impl VaultKvConfig {
     }
 }
 
-/// A policy rule: `capabilities` on the API path `path` (`secret/data/app`), for `used_by`.
-fn rule(path: String, capabilities: &[&'static str], used_by: &[&'static str]) -> Permission {
-    Permission::Vault(VaultRule {
-        path,
-        capabilities: capabilities.to_vec(),
-        used_by: used_by.to_vec(),
-    })
-}
-
 /// The field in force for a step: the configured one, else the rotator's.
 fn field<'a>(config: &'a VaultKvConfig, ctx: &StepContext<'a>) -> &'a str {
     config.field.as_deref().unwrap_or(ctx.secret_field)
@@ -214,6 +204,7 @@ fn is_not_found(error: &ProviderError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keyrotd_plugin::permissions::Permission;
     use keyrotd_plugin::Store;
 
     fn config(text: &str) -> VaultKvConfig {

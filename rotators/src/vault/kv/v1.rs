@@ -21,13 +21,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use keyrotd_plugin::permissions::Permission;
 use keyrotd_plugin::{Credential, Permissions, ProviderError, StepContext, Store};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::{
-    decode, encode, field, is_not_found, rotation_of, rule, VaultKvConfig, PENDING_SUFFIX,
-};
+use super::{decode, encode, field, is_not_found, rotation_of, VaultKvConfig, PENDING_SUFFIX};
 use crate::vault::VaultSession;
 
 /// The suffix of the sibling path keeping the replaced value until release.
@@ -147,17 +146,17 @@ impl Store for Kv1Store {
     /// Exactly the paths and capabilities of the calls above.
     fn permissions(&self) -> Permissions {
         Permissions::none()
-            .need(rule(
+            .need(Permission::vault(
                 self.api_path(self.config.secret_path()),
                 &["create", "read", "update"],
                 &["current", "stage", "promote", "last_rotation"],
             ))
-            .need(rule(
+            .need(Permission::vault(
                 self.api_path(&self.sibling(PENDING_SUFFIX)),
                 &["create", "delete", "read", "update"],
                 &["stage", "pending", "promote", "discard", "release_previous"],
             ))
-            .need(rule(
+            .need(Permission::vault(
                 self.api_path(&self.sibling(PREVIOUS_SUFFIX)),
                 &["create", "delete", "update"],
                 &["promote", "release_previous"],

@@ -185,7 +185,7 @@ impl Kv2Store {
         capabilities: &[&'static str],
         used_by: &[&'static str],
     ) -> Permission {
-        super::rule(self.api_path(kind, path), capabilities, used_by)
+        Permission::vault(self.api_path(kind, path), capabilities, used_by)
     }
 }
 

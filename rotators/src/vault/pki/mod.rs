@@ -34,7 +34,7 @@ use super::calls::{check_mount, check_name, Call};
 use super::connection::optional_duration;
 use super::{VaultConnection, VaultSession};
 use crate::timeouts::{self, Timeouts};
-use keyrotd_plugin::permissions::{Permission, VaultRule};
+use keyrotd_plugin::permissions::Permission;
 use keyrotd_plugin::{Attrs, Credential, Permissions, ProviderError, Rotator, StepContext};
 
 /// The attribute holding the certificate (PEM).
@@ -218,16 +218,16 @@ impl Rotator for PkiCertificateRotator {
     fn permissions(&self) -> Permissions {
         let mount = &self.config.mount;
         Permissions::none()
-            .need(Permission::Vault(VaultRule {
-                path: format!("{mount}/issue/{}", self.config.role),
-                capabilities: vec!["update"],
-                used_by: vec!["issue"],
-            }))
-            .need(Permission::Vault(VaultRule {
-                path: format!("{mount}/revoke"),
-                capabilities: vec!["update"],
-                used_by: vec!["abandon", "revoke"],
-            }))
+            .need(Permission::vault(
+                format!("{mount}/issue/{}", self.config.role),
+                &["update"],
+                &["issue"],
+            ))
+            .need(Permission::vault(
+                format!("{mount}/revoke"),
+                &["update"],
+                &["abandon", "revoke"],
+            ))
             .note(format!(
                 "{mount}/revoke can revoke any certificate of the mount, given its serial: Vault \
                  has no narrower path for it"
