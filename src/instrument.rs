@@ -401,6 +401,10 @@ impl StateStore for MeteredState {
         self.done(self.inner.history(credential_id, limit).await)
     }
 
+    async fn steps(&self, rotation_id: &str, step: &str) -> Result<Vec<StepRecord>, StateError> {
+        self.done(self.inner.steps(rotation_id, step).await)
+    }
+
     async fn external_version(&self) -> Result<i64, StateError> {
         self.done(self.inner.external_version().await)
     }

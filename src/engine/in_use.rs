@@ -114,15 +114,13 @@ impl Engine {
     /// When the latest check of this rotation that found the old credential in use began (its
     /// journal's `start` line), if one did: the next check counts uses from there.
     async fn last_seen_in_use(&self, job: &Job<'_>) -> Result<Option<i64>, Failure> {
-        let history = self.state.history(Some(&job.spec.id), 1).await?;
+        let checks = self
+            .state
+            .steps(&job.rotation.id, Step::CheckUse.as_str())
+            .await?;
         let mut started = None;
         let mut seen = None;
-        for step in history
-            .into_iter()
-            .filter(|(r, _)| r.id == job.rotation.id)
-            .flat_map(|(_, steps)| steps)
-            .filter(|s| s.step == Step::CheckUse.as_str())
-        {
+        for step in checks {
             match step.event.as_str() {
                 "start" => started = Some(step.at_ms.div_euclid(1000)),
                 "ok" if step

@@ -27,9 +27,6 @@ use crate::hooks::{self, HookError, HookInput};
 use crate::protocol::Step;
 use crate::state::{JournalLine, StateError};
 
-/// How many recent rotations are read to find this one's journal (it is the newest).
-const HISTORY: usize = 2;
-
 /// A hook's name in the journal: when it runs, its index in the credential's list and its kind.
 pub fn hook_label(when: HookWhen, index: usize, kind: &str) -> String {
     format!("{} hook {index} ({kind})", when.as_str())
@@ -188,15 +185,12 @@ impl Engine {
     /// The hooks this rotation's journal shows `ok` or given up (`skip`).
     async fn settled_hooks(&self, job: &Job<'_>) -> Result<HashSet<String>, StateError> {
         self.flush(job).await?;
-        let history = self.state.history(Some(&job.spec.id), HISTORY).await?;
-        let steps = history
-            .into_iter()
-            .find(|(r, _)| r.id == job.rotation.id)
-            .map(|(_, steps)| steps)
-            .unwrap_or_default();
+        let steps = self
+            .state
+            .steps(&job.rotation.id, Step::Notify.as_str())
+            .await?;
         Ok(steps
             .into_iter()
-            .filter(|s| s.step == Step::Notify.as_str())
             .filter(|s| matches!(s.event.as_str(), "ok" | "skip"))
             .filter_map(|s| s.detail.as_deref().map(|d| hook_of(d).to_owned()))
             .collect())

@@ -348,6 +348,9 @@ pub trait StateStore: Send + Sync {
         credential_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(RotationRecord, Vec<StepRecord>)>, StateError>;
+    /// One rotation's journal lines of one step (`notify`, `check_use`), in order: what the
+    /// engine reads back about a rotation it drives, without its other steps.
+    async fn steps(&self, rotation_id: &str, step: &str) -> Result<Vec<StepRecord>, StateError>;
     /// A number that changes whenever another process (`keyrotd rotate`) commits a change, and
     /// stays the same after this process's own writes. Cheap: the daemon polls it to notice
     /// manual rotations within seconds instead of re-reading every record.

@@ -539,14 +539,7 @@ impl StateStore for SqliteState {
                 .into_iter()
                 .map(|r| {
                     let steps = stmt
-                        .query_map([&r.id], |row| {
-                            Ok(StepRecord {
-                                at_ms: row.get(0)?,
-                                step: row.get(1)?,
-                                event: row.get(2)?,
-                                detail: row.get(3)?,
-                            })
-                        })?
+                        .query_map([&r.id], step_record)?
                         .collect::<rusqlite::Result<Vec<_>>>()?;
                     Ok((r, steps))
                 })
@@ -554,4 +547,29 @@ impl StateStore for SqliteState {
         })
         .await
     }
+
+    async fn steps(&self, rotation_id: &str, step: &str) -> Result<Vec<StepRecord>, StateError> {
+        let (id, step) = (rotation_id.to_owned(), step.to_owned());
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT at_ms, step, event, detail FROM steps \
+                 WHERE rotation_id = ?1 AND step = ?2 ORDER BY seq",
+            )?;
+            let steps = stmt
+                .query_map([&id, &step], step_record)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(steps)
+        })
+        .await
+    }
+}
+
+/// A `steps` row selected as `at_ms, step, event, detail`.
+fn step_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<StepRecord> {
+    Ok(StepRecord {
+        at_ms: row.get(0)?,
+        step: row.get(1)?,
+        event: row.get(2)?,
+        detail: row.get(3)?,
+    })
 }

@@ -63,6 +63,35 @@ async fn only_one_open_rotation_per_credential() {
     assert_eq!(s.history(Some("db"), 10).await.unwrap().len(), 2);
 }
 
+/// `steps` gives one rotation's lines of one step, in order, and nothing of another rotation.
+#[tokio::test]
+async fn steps_reads_one_rotations_lines_of_one_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteState::open(&dir.path().join("s.db")).unwrap();
+    for (id, cred) in [("r1", "db"), ("r2", "other")] {
+        let mut r = rotation(id, cred);
+        r.owner = Some(s.owner().into());
+        s.begin(&r).await.unwrap().unwrap();
+    }
+    for (id, step, event) in [
+        ("r1", "notify", "start"),
+        ("r1", "issue", "start"),
+        ("r1", "notify", "ok"),
+        ("r2", "notify", "ok"),
+    ] {
+        s.log_step(id, step, event, Some(id), Trigger::Manual)
+            .await
+            .unwrap();
+    }
+    let lines = s.steps("r1", "notify").await.unwrap();
+    let events: Vec<_> = lines
+        .iter()
+        .map(|l| (l.step.as_str(), l.event.as_str()))
+        .collect();
+    assert_eq!(events, [("notify", "start"), ("notify", "ok")]);
+    assert!(s.steps("r1", "check_use").await.unwrap().is_empty());
+}
+
 /// Two handles on one database stand for two processes, each with its own liveness lock.
 #[tokio::test]
 async fn leases_are_taken_only_when_free_expired_or_dead() {
